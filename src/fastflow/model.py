@@ -1,0 +1,160 @@
+"""The FastFlow model: frozen backbone -> per-level normalisation -> per-level 2D flow -> anomaly map.
+
+    images (B, 3, H, W), normalised as the backbone expects
+      -> backbone features: list of (B, C_i, H_i, W_i)
+      -> per level: LayerNorm over (C_i, H_i, W_i) (CNNs; ViTs use their own final norm), Flow2D
+      -> z_i (B, C_i, H_i, W_i), log|det| map_i (B, H_i, W_i)
+      -> anomaly map (B, 1, H, W): per-level map, bilinearly upsampled, averaged over levels
+      -> image score (B,): max of the map
+
+Two anomaly maps (``ModelConfig.anomaly_map``):
+  * ``reference`` — what anomalib / gathierry compute: ``-exp(-0.5 * mean_C z^2)``; ignores log|det|.
+  * ``loglik`` — the true negative log-likelihood per location, in nats per channel:
+    ``(0.5 * sum_C z^2 + C/2 * log(2 pi) - log|det|) / C``. This is the paper's Eq. 2 per location.
+
+Example:
+    >>> model = FastFlow(ModelConfig(backbone="resnet18"), weights="random")
+    >>> out = model(torch.randn(2, 3, 256, 256))
+    >>> out.anomaly_map.shape, out.score.shape
+    (torch.Size([2, 1, 256, 256]), torch.Size([2]))
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .backbones import FeatureExtractor, build_backbone
+from .config import ModelConfig
+from .flow import Flow2D
+
+LOG_2PI = math.log(2 * math.pi)
+
+
+@dataclass
+class FastFlowOutput:
+    """What ``FastFlow.forward`` returns, in every mode.
+
+    z: per level (B, C_i, H_i, W_i); log_det_maps: per level (B, H_i, W_i);
+    loss: scalar, mean over the batch of the per-image negative log-likelihood (nats, constant dropped);
+    nll_per_dim: scalar, the same in nats per feature dimension (constant included) — readable;
+    anomaly_map: (B, 1, H, W) at input resolution; score: (B,).
+    """
+
+    z: list[torch.Tensor]
+    log_det_maps: list[torch.Tensor]
+    loss: torch.Tensor
+    nll_per_dim: torch.Tensor
+    anomaly_map: torch.Tensor
+    score: torch.Tensor
+
+
+def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur of (B, 1, H, W) with reflect padding (truncated at 4 sigma)."""
+    radius = max(1, int(4 * sigma + 0.5))
+    t = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
+    k = torch.exp(-0.5 * (t / sigma) ** 2)
+    k = k / k.sum()
+    pad_h = min(radius, x.shape[2] - 1)
+    pad_w = min(radius, x.shape[3] - 1)
+    kh = k[radius - pad_h: radius + pad_h + 1]
+    kw = k[radius - pad_w: radius + pad_w + 1]
+    x = F.pad(x, (0, 0, pad_h, pad_h), mode="reflect")
+    x = F.conv2d(x, (kh / kh.sum()).view(1, 1, -1, 1))
+    x = F.pad(x, (pad_w, pad_w, 0, 0), mode="reflect")
+    return F.conv2d(x, (kw / kw.sum()).view(1, 1, 1, -1))
+
+
+class FastFlow(nn.Module):
+    """FastFlow with a frozen backbone.
+
+    Args:
+        config: the model configuration (backbone, input size, flow shape, anomaly map).
+        weights: backbone weights: "pretrained" (ImageNet; offline for efficientnet_lite*),
+            "random" (tests, shape checks), or a path to a local state-dict file.
+        backbone: an already built ``FeatureExtractor`` (skips building one).
+    """
+
+    def __init__(self, config: ModelConfig, weights: str = "pretrained",
+                 backbone: FeatureExtractor | None = None):
+        super().__init__()
+        self.config = config
+        self.backbone = backbone if backbone is not None else build_backbone(config.backbone, weights)
+        # Shapes come from real feature maps at the configured input size, never from stride arithmetic.
+        shapes = self.backbone.feature_shapes(config.input_size)
+        self.feature_shapes = shapes  # list of (C_i, H_i, W_i)
+        self.norms = nn.ModuleList(
+            nn.LayerNorm(list(s), elementwise_affine=True) if self.backbone.needs_norm else nn.Identity()
+            for s in shapes
+        )
+        self.flows = nn.ModuleList(
+            Flow2D(c, config.flow_steps, config.hidden_ratio, config.kernels, config.clamp)
+            for c, _, _ in shapes
+        )
+
+    # -- training-mode bookkeeping: the backbone is always frozen and in eval mode ------------------
+    def train(self, mode: bool = True) -> "FastFlow":
+        super().train(mode)
+        self.backbone.eval()
+        return self
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for n, p in self.named_parameters() if not n.startswith("backbone.")]
+
+    def parameter_counts(self) -> dict[str, int]:
+        flow = sum(p.numel() for p in self.flows.parameters())
+        norm = sum(p.numel() for p in self.norms.parameters())
+        return {"flow": flow, "norm": norm, "trainable": flow + norm,
+                "backbone": sum(p.numel() for p in self.backbone.parameters())}
+
+    # -- the pipeline ---------------------------------------------------------------------------
+    def extract(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """images (B, 3, H, W) -> frozen backbone features, list of (B, C_i, H_i, W_i)."""
+        with torch.no_grad():
+            return self.backbone(images)
+
+    def forward(self, images: torch.Tensor) -> FastFlowOutput:
+        return self.forward_features(self.extract(images), tuple(images.shape[-2:]))
+
+    def forward_features(self, features: list[torch.Tensor], output_size: tuple[int, int] | None = None
+                         ) -> FastFlowOutput:
+        """Run normalisation, flows and the anomaly map on (cached) backbone features."""
+        zs, log_dets = [], []
+        for feat, norm, flow in zip(features, self.norms, self.flows):
+            z, log_det_map = flow.forward_map(norm(feat))
+            zs.append(z)
+            log_dets.append(log_det_map)
+        # Per-image NLL (constant 0.5*log(2pi) dropped), summed over levels; loss = batch mean.
+        nll = sum((0.5 * z.pow(2).flatten(1).sum(1) - ld.flatten(1).sum(1)) for z, ld in zip(zs, log_dets))
+        dims = sum(z[0].numel() for z in zs)
+        loss = nll.mean()
+        nll_per_dim = loss / dims + 0.5 * LOG_2PI
+        size = output_size or self.config.input_size
+        anomaly_map = self.anomaly_map(zs, log_dets, size)
+        score = anomaly_map.flatten(1).amax(dim=1)
+        return FastFlowOutput(zs, log_dets, loss, nll_per_dim, anomaly_map, score)
+
+    def anomaly_map(self, zs: list[torch.Tensor], log_dets: list[torch.Tensor],
+                    size: tuple[int, int]) -> torch.Tensor:
+        """Per-level maps upsampled bilinearly to ``size`` and averaged over levels: (B, 1, H, W)."""
+        maps = []
+        for z, ld in zip(zs, log_dets):
+            if self.config.anomaly_map == "reference":
+                level = -torch.exp(-0.5 * z.pow(2).mean(dim=1, keepdim=True))
+            else:
+                c = z.shape[1]
+                level = ((0.5 * z.pow(2).sum(dim=1) - ld) / c + 0.5 * LOG_2PI).unsqueeze(1)
+            maps.append(F.interpolate(level, size=size, mode="bilinear", align_corners=False))
+        amap = torch.stack(maps, dim=0).mean(dim=0)
+        if self.config.smoothing_sigma > 0:
+            amap = gaussian_blur(amap, self.config.smoothing_sigma)
+        return amap
+
+    @torch.no_grad()
+    def generate(self, z: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Inverse flow: latents (per level) -> normalised features (per level), paper Section 4.5."""
+        return [flow.inverse(zi)[0] for flow, zi in zip(self.flows, z)]

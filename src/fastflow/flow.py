@@ -1,11 +1,10 @@
 """The 2D normalising flow of FastFlow (paper Section 3.3, Eq. 1-3, Figure 2).
 
 A flow maps a feature map x of shape (B, C, H, W) to a latent z of the same shape, one
-invertible affine coupling step after another. Every step is *separable per spatial
-location*: the Jacobian of z with respect to x is block-diagonal over locations only
-through the convolutional subnet of the coupling, and the log-determinant can be written
-as a sum over locations of a per-location term. We expose that term (B, H, W) because the
-true per-pixel log-likelihood needs it.
+invertible affine coupling step after another. Each step's Jacobian is triangular (up to the
+channel permutation), so its log-determinant is a sum of per-location terms: the log-scales of
+the coupled channels at that location plus the global affine's log-scales. We expose that
+per-location map (B, H, W), because a true per-pixel log-likelihood needs it.
 
 One coupling step (the reference configuration equals FrEIA's
 ``AllInOneBlock(affine_clamping=2.0, permute_soft=False)``, the block that anomalib and
@@ -17,7 +16,7 @@ gathierry/FastFlow use):
     y2       = x2 * exp(s) + a[:, C//2:]
     y        = concat(x1, y2)
     z        = (y * g + o)[:, perm]            # global affine, then fixed permutation
-    g        = 0.2 * softplus_{beta=0.5}(g_raw)   (= 1 at initialisation)
+    g        = 0.1 * softplus_{beta=0.5}(g_raw)   (= 1 at initialisation)
 
     log|det| per location = sum_c s + sum_c log g
 
@@ -102,7 +101,7 @@ class AffineCouplingStep(nn.Module):
         self.register_buffer("perm_inv", torch.argsort(permutation))
 
     def _scale(self) -> torch.Tensor:
-        return 0.2 * F.softplus(self.global_scale, beta=0.5)
+        return 0.1 * F.softplus(self.global_scale, beta=0.5)
 
     def _coupling(self, x1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         a = 0.1 * self.subnet(x1)

@@ -1,0 +1,87 @@
+"""Backbones: declared channels and strides, frozen state, genuine offline ImageNet weights."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fastflow.backbones import BACKBONES, BackboneError, build_backbone, build_classifier, get_spec
+
+CNN_EXPECTED = {  # (channels, strides) per level, for the CNN backbones whose builds are cheap
+    "efficientnet_lite0": ([24, 40, 112], [4, 8, 16]),
+    "resnet18": ([64, 128, 256], [4, 8, 16]),
+}
+
+
+@pytest.mark.parametrize("name", list(CNN_EXPECTED))
+def test_cnn_features_keep_declared_channels_and_strides(name):
+    fe = build_backbone(name, "random")
+    channels, strides = CNN_EXPECTED[name]
+    assert fe.channels == channels and fe.strides == strides
+    feats = fe(torch.randn(1, 3, 128, 96))
+    assert [f.shape[1] for f in feats] == channels
+    assert [(128 // s, 96 // s) for s in strides] == [tuple(f.shape[2:]) for f in feats]
+
+
+def test_vit_feature_map_shape():
+    fe = build_backbone("deit_base_distilled_patch16_384", "random")
+    assert fe.channels == [768] and fe.strides == [16]
+    assert fe.feature_shapes((384, 384)) == [(768, 24, 24)]
+
+
+def test_backbone_is_frozen_and_stays_in_eval_mode():
+    fe = build_backbone("efficientnet_lite0", "random")
+    assert not any(p.requires_grad for p in fe.parameters())
+    fe.train()
+    assert not fe.training and not any(m.training for m in fe.modules())
+
+
+def test_unknown_backbone_lists_valid_names():
+    with pytest.raises(ValueError, match="resnet18"):
+        get_spec("resnet19")
+
+
+def test_missing_weights_file_is_a_clear_error(tmp_path):
+    with pytest.raises(BackboneError, match="not found"):
+        build_backbone("resnet18", str(tmp_path / "nope.pth"))
+
+
+def test_local_weights_file_round_trip(tmp_path):
+    import timm
+
+    src = timm.create_model("resnet18", pretrained=False)
+    path = tmp_path / "r18.pth"
+    torch.save(src.state_dict(), path)
+    fe = build_backbone("resnet18", str(path))
+    ref = timm.create_model("resnet18", pretrained=False, features_only=True, out_indices=(1, 2, 3))
+    ref.load_state_dict(src.state_dict(), strict=False)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        for a, b in zip(fe(x), ref.eval()(x)):
+            torch.testing.assert_close(a, b)
+
+
+def _classify(model, image: np.ndarray) -> list[int]:
+    x = torch.from_numpy(np.array(Image.fromarray(image).resize((224, 224), Image.BICUBIC)))
+    x = (x.permute(2, 0, 1).float() / 255 - 0.5) / 0.5  # EfficientNet-Lite expects [-1, 1]
+    with torch.no_grad():
+        return model(x[None])[0].topk(3).indices.tolist()
+
+
+def test_offline_lite0_weights_are_genuine_imagenet():
+    from skimage import data
+
+    model = build_classifier("efficientnet_lite0", "pretrained")
+    assert set(_classify(model, data.chelsea())) & {281, 282, 283, 284, 285, 286, 287}  # a cat class
+    assert _classify(model, data.coffee())[0] == 967  # espresso
+
+
+@pytest.mark.parametrize("name", ["efficientnet_lite1", "efficientnet_lite2"])
+def test_offline_lite1_lite2_weights_load_strictly(name):
+    from skimage import data
+
+    assert _classify(build_classifier(name, "pretrained"), data.coffee())[0] == 967
+
+
+def test_registry_has_the_papers_backbones():
+    assert {"resnet18", "wide_resnet50_2", "deit_base_distilled_patch16_384", "cait_m48_448"} <= set(BACKBONES)

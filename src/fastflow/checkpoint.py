@@ -1,0 +1,76 @@
+"""Self-describing checkpoints that cannot run code on load.
+
+A checkpoint is a plain dict of tensors and JSON-like values saved with ``torch.save`` and read
+back with ``torch.load(weights_only=True)``: a file crafted to execute code when unpickled is
+refused by the restricted unpickler instead. Writes are atomic (temporary file, fsync, rename),
+so a run killed at any moment leaves the previous checkpoint intact.
+
+Contents of ``model.pt`` (what ``Predictor`` and ``evaluate`` need):
+    format, version            checkpoint format number and fastflow version that wrote it
+    model_config               ModelConfig as a dict
+    train_config               TrainConfig as a dict
+    preprocess                 input size, resize method, mean, std
+    backbone_weights           "pretrained" or what the user passed; "embedded" when the state is inside
+    state                      trainable state (norms, flows, permutation buffers)
+    backbone_state             only when the backbone cannot be rebuilt from its name (random/local file)
+    threshold                  calibrated on held-out normals: {value, false_alarm_rate, val_scores...}
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+import zipfile
+from typing import Any
+
+import torch
+
+from . import __version__
+
+FORMAT = 1
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used; the message says why and what to do."""
+
+
+def save_atomic(obj: dict[str, Any], path: str) -> None:
+    """torch.save to a temporary file beside ``path``, fsync, then atomically replace ``path``."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def load_safe(path: str) -> dict[str, Any]:
+    """Load a checkpoint with the restricted (weights-only) unpickler; clear errors for bad files."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint not found: {path!r} (expected a run folder with model.pt)")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"{path}: refused to load: the file holds objects other than tensors and plain values "
+            f"(it could run code). Only load checkpoints written by fastflow. ({str(e).splitlines()[0]})"
+        ) from e
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: truncated or corrupt checkpoint ({type(e).__name__}); retrain or "
+                              f"use an intact copy") from e
+    if not isinstance(obj, dict) or obj.get("format") is None:
+        raise CheckpointError(f"{path}: not a fastflow checkpoint (no 'format' field)")
+    if obj["format"] != FORMAT:
+        raise CheckpointError(
+            f"{path}: checkpoint format {obj['format']} (written by fastflow {obj.get('version', '?')}) is not "
+            f"readable by fastflow {__version__} (format {FORMAT}); retrain with this version"
+        )
+    return obj

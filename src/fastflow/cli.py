@@ -1,0 +1,311 @@
+"""The command line: ``fastflow <command> ...`` (also ``python -m fastflow``).
+
+    fastflow train    --data ROOT --category NAME [--format mvtec|btad|folder|mtd|cifar10] \\
+                      [--backbone efficientnet_lite0] [--epochs N] --output RUN_DIR
+    fastflow train    --resume RUN_DIR
+    fastflow evaluate RUN_DIR --data ROOT --category NAME [--output metrics.json]
+    fastflow predict  RUN_DIR IMAGE_OR_FOLDER... --output OUT_DIR [--threshold T]
+    fastflow presets  [--json]
+    fastflow demo     [--output DIR]
+
+A user mistake (missing path, bad option, unreadable file, unusable checkpoint) ends with one
+line on stderr and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import replace
+
+from .config import PRESETS, ModelConfig, TrainConfig, from_dict, get_preset, to_dict
+
+
+# -- shared option groups ---------------------------------------------------------------------
+def _add_data_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    g = p.add_argument_group("data")
+    g.add_argument("--data", required=required, help="dataset root folder")
+    g.add_argument("--category", required=required,
+                   help="category name, a comma-separated list, or 'all'")
+    g.add_argument("--format", default="mvtec", choices=["mvtec", "btad", "folder", "mtd", "cifar10"],
+                   help="dataset layout (default: mvtec)")
+    g.add_argument("--normal-dir", action="append", default=None, help="folder format: normal images (repeatable)")
+    g.add_argument("--abnormal-dir", action="append", default=None,
+                   help="folder format: anomalous images (repeatable)")
+    g.add_argument("--mask-dir", default=None, help="folder format: folder of masks (default: beside images)")
+    g.add_argument("--mask-suffix", default=None, help="folder format: mask name = image stem + suffix")
+    g.add_argument("--test-fraction", type=float, default=None, help="folder format: normals kept for test")
+
+
+def _data_options(args) -> dict:
+    opts = {}
+    if args.format == "folder":
+        for key in ("normal_dir", "abnormal_dir"):
+            if getattr(args, key):
+                opts[key + "s"] = getattr(args, key)
+        for key in ("mask_dir", "mask_suffix", "test_fraction"):
+            if getattr(args, key) is not None:
+                opts[key] = getattr(args, key)
+    return opts
+
+
+def _categories(args) -> list[str]:
+    from .data import list_categories
+
+    if args.category == "all":
+        cats = list_categories(args.format, args.data)
+        if not cats:
+            raise ValueError(f"no categories found under {args.data!r} for format {args.format!r}")
+        return cats
+    return [c for c in args.category.split(",") if c]
+
+
+def _positive(kind):
+    def check(text: str):
+        value = kind(text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+    return check
+
+
+def _size(text: str) -> tuple[int, int]:
+    parts = [int(p) for p in text.replace("x", ",").split(",") if p]
+    if len(parts) == 1:
+        parts = parts * 2
+    if len(parts) != 2 or min(parts) < 16:
+        raise argparse.ArgumentTypeError(f"input size must be N or H,W with values >= 16, got {text!r}")
+    return tuple(parts)
+
+
+# -- commands ---------------------------------------------------------------------------------
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fastflow", description=__doc__.split("\n")[0])
+    parser.add_argument("--version", action="version", version=_version())
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a model on normal images")
+    _add_data_args(t, required=False)
+    t.add_argument("--output", help="run folder to write (for several categories: one subfolder each)")
+    t.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
+    t.add_argument("--backbone", default=None, help=f"preset / backbone: {', '.join(PRESETS)}")
+    t.add_argument("--weights", default="pretrained",
+                   help="backbone weights: pretrained (default), random, or a local .pth state dict")
+    t.add_argument("--epochs", type=int, default=None, help="default: the preset's own epoch count")
+    t.add_argument("--batch-size", type=int, default=None)
+    t.add_argument("--lr", type=float, default=None)
+    t.add_argument("--weight-decay", type=float, default=None)
+    t.add_argument("--grad-clip", type=float, default=None)
+    t.add_argument("--input-size", type=_size, default=None, help="N or H,W (default: the preset's)")
+    t.add_argument("--flow-steps", type=int, default=None)
+    t.add_argument("--hidden-ratio", type=float, default=None)
+    t.add_argument("--kernels", choices=["3-1", "3-3"], default=None)
+    t.add_argument("--anomaly-map", choices=["loglik", "reference"], default=None)
+    t.add_argument("--smoothing-sigma", type=float, default=None)
+    t.add_argument("--augment", action="store_true", help="paper Section 6.2 augmentation (flips, rotation)")
+    t.add_argument("--no-cache", action="store_true", help="recompute backbone features every epoch")
+    t.add_argument("--val-fraction", type=float, default=None)
+    t.add_argument("--false-alarm-rate", type=float, default=None,
+                   help="threshold calibration on held-out normals (default 0.01)")
+    t.add_argument("--seed", type=int, default=None)
+    t.add_argument("--evaluate", action="store_true", help="evaluate on the test split after training")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    e = sub.add_parser("evaluate", help="metrics of a trained run on a labelled test set")
+    e.add_argument("run_dir")
+    _add_data_args(e)
+    e.add_argument("--output", help="metrics JSON file (default: RUN_DIR/metrics.json)")
+    e.add_argument("--batch-size", type=_positive(int), default=32)
+    e.add_argument("--quiet", action="store_true")
+
+    pr = sub.add_parser("presets", help="list the model presets")
+    pr.add_argument("--json", action="store_true", help="machine-readable output")
+
+    d = sub.add_parser("demo", help="train and evaluate on a synthetic set: no data, no network")
+    d.add_argument("--output", default="demo-output")
+    d.add_argument("--epochs", type=int, default=None)
+    d.add_argument("--quiet", action="store_true")
+    return parser
+
+
+def _version() -> str:
+    from . import __version__
+
+    return f"fastflow {__version__}"
+
+
+def _configs(args) -> tuple[ModelConfig, TrainConfig, int]:
+    preset = get_preset(args.backbone or "efficientnet_lite0")
+    m = preset.model
+    overrides = {"input_size": args.input_size, "flow_steps": args.flow_steps, "hidden_ratio": args.hidden_ratio,
+                 "kernels": args.kernels, "anomaly_map": args.anomaly_map, "smoothing_sigma": args.smoothing_sigma}
+    m = replace(m, **{k: v for k, v in overrides.items() if v is not None})
+    t = TrainConfig(epochs=args.epochs if args.epochs is not None else preset.epochs)
+    overrides = {"batch_size": args.batch_size, "lr": args.lr, "weight_decay": args.weight_decay,
+                 "grad_clip": args.grad_clip, "val_fraction": args.val_fraction,
+                 "false_alarm_rate": args.false_alarm_rate, "seed": args.seed}
+    t = replace(t, augment=args.augment, cache_features=not args.no_cache,
+                **{k: v for k, v in overrides.items() if v is not None})
+    return m, t, preset.epochs
+
+
+def cmd_train(args) -> int:
+    from .data import load_samples
+    from .train import train
+
+    if args.resume:
+        with open(_run_file(args.resume)) as f:
+            saved = json.load(f)
+        model_cfg = from_dict(ModelConfig, saved["model_config"])
+        train_cfg = from_dict(TrainConfig, saved["train_config"])
+        data = saved["data"]
+        samples = load_samples(data["format"], data["root"], data["category"], "train", **data["options"])
+        res = train(model_cfg, train_cfg, samples, args.resume, weights=saved["weights"], resume=True,
+                    progress=not args.quiet)
+        print(f"resumed and finished {args.resume}: best epoch {res.best_epoch}, threshold {res.threshold:.4f}")
+        return 0
+    if not args.data or not args.category or not args.output:
+        raise ValueError("train needs --data, --category and --output (or --resume RUN_DIR)")
+    model_cfg, train_cfg, _ = _configs(args)
+    categories = _categories(args)
+    opts = _data_options(args)
+    summary = {}
+    for cat in categories:
+        run_dir = args.output if len(categories) == 1 else os.path.join(args.output, cat)
+        samples = load_samples(args.format, args.data, cat, "train", **opts)
+        os.makedirs(run_dir, exist_ok=True)
+        with open(_run_file(run_dir), "w") as f:
+            json.dump({"model_config": to_dict(model_cfg), "train_config": to_dict(train_cfg), "weights": args.weights,
+                       "data": {"format": args.format, "root": os.path.abspath(args.data), "category": cat,
+                                "options": opts}}, f, indent=1)
+        print(f"[{cat}] training {model_cfg.backbone} on {len(samples)} normal images -> {run_dir}")
+        res = train(model_cfg, train_cfg, samples, run_dir, weights=args.weights, progress=not args.quiet)
+        print(f"[{cat}] done in {res.train_seconds:.1f} s: best epoch {res.best_epoch}, "
+              f"val NLL {res.best_val_nll if res.best_val_nll is None else round(res.best_val_nll, 4)} nats/dim, "
+              f"threshold {res.threshold:.4f}")
+        if args.evaluate:
+            summary[cat] = _evaluate_one(run_dir, args.format, args.data, cat, opts,
+                                         os.path.join(run_dir, "metrics.json"), 32, args.quiet)
+    if summary:
+        _print_summary(summary, args.output if len(categories) > 1 else None)
+    return 0
+
+
+def _run_file(run_dir: str) -> str:
+    return os.path.join(run_dir, "run.json")
+
+
+def _evaluate_one(run_dir, fmt, root, category, opts, output, batch_size, quiet) -> dict:
+    from .data import Preprocess, load_samples
+    from .evaluate import evaluate_model, load_run
+
+    model, ckpt = load_run(run_dir)
+    samples = load_samples(fmt, root, category, "test", **opts)
+    pre = Preprocess.from_dict(ckpt["preprocess"])
+    threshold = (ckpt.get("threshold") or {}).get("value")
+    metrics, _ = evaluate_model(model, samples, pre, batch_size, threshold, progress=not quiet)
+    metrics["category"] = category
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    with open(output, "w") as f:
+        json.dump(metrics, f, indent=1)
+    return metrics
+
+
+def _print_summary(rows: dict, folder: str | None) -> None:
+    from .evaluate import format_table, mean_row
+
+    if len(rows) > 1:
+        rows = {**rows, "mean": mean_row(rows)}
+    print(format_table(rows))
+    if folder:
+        with open(os.path.join(folder, "summary.json"), "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+def cmd_evaluate(args) -> int:
+    categories = _categories(args)
+    opts = _data_options(args)
+    rows = {}
+    for cat in categories:
+        run_dir = args.run_dir if len(categories) == 1 else os.path.join(args.run_dir, cat)
+        out = args.output or os.path.join(run_dir, "metrics.json")
+        if len(categories) > 1 and args.output:
+            out = os.path.join(os.path.dirname(os.path.abspath(args.output)), f"{cat}-metrics.json")
+        rows[cat] = _evaluate_one(run_dir, args.format, args.data, cat, opts, out, args.batch_size, args.quiet)
+        print(f"[{cat}] metrics -> {out}")
+    _print_summary(rows, args.run_dir if len(categories) > 1 else None)
+    return 0
+
+
+def presets_table() -> list[dict]:
+    """Every preset with its shapes and trainable parameter counts (built with random weights)."""
+    from .model import FastFlow
+
+    rows = []
+    for p in PRESETS.values():
+        model = FastFlow(p.model, weights="random")
+        counts = model.parameter_counts()
+        rows.append({
+            "name": p.name, "backbone": p.model.backbone, "input_size": list(p.model.input_size),
+            "levels": [{"channels": c, "stride": s, "shape": list(sh)} for c, s, sh in
+                       zip(model.backbone.channels, model.backbone.strides, model.feature_shapes)],
+            "flow_steps": p.model.flow_steps, "hidden_ratio": p.model.hidden_ratio, "kernels": p.model.kernels,
+            "epochs": p.epochs, "params_flow": counts["flow"], "params_norm": counts["norm"],
+            "params_trainable": counts["trainable"], "params_backbone": counts["backbone"],
+            "reproduces": p.reproduces,
+        })
+    return rows
+
+
+def cmd_presets(args) -> int:
+    rows = presets_table()
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    print(f"{'preset':<20}{'backbone':<34}{'size':>6}{'levels (C@stride)':>22}{'steps':>6}{'ratio':>6}"
+          f"{'kern':>5}{'flow':>12}{'norm':>10}{'trainable':>12}")
+    for r in rows:
+        levels = " ".join(f"{lv['channels']}@{lv['stride']}" for lv in r["levels"])
+        print(f"{r['name']:<20}{r['backbone']:<34}{r['input_size'][0]:>6}{levels:>22}{r['flow_steps']:>6}"
+              f"{r['hidden_ratio']:>6}{r['kernels']:>5}{r['params_flow']:>12,}{r['params_norm']:>10,}"
+              f"{r['params_trainable']:>12,}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    run_demo(args.output, epochs=args.epochs, progress=not args.quiet)
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "presets": cmd_presets, "demo": cmd_demo}
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from .backbones import BackboneError
+    from .checkpoint import CheckpointError
+    from .data import DatasetError
+    from .train import TrainingError
+
+    return (DatasetError, BackboneError, CheckpointError, TrainingError, ValueError, FileNotFoundError,
+            NotADirectoryError, PermissionError)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except _user_errors() as e:
+        print(f"fastflow {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"fastflow {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

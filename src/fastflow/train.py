@@ -1,0 +1,275 @@
+"""Training by maximum likelihood on normal images only (paper Section 4.7).
+
+    fastflow train --data ROOT --category NAME --output RUN_DIR
+
+The recipe: Adam (lr 1e-3, weight decay 1e-5), batch 32, the preset's epochs. Part of the normal
+training images is held out as a validation set: its likelihood selects the best epoch and its
+image scores calibrate the decision threshold. The test set never steers training.
+
+The backbone is frozen, so without augmentation its features are computed once and reused every
+epoch (``cache_features``): exactly the same model, several times faster.
+
+A run folder holds:
+    model.pt        the selected model, self-describing (see checkpoint.py), with its threshold
+    checkpoint.pt   the last epoch's full training state, for ``--resume``
+    history.json    per-epoch train / validation NLL (nats per dimension) and timings
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from . import __version__
+from .checkpoint import FORMAT, CheckpointError, load_safe, save_atomic
+from .config import ModelConfig, TrainConfig, from_dict, to_dict
+from .data import AnomalyDataset, Preprocess, Sample, check_readable
+from .metrics import threshold_at_fpr
+from .model import FastFlow
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (non-finite loss, ...); the message says where and what to do."""
+
+
+def preprocess_for(model: FastFlow) -> Preprocess:
+    """The preprocessing a model expects, read from its backbone (timm's data config)."""
+    return Preprocess(model.config.input_size, model.backbone.mean, model.backbone.std)
+
+
+def split_validation(samples: list[Sample], fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
+    """Deterministically hold out ``fraction`` of the normal training samples (at least one if > 0)."""
+    if fraction <= 0 or len(samples) < 2:
+        return list(samples), []
+    order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(seed)).tolist()
+    n_val = min(len(samples) - 1, max(1, round(fraction * len(samples))))
+    val = sorted(order[:n_val])
+    fit = sorted(order[n_val:])
+    return [samples[i] for i in fit], [samples[i] for i in val]
+
+
+@torch.inference_mode()
+def extract_features(model: FastFlow, dataset: AnomalyDataset, batch_size: int) -> list[torch.Tensor]:
+    """Backbone features of every image: list over levels of (N, C_i, H_i, W_i)."""
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    levels: list[list[torch.Tensor]] = []
+    for batch in loader:
+        feats = model.extract(batch["image"])
+        if not levels:
+            levels = [[] for _ in feats]
+        for store, f in zip(levels, feats):
+            store.append(f.clone())
+    return [torch.cat(store) for store in levels]
+
+
+class FeatureSource:
+    """Batches of backbone features for training: cached once, or recomputed (augmentation on)."""
+
+    def __init__(self, model: FastFlow, dataset: AnomalyDataset, cache: bool, batch_size: int):
+        self.model, self.dataset, self.batch_size = model, dataset, batch_size
+        self.cached = extract_features(model, dataset, batch_size) if cache else None
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def batches(self, epoch: int, seed: int, shuffle: bool = True):
+        n = len(self.dataset)
+        if shuffle:  # the order depends only on (seed, epoch): a resumed run sees the same batches
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
+        else:
+            order = torch.arange(n)
+        for start in range(0, n, self.batch_size):
+            idx = order[start:start + self.batch_size]
+            if self.cached is not None:
+                yield [level[idx] for level in self.cached]
+            else:
+                images = torch.stack([self.dataset[int(i)]["image"] for i in idx])
+                yield self.model.extract(images)
+
+
+@dataclass
+class TrainResult:
+    run_dir: str
+    best_epoch: int
+    best_val_nll: float | None
+    threshold: float
+    epochs_run: int
+    train_seconds: float
+    history: list[dict]
+
+
+def _trainable_state(model: FastFlow) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if not k.startswith("backbone.")}
+
+
+@torch.inference_mode()
+def _mean_nll(model: FastFlow, source: FeatureSource) -> float:
+    model.eval()
+    total, count = 0.0, 0
+    for feats in source.batches(0, 0, shuffle=False):
+        out = model.forward_features(feats)
+        total += out.nll_per_dim.item() * feats[0].shape[0]
+        count += feats[0].shape[0]
+    return total / max(count, 1)
+
+
+@torch.inference_mode()
+def _scores(model: FastFlow, source: FeatureSource) -> np.ndarray:
+    model.eval()
+    size = model.config.input_size
+    return np.concatenate([model.forward_features(f, size).score.numpy() for f in source.batches(0, 0, False)])
+
+
+def build_checkpoint(model: FastFlow, train_cfg: TrainConfig, weights: str, threshold: dict | None,
+                     extra: dict | None = None) -> dict:
+    pre = preprocess_for(model)
+    ckpt = {
+        "format": FORMAT,
+        "version": __version__,
+        "model_config": to_dict(model.config),
+        "train_config": to_dict(train_cfg),
+        "preprocess": pre.to_dict(),
+        "backbone_weights": weights if weights == "pretrained" else "embedded",
+        "state": _trainable_state(model),
+        "threshold": threshold,
+    }
+    if weights != "pretrained":
+        ckpt["backbone_state"] = {k: v.clone() for k, v in model.backbone.state_dict().items()}
+    if extra:
+        ckpt.update(extra)
+    return ckpt
+
+
+def model_from_checkpoint(ckpt: dict) -> FastFlow:
+    """Rebuild a FastFlow model from a loaded checkpoint dict."""
+    try:
+        cfg = from_dict(ModelConfig, ckpt["model_config"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"checkpoint's model config does not match this version: {e}") from e
+    embedded = ckpt.get("backbone_weights") == "embedded"
+    model = FastFlow(cfg, weights="random" if embedded else "pretrained")
+    try:
+        if embedded:
+            model.backbone.load_state_dict(ckpt["backbone_state"], strict=True)
+        missing, unexpected = model.load_state_dict(ckpt["state"], strict=False)
+    except (KeyError, RuntimeError) as e:
+        raise CheckpointError(f"checkpoint weights do not match its config: {str(e).splitlines()[0]}") from e
+    missing = [k for k in missing if not k.startswith("backbone.")]
+    if missing or unexpected:
+        raise CheckpointError(f"checkpoint weights do not match its config (missing {missing[:3]}, "
+                              f"unexpected {unexpected[:3]})")
+    return model.eval()
+
+
+def train(model_cfg: ModelConfig, train_cfg: TrainConfig, samples: list[Sample], run_dir: str,
+          weights: str = "pretrained", resume: bool = False, progress: bool = True,
+          log=print) -> TrainResult:
+    """Train FastFlow on normal ``samples`` and write the run folder ``run_dir``."""
+    if not samples:
+        raise TrainingError("no normal training images: nothing to learn from")
+    check_readable(samples)  # every unreadable file at once, before any training
+    torch.manual_seed(train_cfg.seed)
+    np.random.seed(train_cfg.seed)
+    model = FastFlow(model_cfg, weights=weights)
+    pre = preprocess_for(model)
+    fit_samples, val_samples = split_validation(samples, train_cfg.val_fraction, train_cfg.seed)
+    os.makedirs(run_dir, exist_ok=True)
+
+    t_start = time.perf_counter()
+    cache = train_cfg.cache_features and not train_cfg.augment
+    fit = FeatureSource(model, AnomalyDataset(fit_samples, pre, augment=train_cfg.augment), cache,
+                        train_cfg.batch_size)
+    val = FeatureSource(model, AnomalyDataset(val_samples, pre), True, train_cfg.batch_size) if val_samples else None
+    t_features = time.perf_counter() - t_start
+
+    params = model.trainable_parameters()
+    opt = torch.optim.Adam(params, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
+    start_epoch, history = 0, []
+    best = {"epoch": -1, "val_nll": math.inf, "state": None}
+    ckpt_path = os.path.join(run_dir, "checkpoint.pt")
+    if resume:
+        state = load_safe(ckpt_path)
+        if state.get("model_config") != to_dict(model_cfg) or state.get("train_config") != to_dict(train_cfg):
+            raise CheckpointError(f"{ckpt_path}: its config differs from this run's; resume with the same "
+                                  f"options, or start a new run folder")
+        model.load_state_dict(state["state"], strict=False)
+        opt.load_state_dict(state["optimizer"])
+        start_epoch, history = state["epoch"] + 1, json.loads(state["history"])
+        best = {"epoch": state["best_epoch"], "val_nll": state["best_val_nll"], "state": state["best_state"]}
+        log(f"resuming {run_dir} at epoch {start_epoch + 1}/{train_cfg.epochs}")
+
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=train_cfg.epochs, initial=start_epoch, desc="train", unit="epoch", dynamic_ncols=True)
+    for epoch in range(start_epoch, train_cfg.epochs):
+        t0 = time.perf_counter()
+        model.train()
+        total, count = 0.0, 0
+        for step, feats in enumerate(fit.batches(epoch, train_cfg.seed)):
+            out = model.forward_features(feats)
+            if not torch.isfinite(out.loss):
+                raise TrainingError(
+                    f"non-finite loss at epoch {epoch + 1}, step {step + 1}; the last good checkpoint is "
+                    f"{ckpt_path}. Lower the learning rate (--lr) or the gradient clip (--grad-clip)")
+            opt.zero_grad(set_to_none=True)
+            out.loss.backward()
+            if train_cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, train_cfg.grad_clip * _per_image_dims(model))
+            opt.step()
+            total += out.nll_per_dim.item() * feats[0].shape[0]
+            count += feats[0].shape[0]
+        row = {"epoch": epoch + 1, "train_nll": total / count, "seconds": time.perf_counter() - t0}
+        if val is not None:
+            row["val_nll"] = _mean_nll(model, val)
+            if row["val_nll"] < best["val_nll"]:
+                best = {"epoch": epoch, "val_nll": row["val_nll"], "state": _trainable_state(model)}
+        else:
+            best = {"epoch": epoch, "val_nll": math.inf, "state": _trainable_state(model)}
+        history.append(row)
+        save_atomic(build_checkpoint(model, train_cfg, weights, None, {
+            "epoch": epoch, "optimizer": opt.state_dict(), "history": json.dumps(history),
+            "best_epoch": best["epoch"], "best_val_nll": best["val_nll"], "best_state": best["state"],
+        }), ckpt_path)
+        if bar is not None:
+            bar.set_postfix({k: f"{v:.3f}" for k, v in row.items() if k.endswith("nll")})
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+
+    model.load_state_dict(best["state"], strict=False)
+    threshold = calibrate_threshold(model, val, train_cfg.false_alarm_rate)
+    save_atomic(build_checkpoint(model, train_cfg, weights, threshold, {
+        "best_epoch": best["epoch"] + 1, "best_val_nll": None if math.isinf(best["val_nll"]) else best["val_nll"],
+        "n_fit": len(fit_samples), "n_val": len(val_samples),
+    }), os.path.join(run_dir, "model.pt"))
+    seconds = time.perf_counter() - t_start
+    with open(os.path.join(run_dir, "history.json"), "w") as f:
+        json.dump({"history": history, "feature_cache_seconds": t_features, "train_seconds": seconds,
+                   "cache_features": cache, "best_epoch": best["epoch"] + 1}, f, indent=1)
+    return TrainResult(run_dir, best["epoch"] + 1, None if math.isinf(best["val_nll"]) else best["val_nll"],
+                       threshold["value"], len(history), seconds, history)
+
+
+def _per_image_dims(model: FastFlow) -> float:
+    """grad_clip is given per feature dimension; the loss is a per-image sum, so scale the clip norm."""
+    return float(sum(c * h * w for c, h, w in model.feature_shapes))
+
+
+def calibrate_threshold(model: FastFlow, val: FeatureSource | None, false_alarm_rate: float) -> dict:
+    """Decision threshold from held-out normal images only, at the requested false-alarm rate."""
+    if val is None:
+        return {"value": math.inf, "false_alarm_rate": false_alarm_rate, "n_val": 0,
+                "note": "no validation images: set --threshold when predicting"}
+    scores = _scores(model, val)
+    value = threshold_at_fpr(scores, false_alarm_rate)
+    return {"value": float(value), "false_alarm_rate": false_alarm_rate, "n_val": int(len(scores)),
+            "val_median": float(np.median(scores)), "val_max": float(scores.max())}

@@ -1,0 +1,100 @@
+"""The FastFlow model: shapes, anomaly maps, training behaviour, presets and parameter counts."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from fastflow.cli import main
+from fastflow.config import ModelConfig
+from fastflow.model import FastFlow
+
+
+@pytest.fixture(scope="module")
+def lite0():
+    torch.manual_seed(0)
+    return FastFlow(ModelConfig(input_size=(96, 96)), weights="pretrained")
+
+
+def test_outputs_have_documented_shapes(lite0):
+    out = lite0(torch.randn(2, 3, 96, 96))
+    assert [tuple(z.shape) for z in out.z] == [(2, 24, 24, 24), (2, 40, 12, 12), (2, 112, 6, 6)]
+    assert [tuple(ld.shape) for ld in out.log_det_maps] == [(2, 24, 24), (2, 12, 12), (2, 6, 6)]
+    assert out.anomaly_map.shape == (2, 1, 96, 96) and out.score.shape == (2,)
+    torch.testing.assert_close(out.score, out.anomaly_map.flatten(1).amax(1))
+    assert out.loss.ndim == 0 and 0.5 < out.nll_per_dim.item() < 10  # nats per dimension: readable
+
+
+@pytest.mark.parametrize("size", [(100, 100), (90, 130)])
+def test_sizes_not_multiple_of_32_work(size):
+    model = FastFlow(ModelConfig(input_size=size), weights="random")
+    out = model(torch.randn(1, 3, *size))
+    assert out.anomaly_map.shape[-2:] == size
+
+
+def test_reference_map_is_peers_formula(lite0):
+    model = FastFlow(ModelConfig(input_size=(96, 96), anomaly_map="reference", smoothing_sigma=0),
+                     backbone=lite0.backbone)
+    out = model(torch.randn(1, 3, 96, 96))
+    expected = torch.stack([torch.nn.functional.interpolate(
+        -torch.exp(-0.5 * z.pow(2).mean(1, keepdim=True)), size=(96, 96), mode="bilinear", align_corners=False)
+        for z in out.z]).mean(0)
+    torch.testing.assert_close(out.anomaly_map, expected)
+    assert float(out.anomaly_map.max()) <= 0
+
+
+def test_loglik_map_includes_log_det(lite0):
+    model = FastFlow(ModelConfig(input_size=(96, 96), smoothing_sigma=0), backbone=lite0.backbone)
+    out = model(torch.randn(1, 3, 96, 96))
+    z, ld = out.z[2], out.log_det_maps[2]
+    nll = (0.5 * z.pow(2).sum(1) - ld) / z.shape[1] + 0.5 * math.log(2 * math.pi)
+    level = model.anomaly_map([z], [ld], (6, 6))
+    torch.testing.assert_close(level[:, 0], nll)
+
+
+def test_one_step_lowers_loss_and_backbone_is_untouched(lite0):
+    torch.manual_seed(1)
+    model = FastFlow(ModelConfig(input_size=(64, 64)), backbone=lite0.backbone)
+    bn_before = {k: v.clone() for k, v in model.backbone.state_dict().items() if "running" in k}
+    model.train()
+    opt = torch.optim.Adam(model.trainable_parameters(), lr=1e-3)
+    x = torch.randn(4, 3, 64, 64)
+    first = model(x)
+    assert all(torch.isfinite(z).all() for z in first.z) and torch.isfinite(first.loss)
+    first.loss.backward()
+    opt.step()
+    assert all(p.grad is None for p in model.backbone.parameters())
+    assert float(model(x).loss) < float(first.loss)
+    for k, v in model.backbone.state_dict().items():
+        if "running" in k:
+            torch.testing.assert_close(v, bn_before[k])
+    assert not model.backbone.training
+
+
+def test_generate_is_the_exact_inverse(lite0):
+    model = FastFlow(ModelConfig(input_size=(64, 64)), backbone=lite0.backbone).eval()
+    feats = [n(f) for n, f in zip(model.norms, model.extract(torch.randn(1, 3, 64, 64)))]
+    with torch.no_grad():
+        zs = [flow(f)[0] for flow, f in zip(model.flows, feats)]
+    for back, f in zip(model.generate(zs), feats):
+        torch.testing.assert_close(back, f, atol=1e-4, rtol=1e-4)  # float32 round-off through 8 steps
+
+
+REFERENCE_COUNTS = {  # trainable parameters of the reference implementation at the paper presets
+    "resnet18": 5_574_912,  # 3-3 at 256, LayerNorm included
+    "wide_resnet50_2": 45_007_872,  # 3-1 at 256, LayerNorm included
+    "deit": 7_074_500,  # 20 steps, ratio 0.16; ViTs use the backbone's own (frozen) final norm
+    "cait": 7_074_500,
+}
+
+
+def test_presets_json_reports_reference_parameter_counts(capsys):
+    assert main(["presets", "--json"]) == 0
+    rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
+    for name, count in REFERENCE_COUNTS.items():
+        assert rows[name]["params_trainable"] == count, name
+    assert rows["resnet18"]["kernels"] == "3-3" and rows["wide_resnet50_2"]["kernels"] == "3-1"
+    assert rows["deit"]["levels"][0]["shape"] == [768, 24, 24]
+    assert rows["cait"]["levels"][0]["shape"] == [768, 28, 28]
+    assert [lv["stride"] for lv in rows["efficientnet_lite0"]["levels"]] == [4, 8, 16]

@@ -3,8 +3,9 @@
     fastflow train    --data ROOT --category NAME [--format mvtec|btad|folder|mtd|cifar10] \\
                       [--backbone efficientnet_lite0] [--epochs N] --output RUN_DIR
     fastflow train    --resume RUN_DIR
-    fastflow evaluate RUN_DIR --data ROOT --category NAME [--output metrics.json]
+    fastflow evaluate RUN_DIR --data ROOT --category NAME [--output metrics.json] [--report] [--misalign]
     fastflow predict  RUN_DIR IMAGE_OR_FOLDER... --output OUT_DIR [--threshold T]
+    fastflow invert   RUN_DIR IMAGE --region x0,y0,x1,y1 --output OUT_DIR [--strength S] [--level L]
     fastflow presets  [--json]
     fastflow demo     [--output DIR]
 
@@ -71,6 +72,16 @@ def _positive(kind):
     return check
 
 
+def _region(text: str) -> tuple[float, float, float, float]:
+    try:
+        parts = tuple(float(p) for p in text.split(","))
+    except ValueError:
+        parts = ()
+    if len(parts) != 4 or parts[0] >= parts[2] or parts[1] >= parts[3]:
+        raise argparse.ArgumentTypeError(f"region must be x0,y0,x1,y1 with x0 < x1 and y0 < y1, got {text!r}")
+    return parts
+
+
 def _size(text: str) -> tuple[int, int]:
     parts = [int(p) for p in text.replace("x", ",").split(",") if p]
     if len(parts) == 1:
@@ -118,7 +129,23 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_data_args(e)
     e.add_argument("--output", help="metrics JSON file (default: RUN_DIR/metrics.json)")
     e.add_argument("--batch-size", type=_positive(int), default=32)
+    e.add_argument("--report", action="store_true",
+                   help="also write a self-contained HTML report (curves, galleries) beside the metrics JSON")
+    e.add_argument("--misalign", action="store_true",
+                   help="also evaluate on the 4x zoomed/rotated/shifted test set (paper Section 8)")
+    e.add_argument("--misalign-seed", type=int, default=0, help="seed of the --misalign transforms")
     e.add_argument("--quiet", action="store_true")
+
+    iv = sub.add_parser("invert", help="pollute the flow latent in a region and regenerate features (paper 4.5)")
+    iv.add_argument("run_dir")
+    iv.add_argument("image")
+    iv.add_argument("--region", type=_region, required=True,
+                    help="x0,y0,x1,y1 in pixels of IMAGE (x1, y1 exclusive)")
+    iv.add_argument("--output", required=True, help="folder for the panel PNG")
+    iv.add_argument("--strength", type=float, default=3.0, help="std of the noise added to z (default 3)")
+    iv.add_argument("--level", type=int, default=0, help="feature level (0: the finest)")
+    iv.add_argument("--channel", type=int, default=None, help="feature channel shown (default: most changed)")
+    iv.add_argument("--seed", type=int, default=0)
 
     pr = sub.add_parser("presets", help="list the model presets")
     pr.add_argument("--json", action="store_true", help="machine-readable output")
@@ -197,19 +224,34 @@ def _run_file(run_dir: str) -> str:
     return os.path.join(run_dir, "run.json")
 
 
-def _evaluate_one(run_dir, fmt, root, category, opts, output, batch_size, quiet) -> dict:
+def _evaluate_one(run_dir, fmt, root, category, opts, output, batch_size, quiet, report=False,
+                  misalign=False, misalign_seed=0) -> dict:
     from .data import Preprocess, load_samples
-    from .evaluate import evaluate_model, load_run
+    from .evaluate import evaluate_model, format_table, load_run
 
     model, ckpt = load_run(run_dir)
     samples = load_samples(fmt, root, category, "test", **opts)
     pre = Preprocess.from_dict(ckpt["preprocess"])
     threshold = (ckpt.get("threshold") or {}).get("value")
-    metrics, _ = evaluate_model(model, samples, pre, batch_size, threshold, progress=not quiet)
+    metrics, scored = evaluate_model(model, samples, pre, batch_size, threshold, progress=not quiet)
+    if misalign:
+        from .misalign import evaluate_misaligned
+
+        metrics["misaligned"] = evaluate_misaligned(model, samples, pre, batch_size, threshold, misalign_seed,
+                                                    progress=not quiet)
+        print(f"[{category}] aligned vs non-aligned test set (paper Section 8):")
+        print(format_table({"aligned": metrics, "misaligned": metrics["misaligned"]}))
     metrics["category"] = category
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     with open(output, "w") as f:
         json.dump(metrics, f, indent=1)
+    if report:
+        from .data import AnomalyDataset
+        from .report import report_path_for, write_report
+
+        path = write_report(report_path_for(output), scored, metrics, AnomalyDataset(samples, pre, cache=False),
+                            pre.mean, pre.std, threshold, title=f"FastFlow: {category} ({run_dir})")
+        print(f"[{category}] report -> {path}")
     return metrics
 
 
@@ -233,7 +275,8 @@ def cmd_evaluate(args) -> int:
         out = args.output or os.path.join(run_dir, "metrics.json")
         if len(categories) > 1 and args.output:
             out = os.path.join(os.path.dirname(os.path.abspath(args.output)), f"{cat}-metrics.json")
-        rows[cat] = _evaluate_one(run_dir, args.format, args.data, cat, opts, out, args.batch_size, args.quiet)
+        rows[cat] = _evaluate_one(run_dir, args.format, args.data, cat, opts, out, args.batch_size, args.quiet,
+                                  args.report, args.misalign, args.misalign_seed)
         print(f"[{cat}] metrics -> {out}")
     _print_summary(rows, args.run_dir if len(categories) > 1 else None)
     return 0
@@ -274,6 +317,15 @@ def cmd_presets(args) -> int:
     return 0
 
 
+def cmd_invert(args) -> int:
+    from .invert import invert_image
+
+    path = invert_image(args.run_dir, args.image, args.region, args.output, args.strength, args.level,
+                        args.channel, args.seed)
+    print(f"panel -> {path}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
@@ -281,7 +333,8 @@ def cmd_demo(args) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "presets": cmd_presets, "demo": cmd_demo}
+COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "invert": cmd_invert, "presets": cmd_presets,
+            "demo": cmd_demo}
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:

@@ -1,0 +1,122 @@
+"""The non-aligned test set of the paper (Section 8): random zoom, rotation and translation.
+
+    fastflow evaluate RUN_DIR --data ROOT --category NAME --misalign
+
+MVTec AD images are aligned; real inspection images often are not. The paper "appl[ies] random zoom
+in/out with 0.85 ratio, random rotation with +-15 angle, random translation with 0.15 ratio to
+expand the original test dataset by 4x". We read that as: the new test set holds ``COPIES = 4``
+randomly transformed copies of every test image (the aligned result is reported beside it), each
+copy with its own draw of
+
+    scale  uniform in [0.85, 1 / 0.85]   "zoom in/out": 0.85 is the zoom-out limit, its inverse the zoom-in one
+    angle  uniform in [-15, 15] degrees   (clockwise positive, as torchvision's affine)
+    shift  uniform in [-0.15, 0.15] x width (dx) and x height (dy), rounded to whole pixels
+           (torchvision's RandomAffine convention for ``translate=(0.15, 0.15)``)
+
+about the image centre. The image is resampled bilinearly and the mask with nearest neighbour, with
+the same parameters (``torchvision.transforms.v2.functional.affine``), so the mask stays binary and
+follows its image. Draws are seeded per (seed, image index, copy): the set is reproducible and does
+not depend on the order items are read in.
+
+Fill: the wrapper transforms the *normalised* image, and uncovered corners get 0 there, i.e. the
+per-channel mean colour of the backbone's training data (ImageNet grey), the same value the backbone's
+own zero padding assumes at its borders; black (0 before normalisation) would add a hard edge the
+model never saw. The mask is filled with 0: uncovered pixels are normal. A model may still react to
+the grey corners: that is part of what this test measures, as in the paper.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms.v2 import functional as TF
+
+COPIES = 4  # paper Section 8: "expand the original test dataset by 4x"
+ZOOM = (0.85, 1 / 0.85)  # "zoom in/out with 0.85 ratio"
+ROTATION_DEGREES = 15.0  # "rotation with +-15 angle"
+TRANSLATE = 0.15  # "translation with 0.15 ratio", a fraction of width / height
+
+
+@dataclass(frozen=True)
+class Affine:
+    """One draw: ``angle`` degrees (clockwise, as ``TF.affine``), ``translate`` (dx, dy) pixels, ``scale``."""
+
+    angle: float
+    translate: tuple[int, int]
+    scale: float
+
+
+def draw_affine(seed: int, index: int, copy: int, size: tuple[int, int]) -> Affine:
+    """The transform of copy ``copy`` of image ``index``; size is (H, W) of the image."""
+    rng = np.random.default_rng([seed, index, copy])
+    height, width = size
+    scale = float(rng.uniform(*ZOOM))
+    angle = float(rng.uniform(-ROTATION_DEGREES, ROTATION_DEGREES))
+    dx = int(round(rng.uniform(-TRANSLATE, TRANSLATE) * width))
+    dy = int(round(rng.uniform(-TRANSLATE, TRANSLATE) * height))
+    return Affine(angle, (dx, dy), scale)
+
+
+def apply_affine(image: torch.Tensor, mask: torch.Tensor, t: Affine, fill: float = 0.0
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same affine map on an image (bilinear, ``fill``) and its mask (nearest, 0).
+
+    image: (C, H, W) float; mask: (1, H, W) float of 0/1. Returns tensors of the same shapes and dtypes.
+    """
+    common = dict(angle=t.angle, translate=list(t.translate), scale=t.scale, shear=[0.0, 0.0])
+    image = TF.affine(image, **common, interpolation=InterpolationMode.BILINEAR, fill=fill)
+    mask = TF.affine(mask, **common, interpolation=InterpolationMode.NEAREST, fill=0.0)
+    return image, mask
+
+
+class MisalignedDataset(Dataset):
+    """``copies`` randomly zoomed, rotated and shifted versions of every item of ``base``.
+
+    base: any dataset of ``AnomalyDataset`` items (dicts with ``image`` (3, H, W) normalised and ``mask``
+    (1, H, W)). Item ``j`` is copy ``j % copies`` of base item ``j // copies``; it keeps the base item's
+    keys, with ``index`` = j, ``source_index`` = the base index and ``copy``.
+    """
+
+    def __init__(self, base, copies: int = COPIES, seed: int = 0, fill: float = 0.0):
+        if copies < 1:
+            raise ValueError(f"copies must be >= 1, got {copies}")
+        self.base, self.copies, self.seed, self.fill = base, copies, seed, fill
+
+    def __len__(self) -> int:
+        return self.copies * len(self.base)
+
+    def __getitem__(self, j: int) -> dict:
+        if not 0 <= j < len(self):
+            raise IndexError(f"index {j} out of range for {len(self)} items")
+        source, copy = divmod(j, self.copies)
+        item = dict(self.base[source])
+        t = draw_affine(self.seed, source, copy, tuple(item["image"].shape[-2:]))
+        item["image"], item["mask"] = apply_affine(item["image"], item["mask"], t, self.fill)
+        item.update(index=j, source_index=source, copy=copy)
+        return item
+
+
+def protocol(seed: int, copies: int = COPIES) -> dict:
+    """The settings, for the metrics JSON."""
+    return {"copies": copies, "seed": seed, "zoom": list(ZOOM), "rotation_degrees": ROTATION_DEGREES,
+            "translate": TRANSLATE, "image_fill": "0 after normalisation (mean colour)", "mask_fill": 0}
+
+
+def evaluate_misaligned(model, samples, preprocess, batch_size: int = 32, threshold: float | None = None,
+                        seed: int = 0, progress: bool = False) -> dict:
+    """Metrics (same keys as ``metrics_for``) on the 4x non-aligned test set, plus ``protocol``."""
+    from .data import AnomalyDataset
+    from .evaluate import metrics_for, score_dataset
+
+    dataset = MisalignedDataset(AnomalyDataset(samples, preprocess), seed=seed)
+    metrics = metrics_for(score_dataset(model, dataset, batch_size, progress), threshold)
+    metrics["protocol"] = protocol(seed)
+    return metrics
+
+
+__all__ = ["COPIES", "ROTATION_DEGREES", "TRANSLATE", "ZOOM", "Affine", "MisalignedDataset", "apply_affine",
+           "draw_affine", "evaluate_misaligned", "protocol"]

@@ -1,0 +1,296 @@
+"""A self-contained HTML report of one evaluation (paper Sections 4.6 and 7: results and bad cases).
+
+    fastflow evaluate RUN_DIR --data ROOT --category NAME --report      # -> report.html beside metrics.json
+
+One HTML file, images embedded as base64 PNG, no scripts, no external files:
+  * the metrics table (with the non-aligned metrics beside, after ``--misalign``);
+  * image ROC, pixel ROC and PRO curves, and histograms of normal vs anomalous image scores with the
+    decision threshold (calibrated on held-out normals at training time) marked;
+  * three galleries, like the paper's Figures 3, 5 and 6: the best detections (highest-scored
+    anomalies), the missed anomalies (scored at or below the threshold) and the false alarms (normals
+    above it). Without a threshold, or when a gallery would be empty, the lowest-scored anomalies /
+    highest-scored normals are shown instead, and the heading says so.
+Each gallery row shows the de-normalised image, the ground truth (red outline over a red tint) and
+the anomaly heatmap over the image, downscaled to ``THUMB`` pixels; heatmaps share one colour scale.
+
+To look at it as a picture (e.g. on a headless server): ``docs/render_report.sh report.html``.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import os
+from datetime import datetime, timezone
+
+import numpy as np
+from PIL import Image
+
+from .evaluate import Scored
+
+THUMB = 160  # pixels, longest side of a gallery thumbnail
+GALLERY = 8  # images per gallery
+PLOT_POINTS = 2000  # curve points drawn (the metrics use all of them)
+METRIC_ROWS = [("image_auroc", "image AUROC"), ("pixel_auroc", "pixel AUROC"),
+               ("pixel_aupro", "pixel AUPRO (FPR <= 0.3)"), ("image_f1_max", "image F1-max (oracle threshold)"),
+               ("threshold", "decision threshold"), ("detection_rate", "detection rate at threshold"),
+               ("false_alarm_rate", "false-alarm rate at threshold"),
+               ("n_images", "images"), ("n_normal", "normal"), ("n_anomalous", "anomalous"),
+               ("n_masked", "images in pixel metrics"), ("ms_per_image", "ms per image")]
+
+
+def report_path_for(metrics_path: str) -> str:
+    """``metrics.json`` -> ``report.html``, ``bottle-metrics.json`` -> ``bottle-report.html`` (same folder)."""
+    folder, name = os.path.split(os.path.abspath(metrics_path))
+    stem = os.path.splitext(name)[0]
+    stem = stem.replace("metrics", "report") if "metrics" in stem else stem + "-report"
+    return os.path.join(folder, stem + ".html")
+
+
+# -- images -----------------------------------------------------------------------------------
+def _png(image: Image.Image | np.ndarray) -> str:
+    if isinstance(image, np.ndarray):
+        image = Image.fromarray(image)
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", optimize=True)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _figure_png(fig) -> str:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=80)
+    plt.close(fig)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _thumb(rgb: np.ndarray) -> np.ndarray:
+    """(H, W, 3) uint8 -> downscaled so the longest side is at most THUMB."""
+    image = Image.fromarray(rgb)
+    image.thumbnail((THUMB, THUMB), Image.Resampling.BILINEAR)
+    return np.asarray(image)
+
+
+def _to_uint8(image, mean, std) -> np.ndarray:
+    """(3, H, W) normalised tensor -> (H, W, 3) uint8."""
+    x = image.numpy() * np.asarray(std, np.float32)[:, None, None] + np.asarray(mean, np.float32)[:, None, None]
+    return (np.clip(x, 0, 1).transpose(1, 2, 0) * 255).round().astype(np.uint8)
+
+
+def mask_overlay(rgb: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Ground truth on the image: red tint inside, solid red outline (the mask minus its erosion)."""
+    from scipy import ndimage
+
+    out = rgb.astype(np.float32)
+    out[mask] = 0.6 * out[mask] + 0.4 * np.array([255, 0, 0])
+    edge = mask & ~ndimage.binary_erosion(mask, iterations=max(1, mask.shape[0] // 128))
+    out[edge] = [255, 0, 0]
+    return out.round().astype(np.uint8)
+
+
+def heat_overlay(rgb: np.ndarray, amap: np.ndarray, vmin: float, vmax: float) -> np.ndarray:
+    """Anomaly map (jet, shared [vmin, vmax]) blended 50/50 over the image."""
+    from matplotlib import colormaps
+
+    t = np.clip((amap - vmin) / max(vmax - vmin, 1e-12), 0, 1)
+    heat = colormaps["jet"](t)[..., :3] * 255
+    return (0.5 * rgb + 0.5 * heat).round().astype(np.uint8)
+
+
+# -- plots ------------------------------------------------------------------------------------
+def _decimate(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    if len(x) <= PLOT_POINTS:
+        return x, y
+    keep = np.unique(np.linspace(0, len(x) - 1, PLOT_POINTS).round().astype(int))
+    return x[keep], y[keep]
+
+
+def _pixel_sets(scored: Scored) -> tuple[np.ndarray, np.ndarray] | None:
+    """Maps and masks the pixel metrics use (as ``evaluate_arrays``); None without any masked anomaly."""
+    labels = scored.labels.astype(bool)
+    if not (scored.has_mask & labels).any():
+        return None
+    used = scored.has_mask | ~labels
+    return scored.maps[used], scored.masks[used] & labels[used, None, None]
+
+
+def _num(metrics: dict, key: str) -> float:
+    value = metrics.get(key)
+    return float("nan") if value is None else float(value)
+
+
+def curves_png(scored: Scored, metrics: dict) -> str:
+    """Image ROC, pixel ROC and PRO curves side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import roc_curve
+
+    from .metrics import pro_curve
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4.2), constrained_layout=True)
+    labels = scored.labels.astype(bool)
+    drawn = [False, False, False]
+    if labels.any() and not labels.all():
+        drawn[0] = True
+        fpr, tpr, _ = roc_curve(labels, scored.scores)
+        axes[0].plot(fpr, tpr, label=f"AUROC {_num(metrics, 'image_auroc'):.4f}")
+    pixels = _pixel_sets(scored)
+    if pixels is not None and pixels[1].any() and not pixels[1].all():
+        maps, masks = pixels
+        drawn[1] = drawn[2] = True
+        fpr, tpr, _ = roc_curve(masks.ravel(), maps.ravel())
+        axes[1].plot(*_decimate(fpr, tpr), label=f"AUROC {_num(metrics, 'pixel_auroc'):.4f}")
+        fpr, pro = pro_curve(maps, masks)
+        axes[2].plot(*_decimate(fpr, pro), label=f"AUPRO {_num(metrics, 'pixel_aupro'):.4f}")
+        axes[2].axvline(0.3, color="grey", linestyle=":", label="FPR limit 0.3")
+    for ax, ok, title, ylabel in zip(axes, drawn, ["image ROC", "pixel ROC", "PRO curve"],
+                                     ["true positive rate", "true positive rate", "per-region overlap"]):
+        ax.plot([0, 1], [0, 1], color="lightgrey", linestyle="--", linewidth=1)
+        ax.set(title=title, xlabel="false positive rate", ylabel=ylabel, xlim=(0, 1), ylim=(0, 1.02))
+        if ok:
+            ax.legend(loc="lower right")
+        else:
+            ax.text(0.5, 0.5, "not available\n(needs both classes / masks)", ha="center", va="center")
+    return _figure_png(fig)
+
+
+def histogram_png(scored: Scored, threshold: float | None) -> str:
+    """Image-score histograms of normal and anomalous images, threshold marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 3.6), constrained_layout=True)
+    labels = scored.labels.astype(bool)
+    bins = np.histogram_bin_edges(scored.scores, bins=min(40, max(10, len(scored.scores) // 3)))
+    ax.hist(scored.scores[~labels], bins=bins, alpha=0.6, color="tab:blue", label=f"normal ({(~labels).sum()})")
+    ax.hist(scored.scores[labels], bins=bins, alpha=0.6, color="tab:red", label=f"anomalous ({labels.sum()})")
+    if threshold is not None and np.isfinite(threshold):
+        ax.axvline(threshold, color="black", linestyle="--", label=f"threshold {threshold:.4g}")
+    ax.set(xlabel="image score (max of the anomaly map)", ylabel="images", title="image scores")
+    ax.legend()
+    return _figure_png(fig)
+
+
+# -- galleries --------------------------------------------------------------------------------
+def select_galleries(scored: Scored, threshold: float | None, limit: int = GALLERY
+                     ) -> list[tuple[str, str, list[int]]]:
+    """(title, note, indices) of the three galleries; see the module docstring for the rules."""
+    labels = scored.labels.astype(bool)
+    scores = scored.scores
+    anomalous, normal = np.flatnonzero(labels), np.flatnonzero(~labels)
+
+    def by_score(idx: np.ndarray, descending: bool) -> np.ndarray:
+        return idx[np.argsort(-scores[idx] if descending else scores[idx], kind="stable")]
+
+    has_t = threshold is not None and np.isfinite(threshold)
+    best = by_score(anomalous, True)[:limit]
+    galleries = [("Best detections", "highest-scored anomalous images", best)]
+    missed = by_score(anomalous[scores[anomalous] <= threshold], False) if has_t else anomalous[:0]
+    if len(missed):
+        note = f"{len(missed)} anomalous image(s) scored at or below the threshold {threshold:.4g}, lowest first"
+    else:
+        missed = by_score(anomalous, False)
+        note = (f"no anomalous image is at or below the threshold {threshold:.4g}; " if has_t else "no threshold; ") \
+            + "the lowest-scored anomalous images instead"
+    galleries.append(("Missed anomalies", note, missed[:limit]))
+    alarms = by_score(normal[scores[normal] > threshold], True) if has_t else normal[:0]
+    if len(alarms):
+        note = f"{len(alarms)} normal image(s) scored above the threshold {threshold:.4g}, highest first"
+    else:
+        alarms = by_score(normal, True)
+        note = (f"no normal image is above the threshold {threshold:.4g}; " if has_t else "no threshold; ") \
+            + "the highest-scored normal images instead"
+    galleries.append(("False alarms", note, alarms[:limit]))
+    return [(title, note, [int(i) for i in idx]) for title, note, idx in galleries]
+
+
+def _gallery_html(title: str, note: str, indices: list[int], scored: Scored, dataset, mean, std,
+                  vmin: float, vmax: float, threshold: float | None) -> str:
+    rows = []
+    for i in indices:
+        rgb = _to_uint8(dataset[i]["image"], mean, std)
+        thumbs = [_thumb(rgb), _thumb(mask_overlay(rgb, scored.masks[i])),
+                  _thumb(heat_overlay(rgb, scored.maps[i], vmin, vmax))]
+        verdict = "" if threshold is None or not np.isfinite(threshold) else \
+            (" &middot; <b>flagged</b>" if scored.scores[i] > threshold else " &middot; passed")
+        mask_note = "" if scored.has_mask[i] or not scored.labels[i] else " &middot; no mask"
+        caption = (f"<div class='cap'><code>{html.escape(os.path.basename(scored.paths[i]))}</code> "
+                   f"<span class='dir'>{html.escape(os.path.dirname(scored.paths[i]))}</span><br>"
+                   f"{'anomalous' if scored.labels[i] else 'normal'} &middot; score {scored.scores[i]:.4g}"
+                   f"{verdict}{mask_note}</div>")
+        cells = "".join(f"<td><img src='{_png(t)}' alt='{alt}'></td>"
+                        for t, alt in zip(thumbs, ["image", "ground truth", "heatmap"]))
+        rows.append(f"<tr><td>{caption}</td>{cells}</tr>")
+    body = "".join(rows) if rows else "<tr><td colspan='4'>no images of this kind in the test set</td></tr>"
+    return (f"<h2>{html.escape(title)}</h2><p class='note'>{html.escape(note)}</p>"
+            f"<table class='gallery'><tr><th></th><th>image</th><th>ground truth</th><th>anomaly map</th></tr>"
+            f"{body}</table>")
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "&ndash;"
+    if isinstance(value, (int, np.integer)):
+        return str(int(value))
+    if isinstance(value, float) and not np.isfinite(value):
+        return "NaN"
+    return f"{value:.4f}" if isinstance(value, float) else html.escape(str(value))
+
+
+def metrics_table(metrics: dict) -> str:
+    columns = [("aligned test set", metrics)]
+    if isinstance(metrics.get("misaligned"), dict):
+        columns.append(("non-aligned (paper Section 8)", metrics["misaligned"]))
+    head = "".join(f"<th>{html.escape(name)}</th>" for name, _ in columns)
+    rows = "".join(f"<tr><td>{label}</td>" + "".join(f"<td class='num'>{_fmt(m.get(key))}</td>" for _, m in columns)
+                   + f"<td><code>{key}</code></td></tr>" for key, label in METRIC_ROWS
+                   if any(key in m for _, m in columns))
+    return f"<table class='metrics'><tr><th>metric</th>{head}<th>JSON key</th></tr>{rows}</table>"
+
+
+CSS = """body{font-family:system-ui,sans-serif;margin:24px;color:#222;max-width:1200px}
+h1{font-size:22px}h2{font-size:18px;margin-top:28px;border-bottom:1px solid #ddd}
+table{border-collapse:collapse}td,th{padding:4px 10px;text-align:left;vertical-align:top}
+table.metrics td,table.metrics th{border-bottom:1px solid #eee}
+td.num{text-align:right;font-variant-numeric:tabular-nums}
+table.gallery img{display:block;width:160px;height:auto}.cap{max-width:260px;font-size:13px;word-break:break-all}
+.dir{color:#888;font-size:11px}.note{color:#555}img.plot{max-width:100%}"""
+
+
+def write_report(path: str, scored: Scored, metrics: dict, dataset, mean, std, threshold: float | None = None,
+                 title: str = "FastFlow evaluation") -> str:
+    """Write the HTML report to ``path``; returns it.
+
+    scored: the results of ``score_dataset`` on ``dataset`` (same order); dataset: indexable, item ``i`` a
+    dict with ``image`` (3, H, W) normalised by ``mean``/``std`` (only the gallery images are read).
+    metrics: as ``metrics_for`` (optionally with ``misaligned``).
+    """
+    finite = scored.maps[np.isfinite(scored.maps)]
+    vmin, vmax = (np.percentile(finite, [1, 99.9]) if finite.size else (0.0, 1.0))
+    galleries = "".join(_gallery_html(t, note, idx, scored, dataset, mean, std, float(vmin), float(vmax), threshold)
+                        for t, note, idx in select_galleries(scored, threshold))
+    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    page = f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title><style>{CSS}</style></head>
+<body><h1>{html.escape(title)}</h1>
+<p class="note">{len(scored.scores)} test images &middot; written {stamp}. The threshold was calibrated on
+held-out normal training images, never on this test set; F1-max uses the best threshold on this set (an
+optimistic figure).</p>
+<h2>Metrics</h2>{metrics_table(metrics)}
+<h2>Curves</h2><img class="plot" src="{curves_png(scored, metrics)}" alt="ROC and PRO curves">
+<h2>Image scores</h2><img class="plot" src="{histogram_png(scored, threshold)}" alt="score histograms">
+<p class="note">Heatmaps below share one colour scale: {vmin:.4g} (blue) to {vmax:.4g} (red), the 1st and
+99.9th percentiles of all anomaly-map values.</p>
+{galleries}
+</body></html>
+"""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(page)
+    return path

@@ -4,7 +4,8 @@
                       [--backbone efficientnet_lite0] [--epochs N] --output RUN_DIR
     fastflow train    --resume RUN_DIR
     fastflow evaluate RUN_DIR --data ROOT --category NAME [--output metrics.json] [--report] [--misalign]
-    fastflow predict  RUN_DIR IMAGE_OR_FOLDER... --output OUT_DIR [--threshold T]
+    fastflow predict  RUN_DIR IMAGE_OR_FOLDER... --output OUT_DIR [--threshold T] [--runtime torch|onnx]
+    fastflow export   RUN_DIR --format onnx [--output model.onnx]
     fastflow invert   RUN_DIR IMAGE --region x0,y0,x1,y1 --output OUT_DIR [--strength S] [--level L]
     fastflow presets  [--json]
     fastflow demo     [--output DIR]
@@ -146,6 +147,25 @@ def _build_parser() -> argparse.ArgumentParser:
     iv.add_argument("--level", type=int, default=0, help="feature level (0: the finest)")
     iv.add_argument("--channel", type=int, default=None, help="feature channel shown (default: most changed)")
     iv.add_argument("--seed", type=int, default=0)
+
+    pd = sub.add_parser("predict", help="score new images: heatmaps, overlays, masks and a summary")
+    pd.add_argument("run_dir")
+    pd.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER", help="image files, folders (recursive) or globs")
+    pd.add_argument("--output", required=True, help="folder for heatmap/, overlay/, mask/ and summary.{csv,json}")
+    pd.add_argument("--threshold", type=float, default=None, help="decision threshold (default: the run's calibrated)")
+    pd.add_argument("--runtime", choices=["torch", "onnx"], default="torch",
+                    help="onnx: run RUN_DIR/model.onnx (from `fastflow export`) in ONNX Runtime")
+    pd.add_argument("--onnx", default=None, help="ONNX model for --runtime onnx (default: RUN_DIR/model.onnx)")
+    pd.add_argument("--batch-size", type=_positive(int), default=16)
+    pd.add_argument("--overwrite", action="store_true", help="redo images already in OUT_DIR's summary")
+    pd.add_argument("--quiet", action="store_true")
+
+    ex = sub.add_parser("export", help="export a run to ONNX (score and anomaly map) with a JSON sidecar")
+    ex.add_argument("run_dir")
+    ex.add_argument("--format", choices=["onnx"], default="onnx")
+    ex.add_argument("--output", default=None, help="the .onnx file (default: RUN_DIR/model.onnx)")
+    ex.add_argument("--opset", type=_positive(int), default=18)
+    ex.add_argument("--exporter", choices=["torchscript", "dynamo"], default="torchscript")
 
     pr = sub.add_parser("presets", help="list the model presets")
     pr.add_argument("--json", action="store_true", help="machine-readable output")
@@ -326,6 +346,29 @@ def cmd_invert(args) -> int:
     return 0
 
 
+def cmd_predict(args) -> int:
+    from .predict import Predictor, collect_inputs, predict_to_folder
+
+    inputs = [str(p) for p in collect_inputs(args.inputs)]  # bad paths fail before the model loads
+    predictor = Predictor.from_run(args.run_dir, args.threshold, args.runtime, args.onnx, args.batch_size)
+    summary = predict_to_folder(predictor, inputs, args.output, args.batch_size, args.overwrite,
+                                progress=not args.quiet)
+    c = summary["counts"]
+    print(f"{c['ok']} image(s) scored, {c['anomalous']} anomalous, {c['error']} unreadable "
+          f"(threshold {summary['threshold']['value']}) -> {os.path.join(args.output, 'summary.csv')}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .export import export_onnx, sidecar_path
+
+    meta = export_onnx(args.run_dir, args.output, args.opset, args.exporter)
+    out = args.output or os.path.join(args.run_dir, "model.onnx")
+    print(f"ONNX model -> {out} (sidecar {sidecar_path(out)}); ONNX Runtime matches torch to "
+          f"{max(meta['parity']['max_abs_diff_score'], meta['parity']['max_abs_diff_map']):.1e}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
@@ -334,16 +377,17 @@ def cmd_demo(args) -> int:
 
 
 COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "invert": cmd_invert, "presets": cmd_presets,
-            "demo": cmd_demo}
+            "demo": cmd_demo, "predict": cmd_predict, "export": cmd_export}
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     from .backbones import BackboneError
     from .checkpoint import CheckpointError
     from .data import DatasetError
+    from .export import ExportError
     from .train import TrainingError
 
-    return (DatasetError, BackboneError, CheckpointError, TrainingError, ValueError, FileNotFoundError,
+    return (DatasetError, BackboneError, CheckpointError, TrainingError, ExportError, ValueError, FileNotFoundError,
             NotADirectoryError, PermissionError)
 
 

@@ -1,0 +1,460 @@
+"""Inference on new images: scores, decisions, anomaly maps and masks at each image's own resolution.
+
+    from fastflow.predict import Predictor
+    predictor = Predictor.from_run("runs/bottle")            # or runtime="onnx" after `fastflow export`
+    for r in predictor.predict(["a.png", "b.jpg"]):
+        print(r.path, r.score, r.normalized_score, r.is_anomalous, r.anomaly_map.shape)
+
+    fastflow predict RUN_DIR IMAGE_OR_FOLDER... --output OUT_DIR [--threshold T] [--runtime torch|onnx]
+
+Threshold: the run's calibrated one (held-out normal images, at the run's false-alarm rate) unless the
+caller gives one. An image is anomalous when score > threshold; the mask is anomaly_map > threshold.
+
+normalized_score = (score - m) / (threshold - m), where m is the median score of the held-out normal
+images: a typical normal image scores about 0, the threshold sits at 1.0, twice as far from the
+normal median scores 2.0. It is NaN when it cannot be defined (no validation images, or a threshold
+at or below m).
+
+Heatmaps written by ``fastflow predict`` use one fixed colour scale for every image:
+[m, 2 * threshold - m], i.e. normalized score 0 -> bottom of the colormap, 1 (the threshold) -> its
+middle, >= 2 -> its top; colours are comparable between images. Without that information (no
+calibration), each heatmap is scaled to its own min/max, and the summary says so.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import json
+import math
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from .data import IMAGE_EXTENSIONS, DatasetError, Preprocess, load_image
+from .data.files import is_image_file
+from .data.preprocess import to_rgb
+
+RUNTIMES = ("torch", "onnx")
+COLORMAP = "jet"
+OVERLAY_ALPHA = 0.5  # heatmap weight in the overlay
+
+
+@dataclass
+class Prediction:
+    """One image's result. Maps are at the image's own (H, W), bilinearly resized from the model's map."""
+
+    path: str | None  # None for arrays
+    score: float  # raw image score: max of the model's anomaly map (at the network input size)
+    normalized_score: float  # (score - val_median) / (threshold - val_median); the threshold is 1.0
+    is_anomalous: bool  # score > threshold
+    anomaly_map: np.ndarray  # (H, W) float32
+    mask: np.ndarray  # (H, W) bool: anomaly_map > threshold
+
+
+class Predictor:
+    """Scores images with a trained run, in torch or in ONNX Runtime (same preprocessing, same outputs).
+
+    Args:
+        infer: batch (B, 3, H_in, W_in) float32 numpy -> (score (B,), anomaly_map (B, 1, H_in, W_in)).
+        preprocess: how images become network inputs (saved with the run / the ONNX sidecar).
+        threshold: calibration dict ({"value", "val_median", ...}); ``value`` may be None/inf.
+        user_threshold: overrides ``threshold["value"]`` when given.
+    """
+
+    def __init__(self, infer, preprocess: Preprocess, threshold: dict | None, user_threshold: float | None = None,
+                 batch_size: int = 16, runtime: str = "torch", source: str = ""):
+        self.infer = infer
+        self.preprocess = preprocess
+        self.calibration = dict(threshold or {})
+        calibrated = self.calibration.get("value")
+        calibrated = math.inf if calibrated is None else float(calibrated)
+        self.threshold = float(user_threshold) if user_threshold is not None else calibrated
+        self.threshold_source = "user" if user_threshold is not None else (
+            "calibrated" if math.isfinite(calibrated) else "none")
+        median = self.calibration.get("val_median")
+        self.val_median = None if median is None else float(median)
+        self.batch_size = batch_size
+        self.runtime = runtime
+        self.source = source
+
+    # -- construction ---------------------------------------------------------------------------
+    @classmethod
+    def from_run(cls, path: str, threshold: float | None = None, runtime: str = "torch",
+                 onnx_path: str | None = None, batch_size: int = 16, num_threads: int | None = None) -> Predictor:
+        """A predictor for the run folder (or model.pt) ``path``; ``runtime="onnx"`` reads ``onnx_path``
+        (default RUN_DIR/model.onnx, written by ``fastflow export``) and its JSON sidecar."""
+        if runtime not in RUNTIMES:
+            raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
+        if threshold is not None and not math.isfinite(threshold):
+            raise ValueError(f"threshold must be a finite number, got {threshold}")
+        if runtime == "onnx":
+            if onnx_path is None:
+                onnx_path = path if path.endswith(".onnx") else os.path.join(_run_folder(path), "model.onnx")
+            return cls.from_onnx(onnx_path, threshold, batch_size, num_threads)
+        from .evaluate import load_run
+
+        model, ckpt = load_run(path)
+        model.eval()
+
+        @torch.inference_mode()
+        def infer(batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            out = model(torch.from_numpy(batch))
+            return out.score.numpy(), out.anomaly_map.numpy()
+
+        return cls(infer, Preprocess.from_dict(ckpt["preprocess"]), ckpt.get("threshold"), threshold,
+                   batch_size, "torch", os.path.abspath(path))
+
+    @classmethod
+    def from_onnx(cls, onnx_path: str, threshold: float | None = None, batch_size: int = 16,
+                  num_threads: int | None = None) -> Predictor:
+        """A predictor running ``onnx_path`` in ONNX Runtime, preprocessing as its sidecar says."""
+        from .export import INPUT_NAME, OUTPUT_NAMES, sidecar_path
+
+        meta_path = sidecar_path(onnx_path)
+        if not os.path.isfile(onnx_path) or not os.path.isfile(meta_path):
+            raise FileNotFoundError(f"ONNX model {onnx_path!r} or its sidecar {meta_path!r} not found; create them "
+                                    f"with: fastflow export RUN_DIR --format onnx --output {onnx_path}")
+        try:
+            import onnxruntime as ort
+        except ImportError as e:
+            raise ValueError("runtime onnx needs onnxruntime: pip install 'fastflow[export]'") from e
+        with open(meta_path) as f:
+            meta = json.load(f)
+        pre = dict(meta["preprocess"])
+        pre.pop("steps", None)
+        options = ort.SessionOptions()
+        if num_threads:
+            options.intra_op_num_threads = num_threads
+        session = ort.InferenceSession(onnx_path, options, providers=["CPUExecutionProvider"])
+
+        def infer(batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            score, amap = session.run(list(OUTPUT_NAMES), {INPUT_NAME: batch})
+            return score, amap
+
+        return cls(infer, Preprocess.from_dict(pre), meta.get("threshold"), threshold, batch_size, "onnx",
+                   os.path.abspath(onnx_path))
+
+    def with_threshold(self, threshold: float | None) -> Predictor:
+        """The same model with another user threshold (None: back to the calibrated one)."""
+        return Predictor(self.infer, self.preprocess, self.calibration, threshold, self.batch_size, self.runtime,
+                         self.source)
+
+    # -- inference ------------------------------------------------------------------------------
+    def normalize_score(self, score: float) -> float:
+        """(score - val_median) / (threshold - val_median); NaN when undefined (see module docstring)."""
+        m, t = self.val_median, self.threshold
+        if m is None or not math.isfinite(t) or t <= m:
+            return math.nan
+        return (score - m) / (t - m)
+
+    def predict(self, images, batch_size: int | None = None) -> list[Prediction] | Prediction:
+        """One image or a list of them: file paths, (H, W, 3) or (H, W) uint8 arrays, or Pillow images.
+
+        Returns one ``Prediction`` for one image, a list for a list. An unreadable file raises
+        ``DatasetError`` naming it (``fastflow predict`` reports it and goes on instead).
+        """
+        single = not isinstance(images, (list, tuple))
+        items = [images] if single else list(images)
+        loaded = [load_input(item) for item in items]
+        results = self.predict_loaded(loaded, batch_size)
+        return results[0] if single else results
+
+    def predict_loaded(self, loaded: list[tuple[np.ndarray, str | None]],
+                       batch_size: int | None = None) -> list[Prediction]:
+        """(RGB (H, W, 3) uint8 array, path or None) pairs -> predictions, in batches."""
+        size = batch_size or self.batch_size
+        results = []
+        for start in range(0, len(loaded), size):
+            chunk = loaded[start:start + size]
+            batch = torch.stack([self.preprocess(rgb) for rgb, _ in chunk]).numpy()
+            scores, maps = self.infer(batch)
+            for (rgb, path), score, amap in zip(chunk, scores, maps):
+                results.append(self._result(path, float(score), amap[0], rgb.shape[:2]))
+        return results
+
+    def _result(self, path: str | None, score: float, amap: np.ndarray, size: tuple[int, int]) -> Prediction:
+        full = resize_map(amap, size)
+        return Prediction(path, score, self.normalize_score(score), bool(score > self.threshold), full,
+                          full > self.threshold)
+
+    # -- heatmap scale ----------------------------------------------------------------------------
+    def heatmap_range(self) -> tuple[float, float] | None:
+        """(low, high) = (m, 2 * threshold - m) shared by all heatmaps; None if not defined."""
+        if math.isnan(self.normalize_score(0.0)):
+            return None
+        m = self.val_median
+        return m, 2 * self.threshold - m
+
+
+def _run_folder(path: str) -> str:
+    return os.path.dirname(path) if path.endswith(".pt") else path
+
+
+def load_input(item) -> tuple[np.ndarray, str | None]:
+    """A path, array or Pillow image -> (upright RGB (H, W, 3) uint8 array, path or None)."""
+    if isinstance(item, (str, Path)):
+        return np.asarray(load_image(item)), str(item)
+    if isinstance(item, Image.Image):
+        return np.asarray(to_rgb(item)), None
+    if isinstance(item, np.ndarray):
+        if item.dtype != np.uint8:
+            raise ValueError(f"image arrays must be uint8 (0..255), got {item.dtype}; convert with "
+                             f"np.clip(x, 0, 255).astype(np.uint8)")
+        if item.ndim == 3 and item.shape[2] == 1:
+            item = item[:, :, 0]
+        if item.ndim == 2:
+            return np.repeat(item[:, :, None], 3, axis=2), None
+        if item.ndim == 3 and item.shape[2] in (3, 4):
+            return (item if item.shape[2] == 3 else np.asarray(to_rgb(Image.fromarray(item)))), None
+        raise ValueError(f"image arrays must be (H, W), (H, W, 1), (H, W, 3) or (H, W, 4), got {item.shape}")
+    raise ValueError(f"expected a path, a numpy array or a Pillow image, got {type(item).__name__}")
+
+
+def resize_map(amap: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """(h, w) map -> (H, W) float32 map, bilinear (half-pixel centres, as the model's own upsampling)."""
+    if tuple(amap.shape) == tuple(size):
+        return np.ascontiguousarray(amap, dtype=np.float32)
+    t = torch.from_numpy(np.ascontiguousarray(amap, dtype=np.float32))[None, None]
+    return F.interpolate(t, size=tuple(size), mode="bilinear", align_corners=False)[0, 0].numpy()
+
+
+# -- pictures ---------------------------------------------------------------------------------------
+def colorize(amap: np.ndarray, low: float, high: float, cmap: str = COLORMAP) -> np.ndarray:
+    """(H, W) map -> (H, W, 3) uint8 colours; values clipped to [low, high]."""
+    import matplotlib
+
+    scaled = np.clip((amap - low) / max(high - low, 1e-12), 0.0, 1.0)
+    return (matplotlib.colormaps[cmap](scaled)[..., :3] * 255).round().astype(np.uint8)
+
+
+def overlay(rgb: np.ndarray, heat: np.ndarray, alpha: float = OVERLAY_ALPHA) -> np.ndarray:
+    return (rgb.astype(np.float32) * (1 - alpha) + heat.astype(np.float32) * alpha).round().astype(np.uint8)
+
+
+# -- inputs and output names -----------------------------------------------------------------------
+def collect_inputs(args: list[str]) -> list[Path]:
+    """Files, folders (recursive; image extensions only, hidden files and folders skipped) and glob
+    patterns -> absolute file paths, in argument order, without duplicates. Files named explicitly are
+    kept whatever their extension (an unreadable one is reported per image)."""
+    found: list[Path] = []
+    for arg in args:
+        path = Path(arg)
+        if path.is_dir():
+            found += _scan(path)
+        elif path.is_file():
+            found.append(path)
+        else:
+            matches = sorted(glob.glob(arg, recursive=True))
+            if not matches:
+                raise FileNotFoundError(f"{arg!r} is not a file, a folder or a glob pattern matching anything")
+            for m in map(Path, matches):
+                found += _scan(m) if m.is_dir() else ([m] if is_image_file(m) else [])
+    unique, seen = [], set()
+    for p in found:
+        p = p.resolve()
+        if p not in seen:
+            seen.add(p)
+            unique.append(p)
+    if not unique:
+        raise FileNotFoundError(f"no image files in {', '.join(args)} "
+                                f"(extensions: {', '.join(sorted(IMAGE_EXTENSIONS))})")
+    return unique
+
+
+def _scan(folder: Path) -> list[Path]:
+    files = []
+    for p in sorted(folder.rglob("*")):
+        rel = p.relative_to(folder).parts
+        if any(part.startswith(".") for part in rel[:-1]):
+            continue
+        if is_image_file(p):
+            files.append(p)
+    return files
+
+
+def _sanitize(text: str) -> str:
+    """A safe single file name component: no separators, no leading dots, limited characters."""
+    text = re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip(".")
+    text = re.sub(r"\.{2,}", ".", text)
+    return text[:150] or "image"
+
+
+def output_names(paths: list[Path], taken: dict[str, str] | None = None) -> dict[str, str]:
+    """Absolute path -> output base name (no extension, no separator), unique among ``paths`` and ``taken``
+    (path -> name of earlier runs: kept for the same path, avoided for others).
+
+    The name is the file stem; stems shared by several inputs use the path relative to the inputs'
+    common folder instead (``good/001.png`` -> ``good__001``); remaining clashes get ``-2``, ``-3``...
+    """
+    taken = dict(taken or {})
+    names: dict[str, str] = {}
+    used = {n for p, n in taken.items()}
+    stems: dict[str, int] = {}
+    for p in paths:
+        stems[_sanitize(p.stem)] = stems.get(_sanitize(p.stem), 0) + 1
+    root = os.path.commonpath([str(p.parent) for p in paths]) if paths else ""
+    for p in paths:
+        key = str(p)
+        if key in taken:
+            names[key] = taken[key]
+            continue
+        base = _sanitize(p.stem)
+        if stems[base] > 1:
+            rel = os.path.splitext(os.path.relpath(str(p), root))[0]
+            base = _sanitize("__".join(Path(rel).parts))
+        name, k = base, 1
+        while name in used:
+            k += 1
+            name = f"{base}-{k}"
+        used.add(name)
+        names[key] = name
+    return names
+
+
+# -- the command ------------------------------------------------------------------------------------
+SUMMARY_FIELDS = ["path", "status", "score", "normalized_score", "is_anomalous", "heatmap", "overlay", "mask",
+                  "error"]
+KINDS = ("heatmap", "overlay", "mask")
+
+
+def predict_to_folder(predictor: Predictor, inputs: list[str], out_dir: str, batch_size: int = 16,
+                      overwrite: bool = False, progress: bool = True, log=print) -> dict:
+    """Score every input image and write heatmap/overlay/mask PNGs and summary.{csv,json} to ``out_dir``.
+
+    Layout: OUT/heatmap/NAME.png, OUT/overlay/NAME.png, OUT/mask/NAME.png (NAME from ``output_names``).
+    An unreadable image gets status "error" in the summary; the others are still done. Images already
+    in OUT's summary (same run, runtime and threshold, outputs present) are skipped unless ``overwrite``.
+    Returns the summary dict (also written to summary.json).
+    """
+    paths = collect_inputs(inputs)
+    os.makedirs(out_dir, exist_ok=True)
+    for kind in KINDS:
+        os.makedirs(os.path.join(out_dir, kind), exist_ok=True)
+    header = _summary_header(predictor)
+    previous = {} if overwrite else _previous_records(out_dir, header)
+    names = output_names(paths, {p: r["name"] for p, r in previous.items() if r.get("name")})
+    records = dict(previous)
+    todo = [p for p in paths if overwrite or not _done(out_dir, previous.get(str(p)))]
+    skipped = len(paths) - len(todo)
+    if skipped:
+        log(f"skipping {skipped} image(s) already done in {out_dir} (use --overwrite to redo them)")
+    if header["threshold"]["source"] == "none":
+        log("warning: this run has no calibrated threshold (no validation images); every image counts as "
+            "normal and heatmaps use per-image scales. Pass --threshold T.")
+
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(todo), desc="predict", unit="img", dynamic_ncols=True)
+    for start in range(0, len(todo), batch_size):
+        chunk = todo[start:start + batch_size]
+        loaded = []
+        for p in chunk:
+            try:
+                loaded.append((np.asarray(load_image(p)), str(p)))
+            except DatasetError as e:
+                records[str(p)] = {"path": str(p), "name": names[str(p)], "status": "error", "error": str(e)}
+        for res, (rgb, _) in zip(predictor.predict_loaded(loaded, batch_size), loaded):
+            records[res.path] = _write_outputs(predictor, res, rgb, out_dir, names[res.path])
+        _write_summary(out_dir, header, records)
+        if bar is not None:
+            bar.update(len(chunk))
+    if bar is not None:
+        bar.close()
+    summary = _write_summary(out_dir, header, records, skipped=skipped)
+    return summary
+
+
+def _write_outputs(predictor: Predictor, res: Prediction, rgb: np.ndarray, out_dir: str, name: str) -> dict:
+    rng = predictor.heatmap_range()
+    low, high = rng if rng is not None else (float(res.anomaly_map.min()), float(res.anomaly_map.max()))
+    heat = colorize(res.anomaly_map, low, high)
+    files = {kind: os.path.join(kind, name + ".png") for kind in KINDS}
+    for kind, picture in (("heatmap", heat), ("overlay", overlay(rgb, heat)),
+                          ("mask", res.mask.astype(np.uint8) * 255)):
+        target = os.path.join(out_dir, files[kind])
+        assert os.path.dirname(os.path.abspath(target)) == os.path.abspath(os.path.join(out_dir, kind))
+        Image.fromarray(picture).save(target)
+    return {"path": res.path, "name": name, "status": "ok", "score": res.score,
+            "normalized_score": None if math.isnan(res.normalized_score) else res.normalized_score,
+            "is_anomalous": res.is_anomalous, **files, "error": None}
+
+
+def _summary_header(predictor: Predictor) -> dict:
+    cal = predictor.calibration
+    rng = predictor.heatmap_range()
+    return {
+        "source": predictor.source,
+        "runtime": predictor.runtime,
+        "threshold": {
+            "value": predictor.threshold if math.isfinite(predictor.threshold) else None,
+            "source": predictor.threshold_source,
+            "calibrated_value": cal.get("value") if cal.get("value") is not None and math.isfinite(
+                cal["value"]) else None,
+            "false_alarm_rate": cal.get("false_alarm_rate"),
+            "n_val": cal.get("n_val"),
+            "val_median": cal.get("val_median"),
+            "val_max": cal.get("val_max"),
+        },
+        "normalized_score": "(score - val_median) / (threshold - val_median): threshold at 1.0",
+        "heatmap_scale": ({"colormap": COLORMAP, "low": rng[0], "high": rng[1],
+                           "meaning": "fixed for all images: normalized score 0 -> low, 1 (threshold) -> middle, "
+                                      "2 -> high"} if rng is not None else
+                          {"colormap": COLORMAP, "low": None, "high": None,
+                           "meaning": "per image min..max (no calibrated threshold): not comparable"}),
+    }
+
+
+def _previous_records(out_dir: str, header: dict) -> dict[str, dict]:
+    """Records of an earlier run in ``out_dir`` with the same model, runtime and threshold; else none."""
+    path = os.path.join(out_dir, "summary.json")
+    if not os.path.isfile(path):
+        return {}
+    try:
+        with open(path) as f:
+            old = json.load(f)
+        same = (old.get("source") == header["source"] and old.get("runtime") == header["runtime"]
+                and old.get("threshold", {}).get("value") == header["threshold"]["value"])
+        return {r["path"]: r for r in old.get("results", [])} if same else {}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return {}
+
+
+def _done(out_dir: str, record: dict | None) -> bool:
+    return bool(record and record.get("status") == "ok"
+                and all(record.get(k) and os.path.isfile(os.path.join(out_dir, record[k])) for k in KINDS))
+
+
+def _write_summary(out_dir: str, header: dict, records: dict[str, dict], skipped: int = 0) -> dict:
+    results = sorted(records.values(), key=lambda r: r["path"])
+    ok = [r for r in results if r["status"] == "ok"]
+    summary = {**header, "counts": {"images": len(results), "ok": len(ok),
+                                    "error": len(results) - len(ok),
+                                    "anomalous": sum(bool(r["is_anomalous"]) for r in ok),
+                                    "skipped_this_run": skipped},
+               "results": results}
+    _atomic_write(os.path.join(out_dir, "summary.json"), lambda f: json.dump(summary, f, indent=1))
+
+    def write_csv(f):
+        writer = csv.DictWriter(f, fieldnames=SUMMARY_FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        for r in results:
+            writer.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in SUMMARY_FIELDS})
+
+    _atomic_write(os.path.join(out_dir, "summary.csv"), write_csv)
+    return summary
+
+
+def _atomic_write(path: str, write) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w", newline="") as f:
+        write(f)
+    os.replace(tmp, path)

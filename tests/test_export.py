@@ -1,0 +1,132 @@
+"""ONNX export: one graph (image -> score, anomaly map), dynamic batch, sidecar, parity with torch."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fastflow import __version__
+from fastflow.checkpoint import load_safe
+from fastflow.cli import main
+from fastflow.config import ModelConfig, TrainConfig
+from fastflow.data import load_samples
+from fastflow.demo import make_demo_dataset
+from fastflow.predict import Predictor
+from fastflow.train import train
+
+pytestmark = pytest.mark.export
+ort = pytest.importorskip("onnxruntime")
+
+# Float32 graphs of the same operations: measured differences are ~1e-6; 1e-4 leaves room for
+# different kernel choices (reduction order) between ONNX Runtime and torch without hiding real bugs.
+TOL = 1e-4
+
+
+def tiny_run(tmp_path_factory) -> tuple[str, str]:
+    """A 1-epoch 64x64 run on the synthetic texture set, trained once per session and shared by
+    test_predict and test_export (same code in both; the first to run trains): (run_dir, category_dir)."""
+    root = tmp_path_factory.getbasetemp() / "tiny_run"
+    data, run_dir = str(root / "data"), str(root / "run")
+    if not os.path.isfile(os.path.join(run_dir, "model.pt")):
+        cat = make_demo_dataset(data, n_train=16, n_test_good=2, n_test_defect=2)
+        train(ModelConfig(input_size=(64, 64)), TrainConfig(epochs=1, batch_size=8, val_fraction=0.3),
+              load_samples("mvtec", data, cat, "train"), run_dir, progress=False, log=lambda *a: None)
+    return run_dir, os.path.join(data, "texture")
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """A 1-epoch 64x64 run, exported with the CLI; returns (run_dir, onnx_path, test images folder)."""
+    run_dir, category_dir = tiny_run(tmp_path_factory)
+    onnx_path = str(tmp_path_factory.mktemp("export") / "model.onnx")
+    assert main(["export", run_dir, "--format", "onnx", "--output", onnx_path]) == 0
+    return run_dir, onnx_path, os.path.join(category_dir, "test")
+
+
+@pytest.fixture(scope="module")
+def torch_predictor(exported):
+    return Predictor.from_run(exported[0])
+
+
+def _images(folder: str) -> list[str]:
+    return sorted(os.path.join(d, f) for d, _, files in os.walk(folder) for f in files)
+
+
+def test_sidecar_describes_graph_preprocessing_and_threshold(exported):
+    run_dir, onnx_path, _ = exported
+    meta = json.load(open(onnx_path[:-5] + ".json"))
+    ckpt = load_safe(os.path.join(run_dir, "model.pt"))
+    assert meta["fastflow_version"] == __version__ and meta["onnx_file"] == "model.onnx"
+    assert [i["name"] for i in meta["inputs"]] == ["image"]
+    assert [o["name"] for o in meta["outputs"]] == ["score", "anomaly_map"]
+    assert meta["inputs"][0]["shape"] == ["batch", 3, 64, 64]
+    for key in ("input_size", "mean", "std", "resize"):
+        assert meta["preprocess"][key] == ckpt["preprocess"][key]
+    assert meta["threshold"]["value"] == pytest.approx(ckpt["threshold"]["value"])
+    assert meta["threshold"]["val_median"] == pytest.approx(ckpt["threshold"]["val_median"])
+    assert meta["parity"]["max_abs_diff_map"] < TOL
+
+
+def test_graph_has_named_io_dynamic_batch_and_no_threshold(exported):
+    import onnx
+
+    _, onnx_path, _ = exported
+    graph = onnx.load(onnx_path).graph
+    dims = lambda v: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]  # noqa: E731
+    assert [(v.name, dims(v)) for v in graph.input] == [("image", ["batch", 3, 64, 64])]
+    assert [(v.name, dims(v)) for v in graph.output] == [("score", ["batch"]),
+                                                         ("anomaly_map", ["batch", 1, 64, 64])]
+    # The decision is not baked in: no comparison node in the graph.
+    assert not {"Greater", "Less", "GreaterOrEqual"} & {n.op_type for n in graph.node}
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_onnx_runtime_matches_torch_on_real_images(exported, torch_predictor, batch):
+    _, onnx_path, test_dir = exported
+    images = _images(test_dir)[:batch]
+    torch_pred = torch_predictor
+    x = torch.stack([torch_pred.preprocess(Image.open(p)) for p in images]).numpy()
+    session = ort.InferenceSession(onnx_path, providers=["CPUExecutionProvider"])
+    score, amap = session.run(["score", "anomaly_map"], {"image": x})
+    assert score.shape == (batch,) and amap.shape == (batch, 1, 64, 64)
+    ref_score, ref_map = torch_pred.infer(x)
+    np.testing.assert_allclose(amap, ref_map, rtol=TOL, atol=TOL)
+    np.testing.assert_allclose(score, ref_score, rtol=TOL, atol=TOL)
+
+
+def test_predict_with_onnx_runtime(exported, torch_predictor, tmp_path):
+    run_dir, onnx_path, test_dir = exported
+    images = _images(test_dir)[:3]
+    via_onnx = Predictor.from_run(run_dir, runtime="onnx", onnx_path=onnx_path).predict(images)
+    via_torch = torch_predictor.predict(images)
+    for a, b in zip(via_onnx, via_torch):
+        assert a.score == pytest.approx(b.score, rel=TOL, abs=TOL) and a.is_anomalous == b.is_anomalous
+        np.testing.assert_allclose(a.anomaly_map, b.anomaly_map, rtol=TOL, atol=TOL)
+    out = tmp_path / "out"
+    assert main(["predict", run_dir, *images, "--output", str(out), "--runtime", "onnx", "--onnx", onnx_path,
+                 "--quiet"]) == 0
+    summary = json.load(open(out / "summary.json"))
+    assert summary["runtime"] == "onnx" and summary["counts"]["ok"] == 3
+    assert summary["threshold"]["source"] == "calibrated"
+    assert summary["threshold"]["value"] == pytest.approx(torch_predictor.threshold)
+
+
+def test_vit_backbone_and_blur_export(tmp_path):
+    """The ViT path (timm forward_intermediates) and the reflect-padded blur trace into ONNX."""
+    import timm
+
+    from fastflow.backbones import BackboneSpec, FeatureExtractor
+    from fastflow.export import ScoreAndMap, _export, check_parity
+    from fastflow.model import FastFlow
+
+    torch.manual_seed(0)
+    spec = BackboneSpec("vit_tiny", "vit_tiny_patch16_224", "vit", (1,))
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=64, depth=2)
+    model = FastFlow(ModelConfig("deit_base_distilled_patch16_384", (64, 64), flow_steps=2, hidden_ratio=0.16,
+                                 smoothing_sigma=4.0), backbone=FeatureExtractor(spec, vit)).eval()
+    path = str(tmp_path / "vit.onnx")
+    _export(ScoreAndMap(model), torch.randn(2, 3, 64, 64), path, 18, "torchscript")
+    assert check_parity(path, model, batch=3)["max_abs_diff_map"] < TOL

@@ -206,7 +206,11 @@ class FeatureExtractor(nn.Module):
         try:
             feats = self(torch.zeros(1, 3, *input_size))
         except Exception as e:
-            raise ValueError(f"backbone {self.name} cannot take input size {tuple(input_size)}: {e}") from e
+            native = getattr(getattr(self.model, "patch_embed", None), "img_size", None)
+            hint = f"use --input-size {native[0]},{native[1]}" if native else "use a larger --input-size"
+            raise ValueError(f"backbone {self.name} cannot take input size {tuple(input_size)}: "
+                             f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}; "
+                             f"{hint}") from e
         return [tuple(int(s) for s in f.shape[1:]) for f in feats]
 
 

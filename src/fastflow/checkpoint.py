@@ -29,6 +29,7 @@ import torch
 from . import __version__
 
 FORMAT = 1
+REQUIRED = ("model_config", "train_config", "preprocess", "state")  # dict fields every checkpoint has
 
 
 class CheckpointError(RuntimeError):
@@ -73,4 +74,8 @@ def load_safe(path: str) -> dict[str, Any]:
             f"{path}: checkpoint format {obj['format']} (written by fastflow {obj.get('version', '?')}) is not "
             f"readable by fastflow {__version__} (format {FORMAT}); retrain with this version"
         )
+    missing = [k for k in REQUIRED if not isinstance(obj.get(k), dict)]
+    if missing:
+        raise CheckpointError(f"{path}: incomplete checkpoint (no {', '.join(missing)}); retrain, or use the "
+                              f"model.pt that fastflow train wrote")
     return obj

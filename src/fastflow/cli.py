@@ -61,7 +61,12 @@ def _categories(args) -> list[str]:
         if not cats:
             raise ValueError(f"no categories found under {args.data!r} for format {args.format!r}")
         return cats
-    return [c for c in args.category.split(",") if c]
+    cats = [c for c in args.category.split(",") if c]
+    paths = [c for c in cats if c in (".", "..") or "/" in c or os.sep in c]
+    if paths:  # a name becomes a sub-folder of --output: it must not point elsewhere
+        raise ValueError(f"--category takes folder names, not paths: got {', '.join(paths)}; put the parent "
+                         f"folder in --data and the name in --category")
+    return cats
 
 
 def _positive(kind):
@@ -84,7 +89,10 @@ def _region(text: str) -> tuple[float, float, float, float]:
 
 
 def _size(text: str) -> tuple[int, int]:
-    parts = [int(p) for p in text.replace("x", ",").split(",") if p]
+    try:
+        parts = [int(p) for p in text.replace("x", ",").split(",") if p]
+    except ValueError:
+        parts = []
     if len(parts) == 1:
         parts = parts * 2
     if len(parts) != 2 or min(parts) < 16:
@@ -92,9 +100,16 @@ def _size(text: str) -> tuple[int, int]:
     return tuple(parts)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line (subcommand parsers inherit the class)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n")
+
+
 # -- commands ---------------------------------------------------------------------------------
 def _build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fastflow", description=__doc__.split("\n")[0])
+    parser = _Parser(prog="fastflow", description=__doc__.split("\n")[0])
     parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -203,11 +218,19 @@ def cmd_train(args) -> int:
     from .train import train
 
     if args.resume:
-        with open(_run_file(args.resume)) as f:
-            saved = json.load(f)
-        model_cfg = from_dict(ModelConfig, saved["model_config"])
-        train_cfg = from_dict(TrainConfig, saved["train_config"])
-        data = saved["data"]
+        path = _run_file(args.resume)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path} not found: --resume takes a run folder written by "
+                                    f"fastflow train --output RUN_DIR")
+        try:
+            with open(path) as f:
+                saved = json.load(f)
+            model_cfg = from_dict(ModelConfig, saved["model_config"])
+            train_cfg = from_dict(TrainConfig, saved["train_config"])
+            data = saved["data"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{path} is corrupt or from another version ({type(e).__name__}: {e}); "
+                             f"start a new run with --output") from e
         samples = load_samples(data["format"], data["root"], data["category"], "train", **data["options"])
         res = train(model_cfg, train_cfg, samples, args.resume, weights=saved["weights"], resume=True,
                     progress=not args.quiet)

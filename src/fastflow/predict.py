@@ -230,12 +230,25 @@ def colorize(amap: np.ndarray, low: float, high: float, cmap: str = COLORMAP) ->
     """(H, W) map -> (H, W, 3) uint8 colours; values clipped to [low, high]."""
     import matplotlib
 
-    scaled = np.clip((amap - low) / max(high - low, 1e-12), 0.0, 1.0)
-    return (matplotlib.colormaps[cmap](scaled)[..., :3] * 255).round().astype(np.uint8)
+    colours = matplotlib.colormaps[cmap]
+    out = np.empty((*amap.shape, 3), dtype=np.uint8)
+    for rows in _row_blocks(amap.shape):  # float64 RGBA per block only: bounded memory for huge images
+        scaled = np.clip((amap[rows] - low) / max(high - low, 1e-12), 0.0, 1.0)
+        out[rows] = (colours(scaled)[..., :3] * 255).round().astype(np.uint8)
+    return out
 
 
 def overlay(rgb: np.ndarray, heat: np.ndarray, alpha: float = OVERLAY_ALPHA) -> np.ndarray:
-    return (rgb.astype(np.float32) * (1 - alpha) + heat.astype(np.float32) * alpha).round().astype(np.uint8)
+    out = np.empty_like(rgb, dtype=np.uint8)
+    for rows in _row_blocks(rgb.shape[:2]):
+        out[rows] = (rgb[rows].astype(np.float32) * (1 - alpha) + heat[rows].astype(np.float32) * alpha).round()
+    return out
+
+
+def _row_blocks(shape: tuple[int, ...], pixels: int = 1 << 22) -> list[slice]:
+    """Row slices of about ``pixels`` pixels each (at least one row)."""
+    step = max(1, pixels // max(shape[1], 1))
+    return [slice(r, r + step) for r in range(0, shape[0], step)]
 
 
 # -- inputs and output names -----------------------------------------------------------------------
@@ -322,6 +335,7 @@ def output_names(paths: list[Path], taken: dict[str, str] | None = None) -> dict
 SUMMARY_FIELDS = ["path", "status", "score", "normalized_score", "is_anomalous", "heatmap", "overlay", "mask",
                   "error"]
 KINDS = ("heatmap", "overlay", "mask")
+PIXEL_BUDGET = 1 << 24  # full-size images held at once (16M pixels): a batch of large images is split
 
 
 def predict_to_folder(predictor: Predictor, inputs: list[str], out_dir: str, batch_size: int = 16,
@@ -356,14 +370,17 @@ def predict_to_folder(predictor: Predictor, inputs: list[str], out_dir: str, bat
         bar = tqdm(total=len(todo), desc="predict", unit="img", dynamic_ncols=True)
     for start in range(0, len(todo), batch_size):
         chunk = todo[start:start + batch_size]
-        loaded = []
-        for p in chunk:
+        loaded, pixels = [], 0
+        for i, p in enumerate(chunk):
             try:
                 loaded.append((np.asarray(load_image(p)), str(p)))
+                pixels += loaded[-1][0].shape[0] * loaded[-1][0].shape[1]
             except DatasetError as e:
                 records[str(p)] = {"path": str(p), "name": names[str(p)], "status": "error", "error": str(e)}
-        for res, (rgb, _) in zip(predictor.predict_loaded(loaded, batch_size), loaded):
-            records[res.path] = _write_outputs(predictor, res, rgb, out_dir, names[res.path])
+            if loaded and (pixels >= PIXEL_BUDGET or i == len(chunk) - 1):  # large images: fewer at once
+                for res, (rgb, _) in zip(predictor.predict_loaded(loaded, batch_size), loaded):
+                    records[res.path] = _write_outputs(predictor, res, rgb, out_dir, names[res.path])
+                loaded, pixels = [], 0
         _write_summary(out_dir, header, records)
         if bar is not None:
             bar.update(len(chunk))

@@ -194,15 +194,25 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, samples: list[Sample],
     start_epoch, history = 0, []
     best = {"epoch": -1, "val_nll": math.inf, "state": None}
     ckpt_path = os.path.join(run_dir, "checkpoint.pt")
-    if resume:
+    for name in os.listdir(run_dir):  # left by a run killed while saving (see save_atomic)
+        if name.startswith(".tmp-") and name.endswith(".pt"):
+            os.unlink(os.path.join(run_dir, name))
+    if resume and not os.path.isfile(ckpt_path):
+        log(f"no checkpoint in {run_dir} yet (stopped during the first epoch): starting from epoch 1")
+    elif resume:
         state = load_safe(ckpt_path)
         if state.get("model_config") != to_dict(model_cfg) or state.get("train_config") != to_dict(train_cfg):
             raise CheckpointError(f"{ckpt_path}: its config differs from this run's; resume with the same "
                                   f"options, or start a new run folder")
-        model.load_state_dict(state["state"], strict=False)
-        opt.load_state_dict(state["optimizer"])
-        start_epoch, history = state["epoch"] + 1, json.loads(state["history"])
-        best = {"epoch": state["best_epoch"], "val_nll": state["best_val_nll"], "state": state["best_state"]}
+        try:
+            model.load_state_dict(state["state"], strict=False)
+            opt.load_state_dict(state["optimizer"])
+            start_epoch, history = state["epoch"] + 1, json.loads(state["history"])
+            best = {"epoch": state["best_epoch"], "val_nll": state["best_val_nll"], "state": state["best_state"]}
+            torch.set_rng_state(state["rng_state"])  # augmentation draws continue as without the stop
+        except (KeyError, ValueError, RuntimeError, TypeError) as e:
+            raise CheckpointError(f"{ckpt_path} is not a complete training checkpoint ({type(e).__name__}: {e}); "
+                                  f"start a new run folder") from e
         log(f"resuming {run_dir} at epoch {start_epoch + 1}/{train_cfg.epochs}")
 
     bar = None
@@ -238,6 +248,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, samples: list[Sample],
         save_atomic(build_checkpoint(model, train_cfg, weights, None, {
             "epoch": epoch, "optimizer": opt.state_dict(), "history": json.dumps(history),
             "best_epoch": best["epoch"], "best_val_nll": best["val_nll"], "best_state": best["state"],
+            "rng_state": torch.get_rng_state(),
         }), ckpt_path)
         if bar is not None:
             bar.set_postfix({k: f"{v:.3f}" for k, v in row.items() if k.endswith("nll")})

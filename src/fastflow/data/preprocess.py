@@ -31,12 +31,16 @@ def _open(path: str | Path, what: str) -> Image.Image:
     try:
         image = Image.open(path)
         image.load()
+        ImageOps.exif_transpose(image, in_place=True)  # in place: no second full-size copy
     except UnidentifiedImageError as err:
         raise DatasetError(f"{what} {path} is not an image Pillow can read; "
                            f"convert it to PNG/JPEG or delete it") from err
+    except Image.DecompressionBombError as err:
+        raise DatasetError(f"{what} {path} is too large to open safely ({err}); downscale it, or raise "
+                           f"PIL.Image.MAX_IMAGE_PIXELS if you trust the file") from err
     except (OSError, SyntaxError, ValueError) as err:
         raise DatasetError(f"{what} {path} is truncated or corrupt ({err}); re-export it or delete it") from err
-    return ImageOps.exif_transpose(image)
+    return image
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -57,7 +61,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
     if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         rgba = image.convert("RGBA")
         image = Image.alpha_composite(Image.new("RGBA", rgba.size, (0, 0, 0, 255)), rgba)
-    return image.convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")  # no copy of a large RGB image
 
 
 def load_image(path: str | Path) -> Image.Image:

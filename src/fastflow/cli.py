@@ -3,6 +3,7 @@
     fastflow train    --data ROOT --category NAME [--format mvtec|btad|folder|mtd|cifar10] \\
                       [--backbone efficientnet_lite0] [--epochs N] --output RUN_DIR
     fastflow train    --resume RUN_DIR
+    torchrun --nproc_per_node N -m fastflow train ...   (several processes; see distributed.py)
     fastflow evaluate RUN_DIR --data ROOT --category NAME [--output metrics.json] [--report] [--misalign]
     fastflow predict  RUN_DIR IMAGE_OR_FOLDER... --output OUT_DIR [--threshold T] [--runtime torch|onnx]
     fastflow export   RUN_DIR --format onnx [--output model.onnx]
@@ -204,7 +205,7 @@ def _configs(args) -> tuple[ModelConfig, TrainConfig, int]:
     overrides = {"input_size": args.input_size, "flow_steps": args.flow_steps, "hidden_ratio": args.hidden_ratio,
                  "kernels": args.kernels, "anomaly_map": args.anomaly_map, "smoothing_sigma": args.smoothing_sigma}
     m = replace(m, **{k: v for k, v in overrides.items() if v is not None})
-    t = TrainConfig(epochs=args.epochs if args.epochs is not None else preset.epochs)
+    t = replace(preset.train, epochs=args.epochs if args.epochs is not None else preset.epochs)
     overrides = {"batch_size": args.batch_size, "lr": args.lr, "weight_decay": args.weight_decay,
                  "grad_clip": args.grad_clip, "val_fraction": args.val_fraction,
                  "false_alarm_rate": args.false_alarm_rate, "seed": args.seed}
@@ -214,7 +215,18 @@ def _configs(args) -> tuple[ModelConfig, TrainConfig, int]:
 
 
 def cmd_train(args) -> int:
+    from .distributed import init_from_env, shutdown
+
+    dist = init_from_env()  # SINGLE unless started by torchrun with several processes
+    try:
+        return _train(args, dist)
+    finally:
+        shutdown()
+
+
+def _train(args, dist) -> int:
     from .data import load_samples
+    from .distributed import SINGLE
     from .train import train
 
     if args.resume:
@@ -233,33 +245,48 @@ def cmd_train(args) -> int:
                              f"start a new run with --output") from e
         samples = load_samples(data["format"], data["root"], data["category"], "train", **data["options"])
         res = train(model_cfg, train_cfg, samples, args.resume, weights=saved["weights"], resume=True,
-                    progress=not args.quiet)
-        print(f"resumed and finished {args.resume}: best epoch {res.best_epoch}, threshold {res.threshold:.4f}")
+                    progress=not args.quiet, dist=dist)
+        if dist.is_main:
+            print(f"resumed and finished {args.resume}: best epoch {res.best_epoch}, threshold {res.threshold:.4f}")
         return 0
     if not args.data or not args.category or not args.output:
         raise ValueError("train needs --data, --category and --output (or --resume RUN_DIR)")
     model_cfg, train_cfg, _ = _configs(args)
     categories = _categories(args)
     opts = _data_options(args)
-    summary = {}
-    for cat in categories:
+    mine, cat_dist = categories, dist  # each category sharded over all ranks, one after the other ...
+    if dist.world > 1 and len(categories) >= dist.world:  # ... or whole categories round-robin over ranks
+        mine, cat_dist = dist.owned(categories), SINGLE
+    rows = {}
+    for cat in mine:
         run_dir = args.output if len(categories) == 1 else os.path.join(args.output, cat)
         samples = load_samples(args.format, args.data, cat, "train", **opts)
-        os.makedirs(run_dir, exist_ok=True)
-        with open(_run_file(run_dir), "w") as f:
-            json.dump({"model_config": to_dict(model_cfg), "train_config": to_dict(train_cfg), "weights": args.weights,
-                       "data": {"format": args.format, "root": os.path.abspath(args.data), "category": cat,
-                                "options": opts}}, f, indent=1)
-        print(f"[{cat}] training {model_cfg.backbone} on {len(samples)} normal images -> {run_dir}")
-        res = train(model_cfg, train_cfg, samples, run_dir, weights=args.weights, progress=not args.quiet)
-        print(f"[{cat}] done in {res.train_seconds:.1f} s: best epoch {res.best_epoch}, "
-              f"val NLL {res.best_val_nll if res.best_val_nll is None else round(res.best_val_nll, 4)} nats/dim, "
-              f"threshold {res.threshold:.4f}")
+        say = print if cat_dist.is_main else (lambda *a, **k: None)
+        where = f" (rank {dist.rank} of {dist.world})" if cat_dist is not dist else ""
+        if cat_dist.is_main:
+            os.makedirs(run_dir, exist_ok=True)
+            with open(_run_file(run_dir), "w") as f:
+                json.dump({"model_config": to_dict(model_cfg), "train_config": to_dict(train_cfg),
+                           "weights": args.weights, "data": {"format": args.format, "root": os.path.abspath(args.data),
+                                                             "category": cat, "options": opts}}, f, indent=1)
+        say(f"[{cat}] training {model_cfg.backbone} on {len(samples)} normal images{where} -> {run_dir}")
+        res = train(model_cfg, train_cfg, samples, run_dir, weights=args.weights,
+                    progress=not args.quiet and dist.is_main, dist=cat_dist)
+        say(f"[{cat}] done in {res.train_seconds:.1f} s: best epoch {res.best_epoch}, "
+            f"val NLL {res.best_val_nll if res.best_val_nll is None else round(res.best_val_nll, 4)} nats/dim, "
+            f"threshold {res.threshold:.4f}")
+        if not cat_dist.is_main:
+            continue
+        rows[cat] = {"train": {"n_images": len(samples), "best_epoch": res.best_epoch, "best_val_nll": res.best_val_nll,
+                               "threshold": res.threshold, "seconds": round(res.train_seconds, 2),
+                               "ranks": [dist.rank] if cat_dist is not dist else list(range(dist.world))}}
         if args.evaluate:
-            summary[cat] = _evaluate_one(run_dir, args.format, args.data, cat, opts,
-                                         os.path.join(run_dir, "metrics.json"), 32, args.quiet)
-    if summary:
-        _print_summary(summary, args.output if len(categories) > 1 else None)
+            rows[cat].update(_evaluate_one(run_dir, args.format, args.data, cat, opts,
+                                           os.path.join(run_dir, "metrics.json"), 32, args.quiet))
+    gathered = {c: r for part in dist.gather_objects(rows) for c, r in part.items()}  # rank 0 has them all
+    rows = {c: gathered[c] for c in categories}
+    if dist.is_main and (args.evaluate or len(categories) > 1):
+        _print_summary(rows, args.output if len(categories) > 1 else None, args.evaluate)
     return 0
 
 
@@ -298,12 +325,20 @@ def _evaluate_one(run_dir, fmt, root, category, opts, output, batch_size, quiet,
     return metrics
 
 
-def _print_summary(rows: dict, folder: str | None) -> None:
+def _print_summary(rows: dict, folder: str | None, metrics: bool = True) -> None:
     from .evaluate import format_table, mean_row
 
-    if len(rows) > 1:
+    trained = {c: r["train"] for c, r in rows.items() if "train" in r}
+    if trained:  # from fastflow train: one line per category
+        print(f"{'category':<16}{'images':>8}{'best epoch':>12}{'val NLL':>10}{'threshold':>11}{'seconds':>9}  ranks")
+        for c, t in trained.items():
+            nll = "-" if t["best_val_nll"] is None else f"{t['best_val_nll']:.4f}"
+            print(f"{c:<16}{t['n_images']:>8}{t['best_epoch']:>12}{nll:>10}{t['threshold']:>11.4f}"
+                  f"{t['seconds']:>9.1f}  {','.join(map(str, t['ranks']))}")
+    if metrics and len(rows) > 1:
         rows = {**rows, "mean": mean_row(rows)}
-    print(format_table(rows))
+    if metrics:
+        print(format_table(rows))
     if folder:
         with open(os.path.join(folder, "summary.json"), "w") as f:
             json.dump(rows, f, indent=1)

@@ -6,7 +6,7 @@ The paper's presets (Section 4.7, Tables 5-7) are in ``PRESETS``; ``fastflow pre
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 
@@ -71,9 +71,18 @@ class TrainConfig:
 class Preset:
     name: str
     model: ModelConfig
-    epochs: int  # the preset's own default number of epochs
+    train: TrainConfig  # the preset's own training defaults (epochs included)
     reproduces: str  # what this preset should reproduce, and where the number comes from
-    train: TrainConfig = field(default_factory=TrainConfig)
+
+    @property
+    def epochs(self) -> int:
+        return self.train.epochs
+
+
+# EfficientNet-Lite presets (ours): batch 8 instead of the paper's 32 because on a ~200-image
+# category it gives 4x more optimiser steps for the same compute, and converged faster on bottle
+# (pixel AUROC 0.972 after 20 epochs at batch 8 vs 0.964 at batch 32; bench/README.md).
+_LITE_TRAIN = TrainConfig(epochs=20, batch_size=8)
 
 
 PRESETS: dict[str, Preset] = {
@@ -82,44 +91,44 @@ PRESETS: dict[str, Preset] = {
         Preset(
             "efficientnet_lite0",
             ModelConfig("efficientnet_lite0", (256, 256), flow_steps=8, hidden_ratio=1.0, kernels="3-3"),
-            epochs=40,
+            _LITE_TRAIN,
             reproduces="offline default; MVTec bottle, see README (measured on this project's machine)",
         ),
         Preset(
             "efficientnet_lite1",
             ModelConfig("efficientnet_lite1", (256, 256), flow_steps=8, hidden_ratio=1.0, kernels="3-3"),
-            epochs=40,
+            _LITE_TRAIN,
             reproduces="offline alternative to lite0 (larger backbone)",
         ),
         Preset(
             "efficientnet_lite2",
             ModelConfig("efficientnet_lite2", (256, 256), flow_steps=8, hidden_ratio=1.0, kernels="3-3"),
-            epochs=40,
+            _LITE_TRAIN,
             reproduces="offline alternative to lite0 (larger backbone)",
         ),
         Preset(
             "resnet18",
             ModelConfig("resnet18", (256, 256), flow_steps=8, hidden_ratio=1.0, kernels="3-3"),
-            epochs=500,
+            TrainConfig(epochs=500),
             reproduces="paper Table 1/5: MVTec AD mean (97.9, 97.2); 4.9M additional parameters",
         ),
         Preset(
             "wide_resnet50_2",
             ModelConfig("wide_resnet50_2", (256, 256), flow_steps=8, hidden_ratio=1.0, kernels="3-1"),
-            epochs=500,
+            TrainConfig(epochs=500),
             reproduces="paper Table 1/5: MVTec AD mean (99.3, 98.1); 41.3M additional parameters",
         ),
         Preset(
             "deit",
             ModelConfig("deit_base_distilled_patch16_384", (384, 384), flow_steps=20, hidden_ratio=0.16,
                         kernels="3-1"),
-            epochs=500,
+            TrainConfig(epochs=500),
             reproduces="paper Table 1/5: MVTec AD mean (98.7, 98.1); 14.8M additional parameters",
         ),
         Preset(
             "cait",
             ModelConfig("cait_m48_448", (448, 448), flow_steps=20, hidden_ratio=0.16, kernels="3-1"),
-            epochs=500,
+            TrainConfig(epochs=500),
             reproduces="paper Table 1/5: MVTec AD mean (99.4, 98.5); 14.8M additional parameters",
         ),
     ]

@@ -17,10 +17,10 @@ import time
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .config import TrainConfig, get_preset, replace
+from .config import get_preset, replace
 
 TEXTURE = "gravel"  # skimage.data.gravel(): 512x512 grayscale photograph, bundled with scikit-image
-CROP = 160
+CROP = 128
 
 
 def _texture() -> np.ndarray:
@@ -46,12 +46,12 @@ def _defect(img: Image.Image, kind: str, rng: np.random.Generator) -> tuple[Imag
         x0, y0 = rng.integers(s // 6, 5 * s // 6, size=2)
         angle, length = rng.uniform(0, np.pi), rng.integers(s // 5, s // 2)
         x1, y1 = x0 + length * np.cos(angle), y0 + length * np.sin(angle)
-        width = int(rng.integers(2, 5))
+        width = int(rng.integers(3, 6))
         draw.line([(x0, y0), (x1, y1)], fill=shade, width=width)
         mdraw.line([(x0, y0), (x1, y1)], fill=255, width=width)
     else:
         cx, cy = rng.integers(s // 5, 4 * s // 5, size=2)
-        r = int(rng.integers(5, 12))
+        r = int(rng.integers(6, 12))
         draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=shade)
         mdraw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=255)
     return img, mask
@@ -92,7 +92,7 @@ def run_demo(output: str, epochs: int | None = None, progress: bool = True, log=
     cat = make_demo_dataset(data_root)
     preset = get_preset("efficientnet_lite0")
     model_cfg = replace(preset.model, input_size=(CROP, CROP))
-    train_cfg = TrainConfig(epochs=epochs or 15, batch_size=16)
+    train_cfg = replace(preset.train, epochs=epochs or preset.train.epochs)
     run_dir = os.path.join(output, "run")
     res = train(model_cfg, train_cfg, load_samples("mvtec", data_root, cat, "train"), run_dir, progress=progress,
                 log=log)

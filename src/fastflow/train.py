@@ -9,6 +9,10 @@ image scores calibrate the decision threshold. The test set never steers trainin
 The backbone is frozen, so without augmentation its features are computed once and reused every
 epoch (``cache_features``): exactly the same model, several times faster.
 
+Under torchrun the same function trains one model on several processes (``dist``): each rank
+caches and runs the flow on its own fixed share of the images and the gradients are summed over
+ranks, exactly as one process with the same global batch; see distributed.py.
+
 A run folder holds:
     model.pt        the selected model, self-describing (see checkpoint.py), with its threshold
     checkpoint.pt   the last epoch's full training state, for ``--resume``
@@ -31,6 +35,7 @@ from . import __version__
 from .checkpoint import FORMAT, CheckpointError, load_safe, save_atomic
 from .config import ModelConfig, TrainConfig, from_dict, to_dict
 from .data import AnomalyDataset, Preprocess, Sample, check_readable
+from .distributed import SINGLE, Dist
 from .metrics import threshold_at_fpr
 from .model import FastFlow
 
@@ -56,12 +61,15 @@ def split_validation(samples: list[Sample], fraction: float, seed: int) -> tuple
 
 
 @torch.inference_mode()
-def extract_features(model: FastFlow, dataset: AnomalyDataset, batch_size: int) -> list[torch.Tensor]:
-    """Backbone features of every image: list over levels of (N, C_i, H_i, W_i)."""
+def extract_features(model: FastFlow, dataset: AnomalyDataset | None, batch_size: int) -> list[torch.Tensor]:
+    """Backbone features of every image: list over levels of (N, C_i, H_i, W_i) (N = 0 for no dataset)."""
+    device = next(model.parameters()).device
+    if dataset is None:
+        return [torch.empty(0, c, h, w, device=device) for c, h, w in model.feature_shapes]
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
     levels: list[list[torch.Tensor]] = []
     for batch in loader:
-        feats = model.extract(batch["image"])
+        feats = model.extract(batch["image"].to(device))
         if not levels:
             levels = [[] for _ in feats]
         for store, f in zip(levels, feats):
@@ -70,28 +78,44 @@ def extract_features(model: FastFlow, dataset: AnomalyDataset, batch_size: int) 
 
 
 class FeatureSource:
-    """Batches of backbone features for training: cached once, or recomputed (augmentation on)."""
+    """Batches of backbone features for training: cached once, or recomputed (augmentation on).
 
-    def __init__(self, model: FastFlow, dataset: AnomalyDataset, cache: bool, batch_size: int):
-        self.model, self.dataset, self.batch_size = model, dataset, batch_size
+    Sharded (``dist.world`` > 1): of the ``n`` images, image i belongs to rank i % world, and
+    ``dataset`` holds only this rank's (``dist.owned(samples)``; None when it owns none).
+    """
+
+    def __init__(self, model: FastFlow, dataset: AnomalyDataset | None, cache: bool, batch_size: int,
+                 n: int | None = None, dist: Dist = SINGLE):
+        self.model, self.dataset, self.batch_size, self.dist = model, dataset, batch_size, dist
+        self.n = len(dataset) if n is None else n
         self.cached = extract_features(model, dataset, batch_size) if cache else None
 
     def __len__(self) -> int:
-        return len(self.dataset)
+        return self.n
 
-    def batches(self, epoch: int, seed: int, shuffle: bool = True):
-        n = len(self.dataset)
+    def steps(self, epoch: int, seed: int, shuffle: bool = True):
+        """Per global batch: (this rank's features of it, or None if it owns none of it; batch size)."""
+        n, world = self.n, self.dist.world
         if shuffle:  # the order depends only on (seed, epoch): a resumed run sees the same batches
             order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
         else:
             order = torch.arange(n)
         for start in range(0, n, self.batch_size):
             idx = order[start:start + self.batch_size]
-            if self.cached is not None:
-                yield [level[idx] for level in self.cached]
+            mine = idx[idx % world == self.dist.rank] // world if world > 1 else idx  # positions in the shard
+            if len(mine) == 0:
+                yield None, len(idx)
+            elif self.cached is not None:
+                yield [level[mine.to(level.device)] for level in self.cached], len(idx)
             else:
-                images = torch.stack([self.dataset[int(i)]["image"] for i in idx])
-                yield self.model.extract(images)
+                images = torch.stack([self.dataset[int(i)]["image"] for i in mine])
+                yield self.model.extract(images.to(self.dist.device)), len(idx)
+
+    def batches(self, epoch: int, seed: int, shuffle: bool = True):
+        """This rank's features of each batch (all of each batch in a single process)."""
+        for feats, _ in self.steps(epoch, seed, shuffle):
+            if feats is not None:
+                yield feats
 
 
 @dataclass
@@ -117,14 +141,20 @@ def _mean_nll(model: FastFlow, source: FeatureSource) -> float:
         out = model.forward_features(feats)
         total += out.nll_per_dim.item() * feats[0].shape[0]
         count += feats[0].shape[0]
+    if source.dist.world > 1:
+        total, count = source.dist.all_reduce_sum(
+            torch.tensor([total, count], dtype=torch.float64, device=source.dist.device)).tolist()
     return total / max(count, 1)
 
 
 @torch.inference_mode()
 def _scores(model: FastFlow, source: FeatureSource) -> np.ndarray:
+    """Image scores of every image of ``source`` (gathered from all ranks when sharded)."""
     model.eval()
     size = model.config.input_size
-    return np.concatenate([model.forward_features(f, size).score.numpy() for f in source.batches(0, 0, False)])
+    parts = [model.forward_features(f, size).score.cpu().numpy() for f in source.batches(0, 0, False)]
+    parts = [p for rank_parts in source.dist.gather_objects(parts) for p in rank_parts]
+    return np.concatenate(parts)
 
 
 def build_checkpoint(model: FastFlow, train_cfg: TrainConfig, weights: str, threshold: dict | None,
@@ -170,23 +200,38 @@ def model_from_checkpoint(ckpt: dict) -> FastFlow:
 
 def train(model_cfg: ModelConfig, train_cfg: TrainConfig, samples: list[Sample], run_dir: str,
           weights: str = "pretrained", resume: bool = False, progress: bool = True,
-          log=print) -> TrainResult:
-    """Train FastFlow on normal ``samples`` and write the run folder ``run_dir``."""
+          log=print, dist: Dist = SINGLE) -> TrainResult:
+    """Train FastFlow on normal ``samples`` and write the run folder ``run_dir``.
+
+    ``dist``: this process's place in a torchrun job (``distributed.init_from_env()``); every rank
+    calls ``train`` with the same arguments, rank 0 logs and writes the files.
+    """
     if not samples:
         raise TrainingError("no normal training images: nothing to learn from")
     check_readable(samples)  # every unreadable file at once, before any training
     torch.manual_seed(train_cfg.seed)
     np.random.seed(train_cfg.seed)
-    model = FastFlow(model_cfg, weights=weights)
+    model = FastFlow(model_cfg, weights=weights).to(dist.device)
     pre = preprocess_for(model)
     fit_samples, val_samples = split_validation(samples, train_cfg.val_fraction, train_cfg.seed)
     os.makedirs(run_dir, exist_ok=True)
+    if dist.world > 1:
+        dist.broadcast_(list(model.state_dict().values()))  # identical start on every rank, whatever the init
+        torch.manual_seed(train_cfg.seed + 1000003 * dist.rank)  # each rank its own augmentation draws
+        np.random.seed(train_cfg.seed + 1000003 * dist.rank)
+        if not dist.is_main:
+            log, progress = (lambda *a, **k: None), False
+
+    def shard(items: list[Sample], augment: bool = False) -> AnomalyDataset | None:
+        mine = dist.owned(items)
+        return AnomalyDataset(mine, pre, augment=augment) if mine else None
 
     t_start = time.perf_counter()
     cache = train_cfg.cache_features and not train_cfg.augment
-    fit = FeatureSource(model, AnomalyDataset(fit_samples, pre, augment=train_cfg.augment), cache,
-                        train_cfg.batch_size)
-    val = FeatureSource(model, AnomalyDataset(val_samples, pre), True, train_cfg.batch_size) if val_samples else None
+    fit = FeatureSource(model, shard(fit_samples, train_cfg.augment), cache, train_cfg.batch_size,
+                        len(fit_samples), dist)
+    val = FeatureSource(model, shard(val_samples), True, train_cfg.batch_size, len(val_samples),
+                        dist) if val_samples else None
     t_features = time.perf_counter() - t_start
 
     params = model.trainable_parameters()
@@ -194,7 +239,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, samples: list[Sample],
     start_epoch, history = 0, []
     best = {"epoch": -1, "val_nll": math.inf, "state": None}
     ckpt_path = os.path.join(run_dir, "checkpoint.pt")
-    for name in os.listdir(run_dir):  # left by a run killed while saving (see save_atomic)
+    for name in os.listdir(run_dir) if dist.is_main else []:  # left by a run killed while saving (save_atomic)
         if name.startswith(".tmp-") and name.endswith(".pt"):
             os.unlink(os.path.join(run_dir, name))
     if resume and not os.path.isfile(ckpt_path):
@@ -209,7 +254,8 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, samples: list[Sample],
             opt.load_state_dict(state["optimizer"])
             start_epoch, history = state["epoch"] + 1, json.loads(state["history"])
             best = {"epoch": state["best_epoch"], "val_nll": state["best_val_nll"], "state": state["best_state"]}
-            torch.set_rng_state(state["rng_state"])  # augmentation draws continue as without the stop
+            rng = state.get("rng_states", [state["rng_state"]])
+            torch.set_rng_state(rng[dist.rank] if len(rng) == dist.world else rng[0])  # augmentation draws
         except (KeyError, ValueError, RuntimeError, TypeError) as e:
             raise CheckpointError(f"{ckpt_path} is not a complete training checkpoint ({type(e).__name__}: {e}); "
                                   f"start a new run folder") from e
@@ -224,19 +270,24 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, samples: list[Sample],
         t0 = time.perf_counter()
         model.train()
         total, count = 0.0, 0
-        for step, feats in enumerate(fit.batches(epoch, train_cfg.seed)):
-            out = model.forward_features(feats)
-            if not torch.isfinite(out.loss):
+        for step, (feats, n_batch) in enumerate(fit.steps(epoch, train_cfg.seed)):
+            opt.zero_grad(set_to_none=True)
+            if dist.world > 1:
+                finite, nll_sum = _sharded_backward(model, feats, n_batch, params, dist)
+            else:
+                out = model.forward_features(feats)
+                finite, nll_sum = bool(torch.isfinite(out.loss)), out.nll_per_dim.item() * n_batch
+            if not finite:
                 raise TrainingError(
                     f"non-finite loss at epoch {epoch + 1}, step {step + 1}; the last good checkpoint is "
                     f"{ckpt_path}. Lower the learning rate (--lr) or the gradient clip (--grad-clip)")
-            opt.zero_grad(set_to_none=True)
-            out.loss.backward()
+            if dist.world == 1:
+                out.loss.backward()
             if train_cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(params, train_cfg.grad_clip * _per_image_dims(model))
             opt.step()
-            total += out.nll_per_dim.item() * feats[0].shape[0]
-            count += feats[0].shape[0]
+            total += nll_sum
+            count += n_batch
         row = {"epoch": epoch + 1, "train_nll": total / count, "seconds": time.perf_counter() - t0}
         if val is not None:
             row["val_nll"] = _mean_nll(model, val)
@@ -245,11 +296,13 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, samples: list[Sample],
         else:
             best = {"epoch": epoch, "val_nll": math.inf, "state": _trainable_state(model)}
         history.append(row)
-        save_atomic(build_checkpoint(model, train_cfg, weights, None, {
-            "epoch": epoch, "optimizer": opt.state_dict(), "history": json.dumps(history),
-            "best_epoch": best["epoch"], "best_val_nll": best["val_nll"], "best_state": best["state"],
-            "rng_state": torch.get_rng_state(),
-        }), ckpt_path)
+        extra = {"rng_states": dist.gather_objects(torch.get_rng_state())} if dist.world > 1 else {}
+        if dist.is_main:
+            save_atomic(build_checkpoint(model, train_cfg, weights, None, {
+                "epoch": epoch, "optimizer": opt.state_dict(), "history": json.dumps(history),
+                "best_epoch": best["epoch"], "best_val_nll": best["val_nll"], "best_state": best["state"],
+                "rng_state": torch.get_rng_state(), **extra,
+            }), ckpt_path)
         if bar is not None:
             bar.set_postfix({k: f"{v:.3f}" for k, v in row.items() if k.endswith("nll")})
             bar.update(1)
@@ -258,16 +311,36 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, samples: list[Sample],
 
     model.load_state_dict(best["state"], strict=False)
     threshold = calibrate_threshold(model, val, train_cfg.false_alarm_rate)
-    save_atomic(build_checkpoint(model, train_cfg, weights, threshold, {
-        "best_epoch": best["epoch"] + 1, "best_val_nll": None if math.isinf(best["val_nll"]) else best["val_nll"],
-        "n_fit": len(fit_samples), "n_val": len(val_samples),
-    }), os.path.join(run_dir, "model.pt"))
     seconds = time.perf_counter() - t_start
-    with open(os.path.join(run_dir, "history.json"), "w") as f:
-        json.dump({"history": history, "feature_cache_seconds": t_features, "train_seconds": seconds,
-                   "cache_features": cache, "best_epoch": best["epoch"] + 1}, f, indent=1)
+    ranks = {}
+    if dist.world > 1:  # what each rank held: its share of the images (and of the feature cache)
+        ranks = {"world_size": dist.world, "images_per_rank": dist.gather_objects(len(fit.dataset) if fit.dataset else 0)}
+    if dist.is_main:
+        save_atomic(build_checkpoint(model, train_cfg, weights, threshold, {
+            "best_epoch": best["epoch"] + 1, "best_val_nll": None if math.isinf(best["val_nll"]) else best["val_nll"],
+            "n_fit": len(fit_samples), "n_val": len(val_samples),
+        }), os.path.join(run_dir, "model.pt"))
+        with open(os.path.join(run_dir, "history.json"), "w") as f:
+            json.dump({"history": history, "feature_cache_seconds": t_features, "train_seconds": seconds,
+                       "cache_features": cache, "best_epoch": best["epoch"] + 1, **ranks}, f, indent=1)
+    dist.barrier()  # the run folder is complete when train returns, on every rank
     return TrainResult(run_dir, best["epoch"] + 1, None if math.isinf(best["val_nll"]) else best["val_nll"],
                        threshold["value"], len(history), seconds, history)
+
+
+def _sharded_backward(model: FastFlow, feats: list[torch.Tensor] | None, n_batch: int,
+                      params: list[torch.nn.Parameter], dist: Dist) -> tuple[bool, float]:
+    """Leave in each ``p.grad`` the gradient of the global batch's mean loss, from this rank's share
+    ``feats`` (None: none of this batch) and the other ranks'. Returns (loss finite, summed nll_per_dim
+    over the batch's images), the same on every rank."""
+    loss_sum, nll_sum = 0.0, 0.0
+    if feats is not None:
+        out = model.forward_features(feats)
+        k = feats[0].shape[0]
+        (out.loss * (k / n_batch)).backward()  # sum of this rank's per-image NLLs / global batch size
+        loss_sum, nll_sum = out.loss.item() * k, out.nll_per_dim.item() * k
+    loss_sum, nll_sum = dist.sum_gradients(params, [loss_sum, nll_sum])
+    return math.isfinite(loss_sum), nll_sum
 
 
 def _per_image_dims(model: FastFlow) -> float:

@@ -135,3 +135,12 @@ def test_user_mistakes_are_one_line_errors(dataset, tmp_path, capsys):
     assert "nope" in err and "texture" in err and "Traceback" not in err
     assert main(["evaluate", str(tmp_path / "missing"), "--data", dataset, "--category", "texture"]) == 2
     assert "not found" in capsys.readouterr().err
+
+
+def test_top_level_predictor_api(run):
+    import fastflow
+
+    image = np.full((50, 70, 3), 128, np.uint8)
+    result = fastflow.Predictor.from_run(run).predict(image)
+    assert result.anomaly_map.shape == (50, 70) and isinstance(result.is_anomalous, bool)
+    assert np.isfinite(result.score)

@@ -166,3 +166,12 @@ def test_misaligned_real_items_keep_the_dataset_contract(evaluated):
     assert len(data) == 4 * len(samples)
     assert item["image"].shape == (3, 64, 64) and item["mask"].shape == (1, 64, 64)
     assert item["label"] == samples[-1].label and item["path"] == samples[-1].path
+
+
+def test_misalign_fills_uncovered_pixels_with_the_images_border_colour():
+    from fastflow.misalign import Affine, apply_affine
+
+    image = torch.full((3, 20, 20), -1.0)  # a dark background ...
+    image[:, 5:15, 5:15] = 0.8  # ... around a bright part
+    moved, _ = apply_affine(image, torch.zeros(1, 20, 20), Affine(0.0, (6, 0), 1.0))
+    assert torch.allclose(moved[:, :, :6], torch.full((3, 20, 6), -1.0))  # not a grey 0-filled band

@@ -134,8 +134,8 @@ def markdown(rows: list[dict]) -> str:
         share = r.get("load", {}).get("others_share")
         lines.append(
             f"| {r['preset']} | {r['input_size'][0]} | {r['params_backbone_M']:.1f} | {r['params_flow_M']:.2f} | "
-            f"{r['params_norm_M']:.2f} | {r['latency_b1_ms']:.1f} | {r['fps_b1']:.1f} | "
-            f"{r[f'throughput_b{batch}_ips']:.1f} @ {batch} | {r['additional_b1_ms']:.1f} | "
+            f"{r['params_norm_M']:.2f} | {r['latency_b1_ms']:.1f} | {r['fps_b1']:.3g} | "
+            f"{r[f'throughput_b{batch}_ips']:.3g} @ {batch} | {r['additional_b1_ms']:.1f} | "
             f"{r['additional_over_backbone']:.2f} | {r['peak_memory_MiB']:.0f} | {r.get('reps', '')} | "
             f"{'' if share is None else f'{share:.2f}'} |")
     return "\n".join(lines)

@@ -11,11 +11,8 @@ from PIL import Image
 from fastflow import __version__
 from fastflow.checkpoint import load_safe
 from fastflow.cli import main
-from fastflow.config import ModelConfig, TrainConfig
-from fastflow.data import load_samples
-from fastflow.demo import make_demo_dataset
+from fastflow.config import ModelConfig
 from fastflow.predict import Predictor
-from fastflow.train import train
 
 pytestmark = pytest.mark.export
 ort = pytest.importorskip("onnxruntime")
@@ -25,22 +22,10 @@ ort = pytest.importorskip("onnxruntime")
 TOL = 1e-4
 
 
-def tiny_run(tmp_path_factory) -> tuple[str, str]:
-    """A 1-epoch 64x64 run on the synthetic texture set, trained once per session and shared by
-    test_predict and test_export (same code in both; the first to run trains): (run_dir, category_dir)."""
-    root = tmp_path_factory.getbasetemp() / "tiny_run"
-    data, run_dir = str(root / "data"), str(root / "run")
-    if not os.path.isfile(os.path.join(run_dir, "model.pt")):
-        cat = make_demo_dataset(data, n_train=16, n_test_good=2, n_test_defect=2)
-        train(ModelConfig(input_size=(64, 64)), TrainConfig(epochs=1, batch_size=8, val_fraction=0.3),
-              load_samples("mvtec", data, cat, "train"), run_dir, progress=False, log=lambda *a: None)
-    return run_dir, os.path.join(data, "texture")
-
-
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
+def exported(tmp_path_factory, tiny_run):
     """A 1-epoch 64x64 run, exported with the CLI; returns (run_dir, onnx_path, test images folder)."""
-    run_dir, category_dir = tiny_run(tmp_path_factory)
+    run_dir, category_dir = tiny_run
     onnx_path = str(tmp_path_factory.mktemp("export") / "model.onnx")
     assert main(["export", run_dir, "--format", "onnx", "--output", onnx_path]) == 0
     return run_dir, onnx_path, os.path.join(category_dir, "test")

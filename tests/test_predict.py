@@ -10,29 +10,13 @@ import pytest
 from PIL import Image
 
 from fastflow.cli import main
-from fastflow.config import ModelConfig, TrainConfig
-from fastflow.data import load_samples
-from fastflow.demo import make_demo_dataset
 from fastflow.predict import Predictor, collect_inputs, output_names
-from fastflow.train import train
-
-
-def tiny_run(tmp_path_factory) -> tuple[str, str]:
-    """A 1-epoch 64x64 run on the synthetic texture set, trained once per session and shared by
-    test_predict and test_export (same code in both; the first to run trains): (run_dir, category_dir)."""
-    root = tmp_path_factory.getbasetemp() / "tiny_run"
-    data, run_dir = str(root / "data"), str(root / "run")
-    if not os.path.isfile(os.path.join(run_dir, "model.pt")):
-        cat = make_demo_dataset(data, n_train=16, n_test_good=2, n_test_defect=2)
-        train(ModelConfig(input_size=(64, 64)), TrainConfig(epochs=1, batch_size=8, val_fraction=0.3),
-              load_samples("mvtec", data, cat, "train"), run_dir, progress=False, log=lambda *a: None)
-    return run_dir, os.path.join(data, "texture")
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
+def run(tiny_run):
     """(run_dir, category folder of the synthetic set)."""
-    return tiny_run(tmp_path_factory)
+    return tiny_run
 
 
 @pytest.fixture(scope="module")

@@ -199,7 +199,7 @@ def _version() -> str:
     return f"fastflow {__version__}"
 
 
-def _configs(args) -> tuple[ModelConfig, TrainConfig, int]:
+def _configs(args) -> tuple[ModelConfig, TrainConfig]:
     preset = get_preset(args.backbone or "efficientnet_lite0")
     m = preset.model
     overrides = {"input_size": args.input_size, "flow_steps": args.flow_steps, "hidden_ratio": args.hidden_ratio,
@@ -211,7 +211,7 @@ def _configs(args) -> tuple[ModelConfig, TrainConfig, int]:
                  "false_alarm_rate": args.false_alarm_rate, "seed": args.seed}
     t = replace(t, augment=args.augment, cache_features=not args.no_cache,
                 **{k: v for k, v in overrides.items() if v is not None})
-    return m, t, preset.epochs
+    return m, t
 
 
 def cmd_train(args) -> int:
@@ -251,7 +251,7 @@ def _train(args, dist) -> int:
         return 0
     if not args.data or not args.category or not args.output:
         raise ValueError("train needs --data, --category and --output (or --resume RUN_DIR)")
-    model_cfg, train_cfg, _ = _configs(args)
+    model_cfg, train_cfg = _configs(args)
     categories = _categories(args)
     opts = _data_options(args)
     mine, cat_dist = categories, dist  # each category sharded over all ranks, one after the other ...

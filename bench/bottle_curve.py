@@ -24,14 +24,24 @@ ap.add_argument("--steps", type=int, default=8); ap.add_argument("--ratio", type
 ap.add_argument("--kernels", default="3-3"); ap.add_argument("--epochs", type=int, default=40)
 ap.add_argument("--every", type=int, default=5); ap.add_argument("--lr", type=float, default=1e-3)
 ap.add_argument("--bs", type=int, default=32); ap.add_argument("--tag", default="x")
+ap.add_argument("--sched", default="const", choices=["const", "cosine"], help="learning-rate schedule")
+ap.add_argument("--pool", type=int, default=1, help="k x k average pooling (stride 1) of the cached features")
+ap.add_argument("--seed", type=int, default=0)
+ap.add_argument("--format", default="mvtec"); ap.add_argument("--data", default="/work/shared/data/mvtec_ad")
+ap.add_argument("--category", default="bottle")
+ap.add_argument("--norm-affine", default="train", choices=["train", "frozen"],
+                help="frozen: LayerNorm keeps weight 1 / bias 0 (no per-location parameters)")
+ap.add_argument("--wd", type=float, default=1e-5)
+ap.add_argument("--maps", default="", help="comma-separated maps to score (default: all)")
 a = ap.parse_args()
-torch.manual_seed(0)
+torch.manual_seed(a.seed)
 cfg = ModelConfig(a.backbone, (a.size, a.size), a.steps, a.ratio, a.kernels, smoothing_sigma=0)
 model = FastFlow(cfg)
 pre = Preprocess(cfg.input_size, model.backbone.mean, model.backbone.std)
-cache = f"/tmp/fastflow-bench-feat_{a.backbone}_{a.size}.pt"
-tr = load_samples("mvtec", "/work/shared/data/mvtec_ad", "bottle", "train")
-te = load_samples("mvtec", "/work/shared/data/mvtec_ad", "bottle", "test")
+cache = f"/tmp/fastflow-bench-feat_{a.backbone}_{a.size}.pt" if a.category == "bottle" else \
+    f"/tmp/fastflow-bench-feat_{a.category}_{a.backbone}_{a.size}.pt"
+tr = load_samples(a.format, a.data, a.category, "train")
+te = load_samples(a.format, a.data, a.category, "test")
 fit_s, val_s = split_validation(tr, 0.1, 0)
 if os.path.exists(cache):
     d = torch.load(cache)
@@ -42,9 +52,18 @@ else:
          "test": extract_features(model, dte, 32),
          "masks": torch.stack([dte[i]["mask"][0] > 0.5 for i in range(len(dte))]), "labels": torch.tensor([s.label for s in te])}
     torch.save(d, cache); print("features", time.time() - t, flush=True)
+if a.pool > 1:
+    pool = lambda f: F.avg_pool2d(f, a.pool, 1, a.pool // 2, count_include_pad=False)
+    d = {k: ([pool(f) for f in v] if k in ("fit", "val", "test") else v) for k, v in d.items()}
 masks = d["masks"].numpy(); labels = d["labels"].numpy()
-opt = torch.optim.Adam(model.trainable_parameters(), lr=a.lr, weight_decay=1e-5)
+if a.norm_affine == "frozen":
+    for p_ in model.norms.parameters():
+        p_.requires_grad_(False)
+opt = torch.optim.Adam([p_ for p_ in model.trainable_parameters() if p_.requires_grad], lr=a.lr, weight_decay=a.wd)
 N = d["fit"][0].shape[0]
+steps_total = a.epochs * math.ceil(N / a.bs)
+sched = torch.optim.lr_scheduler.LambdaLR(opt, (lambda i: 0.5 * (1 + math.cos(math.pi * i / steps_total)))
+                                          if a.sched == "cosine" else (lambda i: 1.0))
 def maps_of(feats):
     out = {}
     with torch.inference_mode():
@@ -56,7 +75,16 @@ def maps_of(feats):
         ref = torch.stack([F.interpolate(-torch.exp(-0.5 * z.pow(2).mean(1, keepdim=True)), size=size, mode="bilinear") for z in zs]).mean(0)
         ll = torch.stack([F.interpolate(((0.5 * z.pow(2).sum(1) - ld) / z.shape[1] + 0.5 * LOG_2PI).unsqueeze(1), size=size, mode="bilinear") for z, ld in zip(zs, lds)]).mean(0)
         out["ref"] = ref; out["ll"] = ll
-        out["ref_s4"] = gaussian_blur(ref, 4); out["ll_s4"] = gaussian_blur(ll, 4)
+        out["ref_s4"] = gaussian_blur(ref, 4)
+        for sg in (2, 4, 8):
+            out[f"ll_s{sg}"] = gaussian_blur(ll, sg)
+        lvl = [F.interpolate(((0.5 * z.pow(2).sum(1) - ld) / z.shape[1] + 0.5 * LOG_2PI).unsqueeze(1), size=size,
+                             mode="bilinear") for z, ld in zip(zs, lds)]
+        for name, idx in (("L0", [0]), ("L1", [1]), ("L2", [2]), ("L01", [0, 1]), ("L12", [1, 2]), ("L02", [0, 2])):
+            if max(idx) < len(lvl):  # single levels and pairs, sigma-4 blur: which level localises
+                out[name] = gaussian_blur(torch.stack([lvl[i] for i in idx]).mean(0), 4)
+        for sg in (2, 6, 8):
+            out[f"L01_s{sg}"] = gaussian_blur(torch.stack(lvl[:2]).mean(0), sg)
         nll = sum((0.5 * z.pow(2).flatten(1).sum(1) - ld.flatten(1).sum(1)) for z, ld in zip(zs, lds))
         dims = sum(z[0].numel() for z in zs)
         out["_nll"] = float(nll.mean() / dims + 0.5 * LOG_2PI)
@@ -67,7 +95,7 @@ def evaluate(ep):
     for i in range(0, len(labels), bs):
         m = maps_of([f[i:i+bs] for f in d["test"]])
         for k, v in m.items():
-            if k.startswith("_"): continue
+            if k.startswith("_") or (a.maps and k not in a.maps.split(",")): continue
             allm.setdefault(k, []).append(v[:, 0].numpy())
     val_nll = maps_of(d["val"])["_nll"]
     row = {"epoch": ep, "val_nll": round(val_nll, 4)}
@@ -82,7 +110,7 @@ for ep in range(1, a.epochs + 1):
     for s in range(0, N, a.bs):
         idx = perm[s:s + a.bs]
         out = model.forward_features([f[idx] for f in d["fit"]])
-        opt.zero_grad(); out.loss.backward(); opt.step()
+        opt.zero_grad(); out.loss.backward(); opt.step(); sched.step()
     if ep % a.every == 0 or ep == 1:
         print("epoch", ep, "time", round(time.time() - t0, 1), flush=True)
         evaluate(ep)

@@ -29,6 +29,39 @@ def test_vit_feature_map_shape():
     assert fe.feature_shapes((384, 384)) == [(768, 24, 24)]
 
 
+def test_unused_efficientnet_blocks_are_dropped_without_changing_features():
+    import timm
+
+    fe = build_backbone("efficientnet_lite0", "random")
+    full = timm.create_model("tf_efficientnet_lite0", features_only=True, out_indices=(1, 2, 3)).eval()
+    full.load_state_dict(fe.model.state_dict(), strict=False)  # the stride-32 blocks keep their random init
+    assert len(fe.model.blocks) == 5 < len(full.blocks) == 7  # stride-32 stages never run
+    x = torch.randn(1, 3, 96, 64)
+    with torch.no_grad():
+        for ours, ref in zip(fe(x), full(x), strict=True):
+            assert torch.equal(ours, ref)
+
+
+def test_levels_override_the_registered_feature_levels():
+    fe = build_backbone("efficientnet_lite0", "random", levels=(1, 2))
+    assert fe.channels == [24, 40] and fe.strides == [4, 8]
+    assert len(fe.model.blocks) == 3  # nothing after the stride-8 stage is built into the forward
+
+
+def test_vit_blocks_after_the_used_one_are_pruned_without_changing_features():
+    import timm
+
+    torch.manual_seed(0)
+    full = timm.create_model("deit_base_distilled_patch16_384", pretrained=False).eval()
+    fe = build_backbone("deit_base_distilled_patch16_384", "random")
+    fe.model.load_state_dict(full.state_dict(), strict=False)
+    assert len(fe.model.blocks) == 8 < len(full.blocks) == 12  # block index 7 is the last one used
+    x = torch.randn(1, 3, 384, 384)
+    with torch.no_grad():
+        ref = full.forward_intermediates(x, indices=[7], norm=True, output_fmt="NCHW", intermediates_only=True)
+        assert torch.equal(fe(x)[0], ref[0])
+
+
 def test_backbone_is_frozen_and_stays_in_eval_mode():
     fe = build_backbone("efficientnet_lite0", "random")
     assert not any(p.requires_grad for p in fe.parameters())

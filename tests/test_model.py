@@ -98,3 +98,23 @@ def test_presets_json_reports_reference_parameter_counts(capsys):
     assert rows["deit"]["levels"][0]["shape"] == [768, 24, 24]
     assert rows["cait"]["levels"][0]["shape"] == [768, 28, 28]
     assert [lv["stride"] for lv in rows["efficientnet_lite0"]["levels"]] == [4, 8, 16]
+
+
+def test_levels_choose_the_flows_and_survive_serialisation():
+    import argparse
+
+    from fastflow.cli import _levels
+    from fastflow.config import from_dict, to_dict
+
+    cfg = ModelConfig(input_size=(64, 64), levels=[1, 2])
+    assert cfg.levels == (1, 2)
+    model = FastFlow(cfg, weights="random")
+    assert len(model.flows) == 2 and [s[0] for s in model.feature_shapes] == [24, 40]
+    assert model(torch.randn(1, 3, 64, 64)).anomaly_map.shape == (1, 1, 64, 64)
+    assert from_dict(ModelConfig, json.loads(json.dumps(to_dict(cfg)))) == cfg
+    assert from_dict(ModelConfig, {k: v for k, v in to_dict(ModelConfig()).items() if k != "levels"}).levels is None
+    with pytest.raises(ValueError, match="levels"):
+        ModelConfig(levels=(2, 1))
+    assert _levels("1,2") == (1, 2)
+    with pytest.raises(argparse.ArgumentTypeError, match="levels"):
+        _levels("2,1")

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -184,6 +184,8 @@ class FeatureExtractor(nn.Module):
             self.channels = list(info.channels())
             self.strides = list(info.reduction())
         else:
+            # Blocks after the last one used never run, and the classifier head goes (timm's own pruning).
+            model.prune_intermediate_layers(list(spec.indices), prune_norm=False, prune_head=True)
             self.model = model
             self.channels = [int(model.embed_dim)]
             self.strides = [int(model.patch_embed.patch_size[0])]
@@ -221,6 +223,11 @@ def _features_only(spec: BackboneSpec, full: nn.Module) -> nn.Module:
     feats = timm.create_model(spec.timm_name, pretrained=False, features_only=True, out_indices=spec.indices)
     missing, _unused_head = feats.load_state_dict(full.state_dict(), strict=False)
     assert not missing, f"features_only {spec.timm_name} has keys the full model lacks: {missing[:5]}"
+    # timm's EfficientNet feature extractor runs every block, even those after the last stage returned
+    # (a third of lite0's compute at strides 4/8/16); drop them. ResNets are truncated by timm already.
+    stage_ends = getattr(feats, "_stage_out_idx", None)
+    if stage_ends and isinstance(getattr(feats, "blocks", None), nn.Sequential):
+        feats.blocks = feats.blocks[:max(stage_ends)]  # keys: block number + 1
     return feats
 
 
@@ -229,7 +236,14 @@ def build_classifier(name: str, weights: str = "pretrained") -> nn.Module:
     return _create_timm(get_spec(name), weights).eval()
 
 
-def build_backbone(name: str, weights: str = "pretrained") -> FeatureExtractor:
-    """The frozen feature extractor registered as ``name``; see the module docstring for ``weights``."""
+def build_backbone(name: str, weights: str = "pretrained", levels: tuple[int, ...] | None = None
+                   ) -> FeatureExtractor:
+    """The frozen feature extractor registered as ``name``; see the module docstring for ``weights``.
+
+    ``levels`` overrides the registered feature levels: timm ``out_indices`` for a CNN (1: stride 4,
+    2: stride 8, 3: stride 16, ...), the block index for a ViT.
+    """
     spec = get_spec(name)
+    if levels:
+        spec = replace(spec, indices=tuple(int(i) for i in levels))
     return FeatureExtractor(spec, _create_timm(spec, weights))

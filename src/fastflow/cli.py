@@ -101,6 +101,16 @@ def _size(text: str) -> tuple[int, int]:
     return tuple(parts)
 
 
+def _levels(text: str) -> tuple[int, ...]:
+    try:
+        levels = tuple(int(p) for p in text.split(",") if p.strip())
+    except ValueError:
+        levels = ()
+    if not levels or min(levels) < 0 or list(levels) != sorted(set(levels)):
+        raise argparse.ArgumentTypeError(f"levels must be increasing integers like 1,2,3, got {text!r}")
+    return levels
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse whose usage errors are one line (subcommand parsers inherit the class)."""
 
@@ -130,6 +140,8 @@ def _build_parser() -> argparse.ArgumentParser:
     t.add_argument("--flow-steps", type=int, default=None)
     t.add_argument("--hidden-ratio", type=float, default=None)
     t.add_argument("--kernels", choices=["3-1", "3-3"], default=None)
+    t.add_argument("--levels", type=_levels, default=None,
+                   help="backbone feature levels, one flow each (CNN: 1=stride 4, 2=stride 8, 3=stride 16)")
     t.add_argument("--anomaly-map", choices=["loglik", "reference"], default=None)
     t.add_argument("--smoothing-sigma", type=float, default=None)
     t.add_argument("--augment", action="store_true", help="paper Section 6.2 augmentation (flips, rotation)")
@@ -203,7 +215,8 @@ def _configs(args) -> tuple[ModelConfig, TrainConfig]:
     preset = get_preset(args.backbone or "efficientnet_lite0")
     m = preset.model
     overrides = {"input_size": args.input_size, "flow_steps": args.flow_steps, "hidden_ratio": args.hidden_ratio,
-                 "kernels": args.kernels, "anomaly_map": args.anomaly_map, "smoothing_sigma": args.smoothing_sigma}
+                 "kernels": args.kernels, "anomaly_map": args.anomaly_map, "smoothing_sigma": args.smoothing_sigma,
+                 "levels": args.levels}
     m = replace(m, **{k: v for k, v in overrides.items() if v is not None})
     t = replace(preset.train, epochs=args.epochs if args.epochs is not None else preset.epochs)
     overrides = {"batch_size": args.batch_size, "lr": args.lr, "weight_decay": args.weight_decay,

@@ -20,6 +20,9 @@ class ModelConfig:
     clamp: float = 2.0  # soft clamp of the log-scale, as in FrEIA AllInOneBlock (reference code)
     anomaly_map: str = "loglik"  # "loglik": true per-location NLL (log-det included); "reference": peers'
     smoothing_sigma: float = 4.0  # Gaussian blur (pixels, at input size) of the map; 0 disables it
+    # Backbone feature levels, one flow each. CNN: timm out_indices (1 = stride 4, 2 = stride 8,
+    # 3 = stride 16); ViT: the block index. None: the backbone's registered default (backbones.py).
+    levels: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         size = self.input_size
@@ -36,6 +39,11 @@ class ModelConfig:
             raise ValueError(f"kernels must be '3-1' or '3-3', got {self.kernels!r}")
         if self.anomaly_map not in ("loglik", "reference"):
             raise ValueError(f"anomaly_map must be 'loglik' or 'reference', got {self.anomaly_map!r}")
+        if self.levels is not None:
+            levels = (self.levels,) if isinstance(self.levels, int) else tuple(int(i) for i in self.levels)
+            if not levels or min(levels) < 0 or list(levels) != sorted(set(levels)):
+                raise ValueError(f"levels must be increasing non-negative integers, got {self.levels!r}")
+            object.__setattr__(self, "levels", levels)
         if self.smoothing_sigma < 0:
             raise ValueError(f"smoothing_sigma must be >= 0, got {self.smoothing_sigma}")
 
@@ -149,6 +157,8 @@ def to_dict(cfg: Any) -> dict:
     d = asdict(cfg)
     if "input_size" in d:
         d["input_size"] = list(d["input_size"])
+    if d.get("levels") is not None:
+        d["levels"] = list(d["levels"])
     return d
 
 

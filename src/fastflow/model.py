@@ -83,7 +83,7 @@ class FastFlow(nn.Module):
                  backbone: FeatureExtractor | None = None):
         super().__init__()
         self.config = config
-        self.backbone = backbone if backbone is not None else build_backbone(config.backbone, weights)
+        self.backbone = backbone if backbone is not None else build_backbone(config.backbone, weights, config.levels)
         # Shapes come from real feature maps at the configured input size, never from stride arithmetic.
         shapes = self.backbone.feature_shapes(config.input_size)
         self.feature_shapes = shapes  # list of (C_i, H_i, W_i)

@@ -232,7 +232,9 @@ def cmd_train(args) -> int:
 
     dist = init_from_env()  # SINGLE unless started by torchrun with several processes
     try:
-        return _train(args, dist)
+        rc = _train(args, dist)
+        dist.barrier()  # no rank leaves the group while another may still be in a collective
+        return rc
     finally:
         shutdown()
 

@@ -97,8 +97,9 @@ def bottle_batch(model, n: int) -> torch.Tensor:
     return torch.stack(out).contiguous()
 
 
-def lite0_model(kernels: str | None = None, backbone=None):
-    """The efficientnet_lite0 preset's model (pretrained backbone, fresh flows), in eval mode."""
+def lite0_model(kernels: str | None = None, backbone=None, **overrides):
+    """The efficientnet_lite0 preset's model (pretrained backbone, fresh flows), in eval mode;
+    ``overrides``: ModelConfig fields (hidden_ratio=1.0, ...)."""
     from dataclasses import replace
 
     from fastflow.config import get_preset
@@ -106,7 +107,9 @@ def lite0_model(kernels: str | None = None, backbone=None):
 
     cfg = get_preset("efficientnet_lite0").model
     if kernels:
-        cfg = replace(cfg, kernels=kernels)
+        overrides["kernels"] = kernels
+    if overrides:
+        cfg = replace(cfg, **overrides)
     return FastFlow(cfg, weights="pretrained", backbone=backbone).eval()
 
 

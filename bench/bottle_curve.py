@@ -1,12 +1,18 @@
-"""Accuracy vs epochs on MVTec bottle for the anomaly-map variants (an experiment, not the product path).
+"""Accuracy vs epochs for model and map variants (an experiment, not the product path).
 
-    .venv/bin/python bench/bottle_curve.py --epochs 40 --every 5 --bs 32 > bench/results/bottle_curve_b32.log
+    .venv/bin/python bench/bottle_curve.py --bs 8 --epochs 20 --every 10 --ratio 0.5 > bench/results/curves/r05.log
+    .venv/bin/python bench/bottle_curve.py --format mtd --data ../shared/data/magnetic_tile --category magnetic_tile ...
 
 Caches the backbone features of the training split (minus the 10% validation hold-out, exactly as
-`fastflow train` splits it) and of the test split once, trains the flows, and every few epochs prints
-the validation NLL and (image AUROC, pixel AUROC, AUPRO) on the test split for four maps: the
-reference map (`ref`, anomalib's), the log-likelihood map (`ll`), and both with a sigma-4 Gaussian
-blur (`_s4`). The test split is only *reported* here; it selects nothing inside training.
+`fastflow train` splits it) and of the test split once, trains the flows (Adam, no gradient clip), and
+every few epochs prints the validation NLL and (image AUROC, pixel AUROC, AUPRO) on the test split for
+several maps: `ref` (anomalib's reference map), `ll` (log-likelihood, log-det included), `ll_sN`
+(with a sigma-N Gaussian blur), `L0`/`L1`/`L2` (one level alone, sigma 4) and `L01`, `L12`, `L02`
+(pairs), `L01_sN`. Flows of different levels share no parameters and Adam is per parameter, so a
+level's map here is the map a model built with only that level (`--levels`) would give.
+`--maps` restricts what is scored; `--ratio`, `--kernels`, `--steps`, `--size`, `--sched cosine`,
+`--pool K` (k x k average of the features), `--norm-affine frozen` are the variants measured in
+bench/README.md. The test split is only *reported* here; it selects nothing inside training.
 """
 import sys, time, json, os, math
 import numpy as np, torch

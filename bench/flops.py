@@ -1,4 +1,4 @@
-"""FLOPs of the efficientnet_lite0 preset's parts at batch 1 (torch.utils.flop_counter), 3-3 vs 3-1 kernels.
+"""FLOPs of the efficientnet_lite0 preset's parts at batch 1 (torch.utils.flop_counter), and of flow variants.
 
     .venv/bin/python bench/flops.py
 
@@ -26,6 +26,8 @@ def gflops(fn) -> float:
 
 
 def main() -> None:
+    import timm
+
     torch.set_num_threads(2)
     out = {}
     base = C.lite0_model()
@@ -33,11 +35,20 @@ def main() -> None:
     with torch.inference_mode():
         feats = base.extract(x)
         out["backbone_GFLOPs"] = round(gflops(lambda: base.extract(x)), 3)
-        for k in ("3-3", "3-1"):
-            m = C.lite0_model(k, backbone=base.backbone)
-            out[f"additional_{k}_GFLOPs"] = round(gflops(lambda: m.forward_features(feats, (256, 256))), 3)
-            out[f"ratio_{k}"] = round(out[f"additional_{k}_GFLOPs"] / out["backbone_GFLOPs"], 3)
-            out[f"trainable_params_{k}"] = m.parameter_counts()["trainable"]
+        # timm's features_only network runs every block, the stride-32 stages included; ours stops
+        # after the last level used (backbones.py). The "untruncated" figure is what we ran before.
+        full = timm.create_model("tf_efficientnet_lite0", features_only=True, out_indices=(1, 2, 3)).eval()
+        out["backbone_untruncated_GFLOPs"] = round(gflops(lambda: full(x)), 3)
+        variants = {"preset": {}, "3-3_r1.0": {"kernels": "3-3", "hidden_ratio": 1.0},
+                    "3-1_r0.5": {"kernels": "3-1", "hidden_ratio": 0.5},
+                    "3-1_r1.0": {"kernels": "3-1", "hidden_ratio": 1.0}}
+        for name, over in variants.items():
+            m = C.lite0_model(backbone=base.backbone, **over)
+            out[f"additional_{name}_GFLOPs"] = round(gflops(lambda: m.forward_features(feats, (256, 256))), 3)
+            out[f"ratio_{name}"] = round(out[f"additional_{name}_GFLOPs"] / out["backbone_GFLOPs"], 3)
+            out[f"ratio_{name}_vs_untruncated"] = round(
+                out[f"additional_{name}_GFLOPs"] / out["backbone_untruncated_GFLOPs"], 3)
+            out[f"trainable_params_{name}"] = m.parameter_counts()["trainable"]
     print(json.dumps(out, indent=1))
     C.write_json(C.RESULTS / "flops.json", out)
 

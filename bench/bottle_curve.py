@@ -38,6 +38,7 @@ ap.add_argument("--category", default="bottle")
 ap.add_argument("--norm-affine", default="train", choices=["train", "frozen"],
                 help="frozen: LayerNorm keeps weight 1 / bias 0 (no per-location parameters)")
 ap.add_argument("--wd", type=float, default=1e-5)
+ap.add_argument("--skip-first", action="store_true", help="no evaluation after epoch 1")
 ap.add_argument("--maps", default="", help="comma-separated maps to score (default: all)")
 a = ap.parse_args()
 torch.manual_seed(a.seed)
@@ -117,6 +118,6 @@ for ep in range(1, a.epochs + 1):
         idx = perm[s:s + a.bs]
         out = model.forward_features([f[idx] for f in d["fit"]])
         opt.zero_grad(); out.loss.backward(); opt.step(); sched.step()
-    if ep % a.every == 0 or ep == 1:
+    if ep % a.every == 0 or (ep == 1 and not a.skip_first):
         print("epoch", ep, "time", round(time.time() - t0, 1), flush=True)
         evaluate(ep)

@@ -39,10 +39,12 @@ def main() -> int:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", required=True, help="JSON file to write")
+    ap.add_argument("--keep", default=None, help="keep the run folders under this folder (default: temporary)")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     runs = []
     with tempfile.TemporaryDirectory(prefix="fastflow-seeds-") as tmp:
+        tmp = a.keep or tmp
         for seed in a.seeds:
             run_dir = os.path.join(tmp, f"seed{seed}")
             t0 = time.perf_counter()

@@ -592,7 +592,7 @@ def test_non_finite_loss_stops_with_epoch_and_step_and_keeps_the_checkpoint(base
 def test_gradient_clipping_keeps_a_100x_learning_rate_finite(base, tmp_path):
     samples = load_samples("mvtec", str(base["data"]), "texture", "train")
     res = train(ModelConfig(input_size=(64, 64), flow_steps=2), TrainConfig(epochs=4, batch_size=4, lr=0.1,
-                                                                             val_fraction=0),
+                                                                             val_fraction=0, grad_clip=1.0),
                 samples, str(tmp_path / "run"), progress=False, log=lambda *a: None)
     nll = [h["train_nll"] for h in res.history]
     assert all(np.isfinite(nll)) and nll[-1] < nll[0]

@@ -135,7 +135,8 @@ def _build_parser() -> argparse.ArgumentParser:
     t.add_argument("--batch-size", type=int, default=None)
     t.add_argument("--lr", type=float, default=None)
     t.add_argument("--weight-decay", type=float, default=None)
-    t.add_argument("--grad-clip", type=float, default=None)
+    t.add_argument("--grad-clip", type=float, default=None,
+                   help="max gradient norm per feature dimension (default 0 = off); e.g. 1 against spikes")
     t.add_argument("--input-size", type=_size, default=None, help="N or H,W (default: the preset's)")
     t.add_argument("--flow-steps", type=int, default=None)
     t.add_argument("--hidden-ratio", type=float, default=None)

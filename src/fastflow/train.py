@@ -280,7 +280,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, samples: list[Sample],
             if not finite:
                 raise TrainingError(
                     f"non-finite loss at epoch {epoch + 1}, step {step + 1}; the last good checkpoint is "
-                    f"{ckpt_path}. Lower the learning rate (--lr) or the gradient clip (--grad-clip)")
+                    f"{ckpt_path}. Lower the learning rate (--lr) or clip the gradient (--grad-clip 1)")
             if dist.world == 1:
                 out.loss.backward()
             if train_cfg.grad_clip > 0:

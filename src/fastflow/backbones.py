@@ -199,7 +199,8 @@ class FeatureExtractor(nn.Module):
 
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
         if self.spec.kind == "cnn":
-            return list(self.model(images.contiguous(memory_format=torch.channels_last)))
+            # channels_last inside the backbone only: the flows ran 2x slower on channels_last maps.
+            return [f.contiguous() for f in self.model(images.contiguous(memory_format=torch.channels_last))]
         return self.model.forward_intermediates(
             images, indices=list(self.spec.indices), norm=True, output_fmt="NCHW", intermediates_only=True
         )

@@ -23,7 +23,7 @@ import os
 import sys
 from dataclasses import replace
 
-from .config import PRESETS, ModelConfig, TrainConfig, from_dict, get_preset, to_dict
+from .config import PRESETS, ModelConfig, TrainConfig, check_levels, from_dict, get_preset, to_dict
 
 
 # -- shared option groups ---------------------------------------------------------------------
@@ -103,12 +103,9 @@ def _size(text: str) -> tuple[int, int]:
 
 def _levels(text: str) -> tuple[int, ...]:
     try:
-        levels = tuple(int(p) for p in text.split(",") if p.strip())
-    except ValueError:
-        levels = ()
-    if not levels or min(levels) < 0 or list(levels) != sorted(set(levels)):
-        raise argparse.ArgumentTypeError(f"levels must be increasing integers like 1,2,3, got {text!r}")
-    return levels
+        return check_levels([p for p in text.split(",") if p.strip()], shown=repr(text))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 class _Parser(argparse.ArgumentParser):

@@ -10,6 +10,18 @@ from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 
+def check_levels(levels, shown: str | None = None) -> tuple[int, ...]:
+    """Feature levels as a tuple of increasing non-negative integers; ValueError (naming ``shown``, or
+    ``levels``) otherwise."""
+    try:
+        out = (int(levels),) if isinstance(levels, int) else tuple(int(i) for i in levels)
+    except (TypeError, ValueError):
+        out = ()
+    if not out or min(out) < 0 or list(out) != sorted(set(out)):
+        raise ValueError(f"levels must be increasing non-negative integers like 1,2,3, got {shown or repr(levels)}")
+    return out
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     backbone: str = "efficientnet_lite0"  # offline default; paper backbones need downloaded weights
@@ -40,10 +52,7 @@ class ModelConfig:
         if self.anomaly_map not in ("loglik", "reference"):
             raise ValueError(f"anomaly_map must be 'loglik' or 'reference', got {self.anomaly_map!r}")
         if self.levels is not None:
-            levels = (self.levels,) if isinstance(self.levels, int) else tuple(int(i) for i in self.levels)
-            if not levels or min(levels) < 0 or list(levels) != sorted(set(levels)):
-                raise ValueError(f"levels must be increasing non-negative integers, got {self.levels!r}")
-            object.__setattr__(self, "levels", levels)
+            object.__setattr__(self, "levels", check_levels(self.levels))
         if self.smoothing_sigma < 0:
             raise ValueError(f"smoothing_sigma must be >= 0, got {self.smoothing_sigma}")
 
@@ -177,4 +186,4 @@ def from_dict(cls: type, d: dict) -> Any:
     return cls(**d)
 
 
-__all__ = ["ModelConfig", "TrainConfig", "Preset", "PRESETS", "get_preset", "to_dict", "from_dict", "replace"]
+__all__ = ["check_levels", "ModelConfig", "TrainConfig", "Preset", "PRESETS", "get_preset", "to_dict", "from_dict", "replace"]

@@ -11,7 +11,7 @@ several maps: `ref` (anomalib's reference map), `ll` (log-likelihood, log-det in
 (pairs), `L01_sN`. Flows of different levels share no parameters and Adam is per parameter, so a
 level's map here is the map a model built with only that level (`--levels`) would give.
 `--maps` restricts what is scored; `--ratio`, `--kernels`, `--steps`, `--size`, `--sched cosine`,
-`--pool K` (k x k average of the features), `--norm-affine frozen` are the variants measured in
+`--pool K` (k x k average of the features), `--norm-affine frozen`, `--wd`, `--noise S` (training features + S x std x N(0,1)) are the variants measured in
 bench/README.md. The test split is only *reported* here; it selects nothing inside training.
 """
 import sys, time, json, os, math
@@ -38,7 +38,12 @@ ap.add_argument("--category", default="bottle")
 ap.add_argument("--norm-affine", default="train", choices=["train", "frozen"],
                 help="frozen: LayerNorm keeps weight 1 / bias 0 (no per-location parameters)")
 ap.add_argument("--wd", type=float, default=1e-5)
+ap.add_argument("--noise", type=float, default=0.0,
+                help="Gaussian noise (times each level's feature std) added to the training features each step")
 ap.add_argument("--skip-first", action="store_true", help="no evaluation after epoch 1")
+ap.add_argument("--no-aupro", action="store_true", help="skip AUPRO (slow on large test sets)")
+ap.add_argument("--image-scores", action="store_true",
+                help="also image AUROC with the mean of the top 1%% of the map and with the map's mean")
 ap.add_argument("--maps", default="", help="comma-separated maps to score (default: all)")
 a = ap.parse_args()
 torch.manual_seed(a.seed)
@@ -108,15 +113,25 @@ def evaluate(ep):
     row = {"epoch": ep, "val_nll": round(val_nll, 4)}
     for k, v in allm.items():
         v = np.concatenate(v)
-        row[k] = (round(image_auroc(v.reshape(len(v), -1).max(1), labels), 4), round(pixel_auroc(v, masks), 4), round(pixel_aupro(v, masks), 4))
+        flat = v.reshape(len(v), -1)
+        row[k] = (round(image_auroc(flat.max(1), labels), 4), round(pixel_auroc(v, masks), 4),
+                  None if a.no_aupro else round(pixel_aupro(v, masks), 4))
+        if a.image_scores:
+            top = np.sort(flat, axis=1)[:, -max(1, flat.shape[1] // 100):]
+            row[k + "_img_top1pct_mean"] = (round(image_auroc(top.mean(1), labels), 4),
+                                            round(image_auroc(flat.mean(1), labels), 4))
     print(json.dumps(row), flush=True)
+fstd = [float(f.std()) for f in d["fit"]]
 t0 = time.time()
 for ep in range(1, a.epochs + 1):
     model.train()
     perm = torch.randperm(N, generator=torch.Generator().manual_seed(ep))
     for s in range(0, N, a.bs):
         idx = perm[s:s + a.bs]
-        out = model.forward_features([f[idx] for f in d["fit"]])
+        feats = [f[idx] for f in d["fit"]]
+        if a.noise > 0:
+            feats = [f + a.noise * s_ * torch.randn_like(f) for f, s_ in zip(feats, fstd)]
+        out = model.forward_features(feats)
         opt.zero_grad(); out.loss.backward(); opt.step(); sched.step()
     if ep % a.every == 0 or (ep == 1 and not a.skip_first):
         print("epoch", ep, "time", round(time.time() - t0, 1), flush=True)

@@ -12,6 +12,8 @@ images and timing loop as bench/peer/anomalib_fastflow.py):
 * throughput at batch 32: ``--runs-b32`` rounds of one batch-32 forward each; 32 / median.
 * additional time (normalisation + flows + anomaly map; backbone excluded) vs backbone time at
   batch 1 (median of ``--runs-b1``), for the preset (3-3 kernels) and, for the report only, 3-1.
+* the torch path at batch 32 once more with the backbone's CPU micro-batching off
+  (``ours_torch_whole_batch``: the whole batch in one backbone forward), for the A/B of that change.
 * then, unless ``--no-peer-script``, bench/peer/anomalib_fastflow.py --train-epochs 0 as documented
   (its own JSON, a standalone cross-check of the worker's numbers).
 
@@ -59,6 +61,17 @@ def interleaved(contenders: dict, runs: int, blocks: int, peer: C.PeerWorker | N
     return times, loads
 
 
+def whole_batch(model, fn):
+    """``fn`` with the backbone's CPU micro-batching off (the whole batch in one forward), for the A/B."""
+    def run():
+        saved, model.backbone.cpu_micro_batch = model.backbone.cpu_micro_batch, 0
+        try:
+            return fn()
+        finally:
+            model.backbone.cpu_micro_batch = saved
+    return run
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--threads", type=int, default=2)
@@ -85,7 +98,8 @@ def main() -> None:
     try:
         x1, xb = C.bottle_batch(model, 1), C.bottle_batch(model, args.batch)
         b1 = {"ours_torch": C.torch_runner(model, x1), "ours_onnx": C.ort_runner(session, x1)}
-        bb = {"ours_torch": C.torch_runner(model, xb), "ours_onnx": C.ort_runner(session, xb)}
+        bb = {"ours_torch": C.torch_runner(model, xb), "ours_onnx": C.ort_runner(session, xb),
+              "ours_torch_whole_batch": whole_batch(model, C.torch_runner(model, xb))}
         for fn in b1.values():
             C.time_calls(fn, 5)
         peer.time(1, 5)
@@ -113,6 +127,7 @@ def main() -> None:
         tp, loadp = interleaved(parts, args.runs_b1, args.blocks, None, "", 1)
         featsb = model.extract(xb)
         parts_b = {"backbone": lambda: model.extract(xb),
+                   "backbone_whole_batch": whole_batch(model, lambda: model.extract(xb)),
                    "additional_3-3": lambda: model.forward_features(featsb, size),
                    "additional_3-1": lambda: model31.forward_features(featsb, size)}
         tpb, loadpb = interleaved(parts_b, 3, 3, None, "", 1)
@@ -143,6 +158,8 @@ def main() -> None:
     for name, tt in (("b1", tp), (f"b{args.batch}", tpb)):
         bk = statistics.median(tt["backbone"])
         add[name] = {"backbone_ms": round(1000 * bk, 2)}
+        if "backbone_whole_batch" in tt:
+            add[name]["backbone_whole_batch_ms"] = round(1000 * statistics.median(tt["backbone_whole_batch"]), 2)
         for k in ("3-3", "3-1"):
             a = statistics.median(tt[f"additional_{k}"])
             add[name][f"additional_{k}_ms"] = round(1000 * a, 2)
@@ -168,6 +185,9 @@ def markdown(r: dict, batch: int) -> str:
         s = sp[k]
         lines.append(f"| {k.replace('_', ' ')} | {lat[k]:.1f} | {s['latency_b1_speedup']:.2f}x | {thr[k]:.1f} | "
                      f"{s[f'throughput_b{batch}_speedup']:.2f}x | {'met' if s['meets_target'] else 'missed'} |")
+    if "ours_torch_whole_batch" in thr:
+        w = thr["ours_torch_whole_batch"]
+        lines.append(f"| ours torch, backbone not micro-batched | | | {w:.1f} | {w / thr['anomalib']:.2f}x | |")
     lines.append(f"| anomalib 2.7.0 | {lat['anomalib']:.1f} | 1 | {thr['anomalib']:.1f} | 1 | |")
     if "peer_script" in r:
         ps = r["peer_script"]
@@ -185,6 +205,10 @@ def markdown(r: dict, batch: int) -> str:
                      f"{a['additional_3-1_ms']:.1f} | {a['ratio_3-1']:.2f} | 3-3 "
                      f"{'met' if a['meets_target_3-3'] else 'missed'}, 3-1 "
                      f"{'met' if a['meets_target_3-1'] else 'missed'} |")
+        if "backbone_whole_batch_ms" in a:
+            lines.append(f"| {name}, backbone not micro-batched | {a['backbone_whole_batch_ms']:.1f} | | "
+                         f"{a['additional_3-3_ms'] / a['backbone_whole_batch_ms']:.2f} | | "
+                         f"{a['additional_3-1_ms'] / a['backbone_whole_batch_ms']:.2f} | |")
     return "\n".join(lines)
 
 

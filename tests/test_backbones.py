@@ -43,6 +43,19 @@ def test_unused_efficientnet_blocks_are_dropped_without_changing_features():
             assert torch.equal(ours, ref)
 
 
+def test_cpu_micro_batches_give_the_whole_batchs_features():
+    fe = build_backbone("efficientnet_lite0", "random")
+    x = torch.randn(5, 3, 64, 96)
+    with torch.no_grad():
+        fe.cpu_micro_batch = 2  # 2 + 2 + 1 images
+        chunked = fe(x)
+        fe.cpu_micro_batch = 0  # never split
+        whole = fe(x)
+    for a, b in zip(chunked, whole, strict=True):
+        assert a.shape == b.shape and a.is_contiguous()
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)  # oneDNN may pick other kernels per batch
+
+
 def test_levels_override_the_registered_feature_levels():
     fe = build_backbone("efficientnet_lite0", "random", levels=(1, 2))
     assert fe.channels == [24, 40] and fe.strides == [4, 8]

@@ -12,7 +12,7 @@ from fastflow.config import ModelConfig, TrainConfig
 from fastflow.data import load_samples
 from fastflow.demo import make_demo_dataset
 from fastflow.evaluate import load_run
-from fastflow.train import split_validation, train
+from fastflow.train import add_feature_noise, split_validation, train
 
 TINY = ["--input-size", "64", "--epochs", "2", "--batch-size", "4", "--quiet"]
 
@@ -36,6 +36,7 @@ def test_train_writes_a_self_describing_run(run):
     assert ckpt["model_config"]["input_size"] == [64, 64]
     assert ckpt["preprocess"]["mean"] == [0.5, 0.5, 0.5]  # EfficientNet-Lite expects [-1, 1]
     assert ckpt["train_config"]["epochs"] == 2 and ckpt["version"]
+    assert ckpt["train_config"]["feature_noise"] == 0.2  # the lite preset's noise regularisation
     assert np.isfinite(ckpt["threshold"]["value"]) and ckpt["threshold"]["n_val"] == 1
     history = json.load(open(f"{run}/history.json"))
     assert len(history["history"]) == 2 and all(np.isfinite(r["train_nll"]) for r in history["history"])
@@ -90,6 +91,40 @@ def test_same_seed_same_model(dataset, tmp_path):
     sa = torch.load(f"{a.run_dir}/model.pt", weights_only=True)["state"]
     sb = torch.load(f"{b.run_dir}/model.pt", weights_only=True)["state"]
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_feature_noise_is_relative_to_each_levels_scale():
+    torch.manual_seed(0)
+    feats = [3.0 + 5.0 * torch.randn(64, 8, 16, 16), 0.01 * torch.randn(64, 32, 4, 4)]
+    keys = list(range(100, 164))
+    noisy = add_feature_noise(feats, 0.2, keys)
+    for f, g in zip(feats, noisy):
+        assert g.shape == f.shape and not torch.equal(f, g)
+        rel = (g - f) / f.std(dim=(1, 2, 3), keepdim=True)
+        assert abs(float(rel.std()) - 0.2) < 0.01 and abs(float(rel.mean())) < 0.01
+    # An image's noise depends on its key only: not on the global RNG, nor on the rest of the batch.
+    torch.manual_seed(123)
+    part = add_feature_noise([f[5:7] for f in feats], 0.2, keys[5:7])
+    assert all(torch.equal(a[5:7], b) for a, b in zip(noisy, part))
+    with pytest.raises(ValueError, match="feature_noise"):
+        TrainConfig(feature_noise=-0.1)
+
+
+def test_feature_noise_regularises_training_reproducibly(dataset, tmp_path):
+    samples = load_samples("mvtec", dataset, "texture", "train")
+    cfg = ModelConfig(input_size=(64, 64), flow_steps=2)
+    states = {}
+    for name, noise in (("a", 0.5), ("b", 0.5), ("off", 0.0)):
+        res = train(cfg, TrainConfig(epochs=1, batch_size=4, feature_noise=noise), samples,
+                    str(tmp_path / name), progress=False, log=lambda *_: None)
+        states[name] = torch.load(f"{res.run_dir}/model.pt", weights_only=True)["state"]
+    assert all(torch.equal(states["a"][k], states["b"][k]) for k in states["a"])  # same seed, same noise
+    assert any(not torch.allclose(states["a"][k], states["off"][k]) for k in states["a"])  # noise is used
+    # The CLI flag reaches the saved training config.
+    out = tmp_path / "cli"
+    assert main(["train", "--data", dataset, "--category", "texture", "--output", str(out), "--flow-steps", "1",
+                 "--feature-noise", "0", *TINY]) == 0
+    assert load_run(str(out))[1]["train_config"]["feature_noise"] == 0.0
 
 
 def _write_cifar(root, per_class=6, seed=0):

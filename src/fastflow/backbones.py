@@ -194,16 +194,29 @@ class FeatureExtractor(nn.Module):
         self.requires_grad_(False)
         self.eval()
 
+    # A CNN backbone on the CPU runs a large batch in micro-batches of this many images: the activations
+    # of a whole batch overflow the caches. lite0, batch 32, 256 px, 2 threads: 0.75-0.94 s as one batch,
+    # 0.60 s in chunks of 8, 0.50 s of 4, 0.30 s of 2, 0.33-0.39 s of 1 (bench/README.md). 0 = never split.
+    cpu_micro_batch: int = 2
+
     def train(self, mode: bool = True) -> "FeatureExtractor":
         return super().train(False)  # frozen: BatchNorm statistics never move
 
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
         if self.spec.kind == "cnn":
-            # channels_last inside the backbone only: the flows ran 2x slower on channels_last maps.
-            return [f.contiguous() for f in self.model(images.contiguous(memory_format=torch.channels_last))]
+            chunk = self.cpu_micro_batch
+            if (0 < chunk < images.shape[0] and images.device.type == "cpu" and not torch.jit.is_tracing()
+                    and not torch.onnx.is_in_onnx_export() and not torch.compiler.is_compiling()):
+                parts = [self._cnn(part) for part in images.split(chunk)]
+                return [torch.cat(level) for level in zip(*parts)]
+            return self._cnn(images)
         return self.model.forward_intermediates(
             images, indices=list(self.spec.indices), norm=True, output_fmt="NCHW", intermediates_only=True
         )
+
+    def _cnn(self, images: torch.Tensor) -> list[torch.Tensor]:
+        # channels_last inside the backbone only: the flows ran 2x slower on channels_last maps.
+        return [f.contiguous() for f in self.model(images.contiguous(memory_format=torch.channels_last))]
 
     @torch.no_grad()
     def feature_shapes(self, input_size: tuple[int, int]) -> list[tuple[int, int, int]]:

@@ -134,6 +134,9 @@ def _build_parser() -> argparse.ArgumentParser:
     t.add_argument("--weight-decay", type=float, default=None)
     t.add_argument("--grad-clip", type=float, default=None,
                    help="max gradient norm per feature dimension (default 0 = off); e.g. 1 against spikes")
+    t.add_argument("--feature-noise", type=float, default=None,
+                   help="noise regularisation: Gaussian noise x each level's feature std added to the training "
+                        "features (lite presets 0.1, paper presets 0 = off)")
     t.add_argument("--input-size", type=_size, default=None, help="N or H,W (default: the preset's)")
     t.add_argument("--flow-steps", type=int, default=None)
     t.add_argument("--hidden-ratio", type=float, default=None)
@@ -218,7 +221,7 @@ def _configs(args) -> tuple[ModelConfig, TrainConfig]:
     m = replace(m, **{k: v for k, v in overrides.items() if v is not None})
     t = replace(preset.train, epochs=args.epochs if args.epochs is not None else preset.epochs)
     overrides = {"batch_size": args.batch_size, "lr": args.lr, "weight_decay": args.weight_decay,
-                 "grad_clip": args.grad_clip, "val_fraction": args.val_fraction,
+                 "grad_clip": args.grad_clip, "feature_noise": args.feature_noise, "val_fraction": args.val_fraction,
                  "false_alarm_rate": args.false_alarm_rate, "seed": args.seed}
     t = replace(t, augment=args.augment, cache_features=not args.no_cache,
                 **{k: v for k, v in overrides.items() if v is not None})

@@ -70,6 +70,10 @@ class TrainConfig:
     # A clip of 1.0 bound at almost every step from epoch 3 on (gradient norms grow to ~5 per dimension as
     # the flow sharpens) and halved the training progress on bottle (bench/README.md); use it for spikes.
     grad_clip: float = 0.0
+    # Noise regularisation: Gaussian noise of this many times each level's per-image feature std is added
+    # to the training features at every step (never to validation or test features); 0 = off, as in the
+    # paper. It keeps a flow from sharpening its density onto the few training images (bench/README.md).
+    feature_noise: float = 0.0
     false_alarm_rate: float = 0.01  # threshold calibrated on held-out normals at this false-positive rate
     seed: int = 0
     num_workers: int = 0
@@ -85,6 +89,8 @@ class TrainConfig:
             raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
         if self.grad_clip < 0:
             raise ValueError(f"grad_clip must be >= 0 (0 = off), got {self.grad_clip}")
+        if self.feature_noise < 0:
+            raise ValueError(f"feature_noise must be >= 0 (0 = off), got {self.feature_noise}")
         if not 0.0 < self.false_alarm_rate < 1.0:
             raise ValueError(f"false_alarm_rate must be in (0, 1), got {self.false_alarm_rate}")
 
@@ -105,8 +111,15 @@ class Preset:
 # - batch 8 instead of the paper's 32: on a ~200-image category it gives 4x more optimiser steps for the
 #   same compute (pixel AUROC 0.972 after 20 epochs at batch 8 vs 0.964 at batch 32);
 # - hidden ratio 0.5 instead of 1.0: better (pixel AUROC / AUPRO 0.977 / 0.914 vs 0.973 / 0.895 after
-#   20 epochs; 0.25 gives 0.975 / 0.907) at half the flows' arithmetic; the stride-16 flow overfits less.
-_LITE_TRAIN = TrainConfig(epochs=20, batch_size=8)
+#   20 epochs; 0.25 gives 0.975 / 0.907) at half the flows' arithmetic; the stride-16 flow overfits less;
+# - feature noise 0.2 (noise regularisation): 0.984 / 0.952 after 20 epochs against 0.977 / 0.914 without
+#   (0.1: 0.984 / 0.943; 0.3: 0.982 / 0.952); without it the flows, the stride-16 one most, sharpen their
+#   density onto the ~190 training images and localise worse the longer they train;
+# - with the noise, 3-1 kernels (the paper's choice for its larger backbones) localise as well as 3-3
+#   (0.984 / 0.952 for both; without noise the 3-1 stride-4 flow degraded) for 0.57x the flows' FLOPs;
+# - map blur sigma 8 instead of 4: pixel AUROC 0.9852 vs 0.9840, AUPRO 0.949 vs 0.952 (same models).
+_LITE_MODEL = dict(flow_steps=8, hidden_ratio=0.5, kernels="3-1", smoothing_sigma=8.0)
+_LITE_TRAIN = TrainConfig(epochs=20, batch_size=8, feature_noise=0.2)
 
 
 PRESETS: dict[str, Preset] = {
@@ -114,19 +127,19 @@ PRESETS: dict[str, Preset] = {
     for p in [
         Preset(
             "efficientnet_lite0",
-            ModelConfig("efficientnet_lite0", (256, 256), flow_steps=8, hidden_ratio=0.5, kernels="3-3"),
+            ModelConfig("efficientnet_lite0", (256, 256), **_LITE_MODEL),
             _LITE_TRAIN,
             reproduces="offline default; MVTec bottle, see README (measured on this project's machine)",
         ),
         Preset(
             "efficientnet_lite1",
-            ModelConfig("efficientnet_lite1", (256, 256), flow_steps=8, hidden_ratio=0.5, kernels="3-3"),
+            ModelConfig("efficientnet_lite1", (256, 256), **_LITE_MODEL),
             _LITE_TRAIN,
             reproduces="offline alternative to lite0 (larger backbone)",
         ),
         Preset(
             "efficientnet_lite2",
-            ModelConfig("efficientnet_lite2", (256, 256), flow_steps=8, hidden_ratio=0.5, kernels="3-3"),
+            ModelConfig("efficientnet_lite2", (256, 256), **_LITE_MODEL),
             _LITE_TRAIN,
             reproduces="offline alternative to lite0 (larger backbone)",
         ),

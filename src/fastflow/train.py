@@ -93,8 +93,9 @@ class FeatureSource:
     def __len__(self) -> int:
         return self.n
 
-    def steps(self, epoch: int, seed: int, shuffle: bool = True):
-        """Per global batch: (this rank's features of it, or None if it owns none of it; batch size)."""
+    def steps(self, epoch: int, seed: int, shuffle: bool = True, noise: float = 0.0):
+        """Per global batch: (this rank's features of it, or None if it owns none of it; batch size).
+        ``noise`` > 0: with ``add_feature_noise`` applied, image i's draw keyed by (seed, epoch, i)."""
         n, world = self.n, self.dist.world
         if shuffle:  # the order depends only on (seed, epoch): a resumed run sees the same batches
             order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
@@ -102,14 +103,19 @@ class FeatureSource:
             order = torch.arange(n)
         for start in range(0, n, self.batch_size):
             idx = order[start:start + self.batch_size]
-            mine = idx[idx % world == self.dist.rank] // world if world > 1 else idx  # positions in the shard
+            owned = idx[idx % world == self.dist.rank] if world > 1 else idx  # global image numbers
+            mine = owned // world  # positions in the shard
             if len(mine) == 0:
                 yield None, len(idx)
-            elif self.cached is not None:
-                yield [level[mine.to(level.device)] for level in self.cached], len(idx)
+                continue
+            if self.cached is not None:
+                feats = [level[mine.to(level.device)] for level in self.cached]
             else:
                 images = torch.stack([self.dataset[int(i)]["image"] for i in mine])
-                yield self.model.extract(images.to(self.dist.device)), len(idx)
+                feats = self.model.extract(images.to(self.dist.device))
+            if noise > 0:
+                feats = add_feature_noise(feats, noise, [(seed * 1000003 + epoch) * 1000003 + int(i) for i in owned])
+            yield feats, len(idx)
 
     def batches(self, epoch: int, seed: int, shuffle: bool = True):
         """This rank's features of each batch (all of each batch in a single process)."""
@@ -127,6 +133,19 @@ class TrainResult:
     epochs_run: int
     train_seconds: float
     history: list[dict]
+
+
+def add_feature_noise(feats: list[torch.Tensor], sigma: float, keys: list[int]) -> list[torch.Tensor]:
+    """Noise regularisation of the flows' inputs: per level, ``f + sigma * std(f) * N(0, 1)``, with the
+    std taken per image over (C, H, W) (the scale the LayerNorm removes), so ``sigma`` means the same on
+    every level and backbone. Image j's noise comes from a generator seeded with ``keys[j]``: a function of
+    (seed, epoch, image), so it does not depend on batching, sharding over ranks or resuming."""
+    gens = [torch.Generator().manual_seed(int(k)) for k in keys]
+    out = []
+    for f in feats:
+        noise = torch.stack([torch.randn(tuple(f.shape[1:]), generator=g) for g in gens]).to(f.device, f.dtype)
+        out.append(f + sigma * f.std(dim=tuple(range(1, f.dim())), keepdim=True) * noise)
+    return out
 
 
 def _trainable_state(model: FastFlow) -> dict[str, torch.Tensor]:
@@ -270,7 +289,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, samples: list[Sample],
         t0 = time.perf_counter()
         model.train()
         total, count = 0.0, 0
-        for step, (feats, n_batch) in enumerate(fit.steps(epoch, train_cfg.seed)):
+        for step, (feats, n_batch) in enumerate(fit.steps(epoch, train_cfg.seed, noise=train_cfg.feature_noise)):
             opt.zero_grad(set_to_none=True)
             if dist.world > 1:
                 finite, nll_sum = _sharded_backward(model, feats, n_batch, params, dist)

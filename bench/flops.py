@@ -40,7 +40,7 @@ def main() -> None:
         full = timm.create_model("tf_efficientnet_lite0", features_only=True, out_indices=(1, 2, 3)).eval()
         out["backbone_untruncated_GFLOPs"] = round(gflops(lambda: full(x)), 3)
         variants = {"preset": {}, "3-3_r1.0": {"kernels": "3-3", "hidden_ratio": 1.0},
-                    "3-1_r0.5": {"kernels": "3-1", "hidden_ratio": 0.5},
+                    "3-3_r0.5": {"kernels": "3-3", "hidden_ratio": 0.5},
                     "3-1_r1.0": {"kernels": "3-1", "hidden_ratio": 1.0}}
         for name, over in variants.items():
             m = C.lite0_model(backbone=base.backbone, **over)

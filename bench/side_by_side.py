@@ -11,7 +11,7 @@ images and timing loop as bench/peer/anomalib_fastflow.py):
   from other jobs on the machine hits all three alike; median per contender.
 * throughput at batch 32: ``--runs-b32`` rounds of one batch-32 forward each; 32 / median.
 * additional time (normalisation + flows + anomaly map; backbone excluded) vs backbone time at
-  batch 1 (median of ``--runs-b1``), for the preset (3-3 kernels) and, for the report only, 3-1.
+  batch 1 (median of ``--runs-b1``) and batch 32, for the preset (3-1 kernels) and, for comparison, 3-3.
 * the torch path at batch 32 once more with the backbone's CPU micro-batching off
   (``ours_torch_whole_batch``: the whole batch in one backbone forward), for the A/B of that change.
 * then, unless ``--no-peer-script``, bench/peer/anomalib_fastflow.py --train-epochs 0 as documented
@@ -88,7 +88,7 @@ def main() -> None:
     result = {"env": C.environment(args.threads), "other_processes_at_start": C.other_processes(),
               "load_avg_start": [round(v, 2) for v in os.getloadavg()]}
     model = C.lite0_model()
-    model31 = C.lite0_model("3-1", backbone=model.backbone)
+    model33 = C.lite0_model("3-3", backbone=model.backbone)  # the preset is 3-1; 3-3 for comparison
     session, onnx_info = C.onnx_session(model, args.threads)
     result["onnx"] = onnx_info
     result["ours_params"] = model.parameter_counts()
@@ -114,22 +114,22 @@ def main() -> None:
     finally:
         peer.close()
 
-    # Additional time vs backbone at batch 1 (ours only): extract / flows(3-3) / flows(3-1), interleaved.
+    # Additional time vs backbone (ours only): extract / flows(3-3) / flows(3-1, the preset), interleaved.
     print("additional time ...", file=sys.stderr)
     with torch.inference_mode():
         feats = model.extract(x1)
         size = tuple(x1.shape[-2:])
         parts = {"backbone": lambda: model.extract(x1),
-                 "additional_3-3": lambda: model.forward_features(feats, size),
-                 "additional_3-1": lambda: model31.forward_features(feats, size)}
+                 "additional_3-3": lambda: model33.forward_features(feats, size),
+                 "additional_3-1": lambda: model.forward_features(feats, size)}
         for fn in parts.values():
             C.time_calls(fn, 3)
         tp, loadp = interleaved(parts, args.runs_b1, args.blocks, None, "", 1)
         featsb = model.extract(xb)
         parts_b = {"backbone": lambda: model.extract(xb),
                    "backbone_whole_batch": whole_batch(model, lambda: model.extract(xb)),
-                   "additional_3-3": lambda: model.forward_features(featsb, size),
-                   "additional_3-1": lambda: model31.forward_features(featsb, size)}
+                   "additional_3-3": lambda: model33.forward_features(featsb, size),
+                   "additional_3-1": lambda: model.forward_features(featsb, size)}
         tpb, loadpb = interleaved(parts_b, 3, 3, None, "", 1)
 
     lat = {k: C.med_ms(v) for k, v in t1.items()}

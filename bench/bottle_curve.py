@@ -41,6 +41,9 @@ ap.add_argument("--wd", type=float, default=1e-5)
 ap.add_argument("--noise", type=float, default=0.0,
                 help="Gaussian noise (times each level's feature std) added to the training features each step")
 ap.add_argument("--skip-first", action="store_true", help="no evaluation after epoch 1")
+ap.add_argument("--ln-logdet", action="store_true",
+                help="count the LayerNorm affine's log|weight| in the loss (its Jacobian), and score maps "
+                     "'lln_sN' that include it per location")
 ap.add_argument("--no-aupro", action="store_true", help="skip AUPRO (slow on large test sets)")
 ap.add_argument("--image-scores", action="store_true",
                 help="also image AUROC with the mean of the top 1%% of the map and with the map's mean")
@@ -87,6 +90,11 @@ def maps_of(feats):
         ref = torch.stack([F.interpolate(-torch.exp(-0.5 * z.pow(2).mean(1, keepdim=True)), size=size, mode="bilinear") for z in zs]).mean(0)
         ll = torch.stack([F.interpolate(((0.5 * z.pow(2).sum(1) - ld) / z.shape[1] + 0.5 * LOG_2PI).unsqueeze(1), size=size, mode="bilinear") for z, ld in zip(zs, lds)]).mean(0)
         out["ref"] = ref; out["ll"] = ll
+        if a.ln_logdet:
+            lln = torch.stack([F.interpolate(((0.5 * z.pow(2).sum(1) - ld - n.weight.abs().log().sum(0)) / z.shape[1]
+                                              + 0.5 * LOG_2PI).unsqueeze(1), size=size, mode="bilinear")
+                               for z, ld, n in zip(zs, lds, model.norms)]).mean(0)
+            out["lln_s4"] = gaussian_blur(lln, 4); out["lln_s8"] = gaussian_blur(lln, 8)
         out["ref_s4"] = gaussian_blur(ref, 4)
         for sg in (2, 4, 8):
             out[f"ll_s{sg}"] = gaussian_blur(ll, sg)
@@ -99,6 +107,8 @@ def maps_of(feats):
             out[f"L01_s{sg}"] = gaussian_blur(torch.stack(lvl[:2]).mean(0), sg)
         nll = sum((0.5 * z.pow(2).flatten(1).sum(1) - ld.flatten(1).sum(1)) for z, ld in zip(zs, lds))
         dims = sum(z[0].numel() for z in zs)
+        if a.ln_logdet:
+            nll = nll - sum(n.weight.abs().log().sum() for n in model.norms)
         out["_nll"] = float(nll.mean() / dims + 0.5 * LOG_2PI)
     return out
 def evaluate(ep):
@@ -132,7 +142,10 @@ for ep in range(1, a.epochs + 1):
         if a.noise > 0:
             feats = [f + a.noise * s_ * torch.randn_like(f) for f, s_ in zip(feats, fstd)]
         out = model.forward_features(feats)
-        opt.zero_grad(); out.loss.backward(); opt.step(); sched.step()
+        loss = out.loss
+        if a.ln_logdet:  # the affine y = x_hat * w + b is an invertible elementwise map: -sum log|w| per image
+            loss = loss - sum(n.weight.abs().log().sum() for n in model.norms)
+        opt.zero_grad(); loss.backward(); opt.step(); sched.step()
     if ep % a.every == 0 or (ep == 1 and not a.skip_first):
         print("epoch", ep, "time", round(time.time() - t0, 1), flush=True)
         evaluate(ep)

@@ -21,6 +21,9 @@ from .config import get_preset, replace
 
 TEXTURE = "gravel"  # skimage.data.gravel(): 512x512 grayscale photograph, bundled with scikit-image
 CROP = 128
+# 60 small training images give 7 optimiser steps per epoch at the preset's batch 8; with the preset's
+# feature noise, 20 epochs leave the flows under-trained here (image AUROC 0.90; 40 epochs: 0.95 in 27 s).
+DEMO_EPOCHS = 40
 
 
 def _texture() -> np.ndarray:
@@ -91,8 +94,10 @@ def run_demo(output: str, epochs: int | None = None, progress: bool = True, log=
     log(f"writing a synthetic inspection set ({TEXTURE} texture, scratches and spots) to {data_root}")
     cat = make_demo_dataset(data_root)
     preset = get_preset("efficientnet_lite0")
-    model_cfg = replace(preset.model, input_size=(CROP, CROP))
-    train_cfg = replace(preset.train, epochs=epochs or preset.train.epochs)
+    # The blur sigma is in pixels at the input size: keep it the same fraction of the image at the crop size.
+    sigma = preset.model.smoothing_sigma * CROP / preset.model.input_size[0]
+    model_cfg = replace(preset.model, input_size=(CROP, CROP), smoothing_sigma=sigma)
+    train_cfg = replace(preset.train, epochs=epochs or DEMO_EPOCHS)
     run_dir = os.path.join(output, "run")
     res = train(model_cfg, train_cfg, load_samples("mvtec", data_root, cat, "train"), run_dir, progress=progress,
                 log=log)

@@ -11,8 +11,11 @@ several maps: `ref` (anomalib's reference map), `ll` (log-likelihood, log-det in
 (pairs), `L01_sN`. Flows of different levels share no parameters and Adam is per parameter, so a
 level's map here is the map a model built with only that level (`--levels`) would give.
 `--maps` restricts what is scored; `--ratio`, `--kernels`, `--steps`, `--size`, `--sched cosine`,
-`--pool K` (k x k average of the features), `--norm-affine frozen`, `--wd`, `--noise S` (training features + S x std x N(0,1)) are the variants measured in
-bench/README.md. The test split is only *reported* here; it selects nothing inside training.
+`--pool K` (k x k average of the features), `--norm-affine frozen`, `--wd`, `--noise S` (training
+features + S x the level's std over the fit set x N(0,1)), `--ln-logdet` (the LayerNorm affine's
+Jacobian in the loss; adds maps `lln_sN`) are the variants measured in bench/README.md; `--no-aupro`
+and `--image-scores` (top-1% mean and mean of the map as image scores) serve large test sets like
+Magnetic Tile. The test split is only *reported* here; it selects nothing inside training.
 """
 import sys, time, json, os, math
 import numpy as np, torch

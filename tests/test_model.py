@@ -26,6 +26,15 @@ def test_outputs_have_documented_shapes(lite0):
     assert out.loss.ndim == 0 and 0.5 < out.nll_per_dim.item() < 10  # nats per dimension: readable
 
 
+def test_training_forward_skips_the_map_only(lite0):
+    with torch.no_grad():
+        feats = lite0.extract(torch.randn(2, 3, 96, 96))
+        full = lite0.forward_features(feats)
+        lean = lite0.forward_features(feats, with_map=False)
+    assert lean.anomaly_map is None and lean.score is None
+    assert torch.equal(lean.loss, full.loss) and all(torch.equal(a, b) for a, b in zip(lean.z, full.z))
+
+
 @pytest.mark.parametrize("size", [(100, 100), (90, 130)])
 def test_sizes_not_multiple_of_32_work(size):
     model = FastFlow(ModelConfig(input_size=size), weights="random")

@@ -564,8 +564,8 @@ def test_non_finite_loss_stops_with_epoch_and_step_and_keeps_the_checkpoint(base
                                                                                          val_fraction=0)
     forward, calls = FastFlow.forward_features, {"train": 0}
 
-    def poisoned(self, features, output_size=None):
-        out = forward(self, features, output_size)
+    def poisoned(self, features, output_size=None, with_map=True):
+        out = forward(self, features, output_size, with_map)
         if self.training:
             calls["train"] += 1
             if calls["train"] == 4:  # epoch 2, step 2 (two steps per epoch)

@@ -42,15 +42,16 @@ class FastFlowOutput:
     z: per level (B, C_i, H_i, W_i); log_det_maps: per level (B, H_i, W_i);
     loss: scalar, mean over the batch of the per-image negative log-likelihood (nats, constant dropped);
     nll_per_dim: scalar, the same in nats per feature dimension (constant included) — readable;
-    anomaly_map: (B, 1, H, W) at input resolution; score: (B,).
+    anomaly_map: (B, 1, H, W) at input resolution; score: (B,); both None from
+    ``forward_features(..., with_map=False)``.
     """
 
     z: list[torch.Tensor]
     log_det_maps: list[torch.Tensor]
     loss: torch.Tensor
     nll_per_dim: torch.Tensor
-    anomaly_map: torch.Tensor
-    score: torch.Tensor
+    anomaly_map: torch.Tensor | None
+    score: torch.Tensor | None
 
 
 def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -120,9 +121,12 @@ class FastFlow(nn.Module):
     def forward(self, images: torch.Tensor) -> FastFlowOutput:
         return self.forward_features(self.extract(images), tuple(images.shape[-2:]))
 
-    def forward_features(self, features: list[torch.Tensor], output_size: tuple[int, int] | None = None
-                         ) -> FastFlowOutput:
-        """Run normalisation, flows and the anomaly map on (cached) backbone features."""
+    def forward_features(self, features: list[torch.Tensor], output_size: tuple[int, int] | None = None,
+                         with_map: bool = True) -> FastFlowOutput:
+        """Run normalisation, flows and the anomaly map on (cached) backbone features.
+
+        ``with_map=False`` (training): skip the map and the score (``None``); the loss is the same, and
+        upsampling plus blurring full-size maps would otherwise be a fifth of a training step."""
         zs, log_dets = [], []
         for feat, norm, flow in zip(features, self.norms, self.flows):
             z, log_det_map = flow.forward_map(norm(feat))
@@ -133,6 +137,8 @@ class FastFlow(nn.Module):
         dims = sum(z[0].numel() for z in zs)
         loss = nll.mean()
         nll_per_dim = loss / dims + 0.5 * LOG_2PI
+        if not with_map:
+            return FastFlowOutput(zs, log_dets, loss, nll_per_dim, None, None)
         size = output_size or self.config.input_size
         anomaly_map = self.anomaly_map(zs, log_dets, size)
         score = anomaly_map.flatten(1).amax(dim=1)

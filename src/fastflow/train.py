@@ -157,7 +157,7 @@ def _mean_nll(model: FastFlow, source: FeatureSource) -> float:
     model.eval()
     total, count = 0.0, 0
     for feats in source.batches(0, 0, shuffle=False):
-        out = model.forward_features(feats)
+        out = model.forward_features(feats, with_map=False)
         total += out.nll_per_dim.item() * feats[0].shape[0]
         count += feats[0].shape[0]
     if source.dist.world > 1:
@@ -294,7 +294,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, samples: list[Sample],
             if dist.world > 1:
                 finite, nll_sum = _sharded_backward(model, feats, n_batch, params, dist)
             else:
-                out = model.forward_features(feats)
+                out = model.forward_features(feats, with_map=False)
                 finite, nll_sum = bool(torch.isfinite(out.loss)), out.nll_per_dim.item() * n_batch
             if not finite:
                 raise TrainingError(
@@ -354,7 +354,7 @@ def _sharded_backward(model: FastFlow, feats: list[torch.Tensor] | None, n_batch
     over the batch's images), the same on every rank."""
     loss_sum, nll_sum = 0.0, 0.0
     if feats is not None:
-        out = model.forward_features(feats)
+        out = model.forward_features(feats, with_map=False)
         k = feats[0].shape[0]
         (out.loss * (k / n_batch)).backward()  # sum of this rank's per-image NLLs / global batch size
         loss_sum, nll_sum = out.loss.item() * k, out.nll_per_dim.item() * k

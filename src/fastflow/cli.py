@@ -136,7 +136,7 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="max gradient norm per feature dimension (default 0 = off); e.g. 1 against spikes")
     t.add_argument("--feature-noise", type=float, default=None,
                    help="noise regularisation: Gaussian noise x each level's feature std added to the training "
-                        "features (lite presets 0.1, paper presets 0 = off)")
+                        "features (lite presets 0.2, paper presets 0 = off)")
     t.add_argument("--input-size", type=_size, default=None, help="N or H,W (default: the preset's)")
     t.add_argument("--flow-steps", type=int, default=None)
     t.add_argument("--hidden-ratio", type=float, default=None)

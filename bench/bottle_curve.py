@@ -51,13 +51,18 @@ ap.add_argument("--no-aupro", action="store_true", help="skip AUPRO (slow on lar
 ap.add_argument("--image-scores", action="store_true",
                 help="also image AUROC with the mean of the top 1%% of the map and with the map's mean")
 ap.add_argument("--maps", default="", help="comma-separated maps to score (default: all)")
+ap.add_argument("--image-only", action="store_true", help="image AUROC only (no pixel metrics; fast)")
+ap.add_argument("--levels", default="", help="backbone feature levels, e.g. 3,4 (default: the preset's)")
 a = ap.parse_args()
 torch.manual_seed(a.seed)
-cfg = ModelConfig(a.backbone, (a.size, a.size), a.steps, a.ratio, a.kernels, smoothing_sigma=0)
+levels = tuple(int(i) for i in a.levels.split(",")) if a.levels else None
+cfg = ModelConfig(a.backbone, (a.size, a.size), a.steps, a.ratio, a.kernels, smoothing_sigma=0, levels=levels)
 model = FastFlow(cfg)
 pre = Preprocess(cfg.input_size, model.backbone.mean, model.backbone.std)
 cache = f"/tmp/fastflow-bench-feat_{a.backbone}_{a.size}.pt" if a.category == "bottle" else \
     f"/tmp/fastflow-bench-feat_{a.category}_{a.backbone}_{a.size}.pt"
+if levels:
+    cache = cache[:-3] + "_L" + "".join(map(str, levels)) + ".pt"
 tr = load_samples(a.format, a.data, a.category, "train")
 te = load_samples(a.format, a.data, a.category, "test")
 fit_s, val_s = split_validation(tr, 0.1, 0)
@@ -127,8 +132,8 @@ def evaluate(ep):
     for k, v in allm.items():
         v = np.concatenate(v)
         flat = v.reshape(len(v), -1)
-        row[k] = (round(image_auroc(flat.max(1), labels), 4), round(pixel_auroc(v, masks), 4),
-                  None if a.no_aupro else round(pixel_aupro(v, masks), 4))
+        row[k] = (round(image_auroc(flat.max(1), labels), 4), None if a.image_only else round(pixel_auroc(v, masks), 4),
+                  None if a.no_aupro or a.image_only else round(pixel_aupro(v, masks), 4))
         if a.image_scores:
             top = np.sort(flat, axis=1)[:, -max(1, flat.shape[1] // 100):]
             row[k + "_img_top1pct_mean"] = (round(image_auroc(top.mean(1), labels), 4),

@@ -5,7 +5,10 @@ import pytest
 import torch
 from PIL import Image
 
-from fastflow.backbones import BACKBONES, BackboneError, build_backbone, build_classifier, get_spec
+from torch import nn
+
+from fastflow.backbones import (BACKBONES, BackboneError, _folded, build_backbone, build_classifier, fold_batchnorm,
+                                get_spec)
 
 CNN_EXPECTED = {  # (channels, strides) per level, for the CNN backbones whose builds are cheap
     "efficientnet_lite0": ([24, 40, 112], [4, 8, 16]),
@@ -29,18 +32,56 @@ def test_vit_feature_map_shape():
     assert fe.feature_shapes((384, 384)) == [(768, 24, 24)]
 
 
-def test_unused_efficientnet_blocks_are_dropped_without_changing_features():
+def test_unused_efficientnet_blocks_are_dropped_and_batchnorm_folded_without_changing_features():
     import timm
 
+    torch.manual_seed(0)
     fe = build_backbone("efficientnet_lite0", "random")
+    torch.manual_seed(0)
+    source = timm.create_model("tf_efficientnet_lite0")  # the same random weights fe was built from
     full = timm.create_model("tf_efficientnet_lite0", features_only=True, out_indices=(1, 2, 3)).eval()
-    full.load_state_dict(fe.model.state_dict(), strict=False)  # the stride-32 blocks keep their random init
-    full = full.to(memory_format=torch.channels_last)  # the layout fe uses, so the arithmetic is the same
+    full.load_state_dict(source.state_dict(), strict=False)
+    full = full.to(memory_format=torch.channels_last)  # the layout fe uses
     assert len(fe.model.blocks) == 5 < len(full.blocks) == 7  # stride-32 stages never run
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in fe.modules())  # all folded
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in full.modules()) > 30
     x = torch.randn(1, 3, 96, 64)
     with torch.no_grad():
         for ours, ref in zip(fe(x), full(x.contiguous(memory_format=torch.channels_last)), strict=True):
-            assert torch.equal(ours, ref)
+            assert ours.shape == ref.shape
+            torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-5 * float(ref.abs().max()))
+
+
+def test_fold_batchnorm_keeps_activations_and_refuses_networks_that_run_out_of_order():
+    bn = nn.BatchNorm2d(4)
+    with torch.no_grad():
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+        bn.weight.uniform_(0.5, 2)
+        bn.bias.uniform_(-1, 1)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), bn, nn.ReLU()).eval()
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        ref = net(x)
+        assert fold_batchnorm(net) == 1
+        assert isinstance(net[1], nn.Identity) and net[0].bias is not None
+        torch.testing.assert_close(net(x), ref, rtol=1e-5, atol=1e-5)
+
+    class OutOfOrder(nn.Module):  # children defined conv, bn, but the BatchNorm runs first
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 3, 1)
+            self.bn = nn.BatchNorm2d(3)
+            with torch.no_grad():
+                self.bn.running_mean.fill_(0.5)
+                self.bn.running_var.fill_(4.0)
+
+        def forward(self, x):
+            return [self.conv(self.bn(x))]
+
+    odd = OutOfOrder().eval()
+    assert _folded(odd) is odd  # checked, found different, kept as it was
+    assert isinstance(odd.bn, nn.BatchNorm2d)
 
 
 def test_cpu_micro_batches_give_the_whole_batchs_features():

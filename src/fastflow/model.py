@@ -110,7 +110,7 @@ class FastFlow(nn.Module):
         flow = sum(p.numel() for p in self.flows.parameters())
         norm = sum(p.numel() for p in self.norms.parameters())
         return {"flow": flow, "norm": norm, "trainable": flow + norm,
-                "backbone": sum(p.numel() for p in self.backbone.parameters())}
+                "backbone": self.backbone.num_parameters}
 
     # -- the pipeline ---------------------------------------------------------------------------
     def extract(self, images: torch.Tensor) -> list[torch.Tensor]:

@@ -127,3 +127,28 @@ def test_levels_choose_the_flows_and_survive_serialisation():
     assert _levels("1,2") == (1, 2)
     with pytest.raises(argparse.ArgumentTypeError, match="levels"):
         _levels("2,1")
+
+
+@pytest.mark.parametrize("shape,sigma", [((2, 1, 64, 48), 4.0), ((1, 1, 5, 40), 8.0), ((1, 1, 1, 7), 2.0)])
+def test_gaussian_blur_equals_the_reflect_padded_separable_convolution(shape, sigma):
+    """The matrix form of the blur gives what its definition (pad, convolve rows, then columns) gives."""
+    import torch.nn.functional as F
+
+    from fastflow.model import gaussian_blur
+
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    radius = max(1, int(4 * sigma + 0.5))
+    k = torch.exp(-0.5 * (torch.arange(-radius, radius + 1, dtype=torch.float64) / sigma) ** 2)
+    ref = x.double()
+    for dim in (2, 3):
+        pad = min(radius, shape[dim] - 1)
+        kk = k[radius - pad: radius + pad + 1]
+        kk = kk / kk.sum()
+        if dim == 2:
+            ref = F.conv2d(F.pad(ref, (0, 0, pad, pad), mode="reflect"), kk.view(1, 1, -1, 1))
+        else:
+            ref = F.conv2d(F.pad(ref, (pad, pad, 0, 0), mode="reflect"), kk.view(1, 1, 1, -1))
+    out = gaussian_blur(x, sigma)
+    assert out.shape == x.shape
+    torch.testing.assert_close(out, ref.float(), rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(out, x, atol=1e-3) or shape[2] * shape[3] == 1  # it does blur

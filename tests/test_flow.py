@@ -98,3 +98,43 @@ def test_odd_channels_and_non_square_maps():
     z, ld_map = flow.forward_map(x)
     assert z.shape == x.shape and ld_map.shape == (1, 2, 9)
     torch.testing.assert_close(flow.inverse(z)[0], x, atol=1e-9, rtol=0)
+
+
+def test_pointwise_conv_is_a_1x1_convolution_with_the_same_parameters():
+    from fastflow.flow import PointwiseConv2d
+
+    pw = randomise(PointwiseConv2d(6, 4), seed=3)
+    conv = nn.Conv2d(6, 4, 1)
+    conv.load_state_dict(pw.state_dict())  # same keys and shapes: old checkpoints load either way
+    x = torch.randn(3, 6, 5, 7, requires_grad=True)
+    out, ref = pw(x), conv(x)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    g = torch.randn_like(ref)
+    gx, gw = torch.autograd.grad(out, (x, pw.weight), g)
+    rx, rw = torch.autograd.grad(ref, (x, conv.weight), g)
+    torch.testing.assert_close(gx, rx, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gw, rw, rtol=1e-5, atol=1e-5)
+    assert isinstance(tiny_flow("3-1").steps[1].subnet[0], PointwiseConv2d)
+    assert type(tiny_flow("3-1").steps[0].subnet[0]) is nn.Conv2d
+
+
+def test_inference_reuses_the_global_scale_only_while_the_parameter_is_unchanged():
+    step = randomise(AffineCouplingStep(6, conv_subnet_factory(3, 1.0)), seed=4)
+    x = torch.randn(2, 6, 4, 4)
+
+    def with_autograd():  # the uncached path
+        z, ld = step.forward_map(x)
+        return z.detach(), ld.detach()
+
+    with torch.inference_mode():
+        z0, ld0 = step.forward_map(x)
+    torch.testing.assert_close((z0, ld0), with_autograd())
+    with torch.no_grad():
+        step.global_scale.add_(0.7)  # what an optimiser step or load_state_dict does: in place
+    with torch.inference_mode():
+        z1, ld1 = step.forward_map(x)
+    assert not torch.allclose(ld1, ld0)
+    torch.testing.assert_close((z1, ld1), with_autograd())
+    loss = step.forward_map(x)[0].sum()  # with autograd the scale is computed afresh: its gradient flows
+    loss.backward()
+    assert step.global_scale.grad is not None

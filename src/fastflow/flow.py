@@ -40,21 +40,41 @@ from torch import nn
 SubnetFactory = Callable[[int, int], nn.Module]
 
 
+class PointwiseConv2d(nn.Conv2d):
+    """A 1x1 convolution computed as one matrix product over the flattened positions.
+
+    The parameters (and state-dict keys) of ``nn.Conv2d(in, out, 1)``, the same result to float rounding,
+    and on the CPU far less overhead at the flows' small channel counts: lite0's stride-4 1x1 convolutions
+    took 115-151 us at batch 1 and 0.8-2.2 ms at batch 8 as ``conv2d``, 19-27 us and 0.1-0.3 ms as matmul.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__(in_channels, out_channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        weight = self.weight.view(1, self.out_channels, c).expand(b, -1, -1)
+        y = torch.baddbmm(self.bias.view(1, -1, 1), weight, x.reshape(b, c, h * w))
+        return y.view(b, self.out_channels, h, w)
+
+
 class ConvSubnet(nn.Sequential):
     """Conv -> ReLU -> Conv, fully convolutional, with explicit symmetric padding.
 
     ``hidden`` channels are ``int(in_channels * hidden_ratio)`` (as in the reference code).
-    Explicit integer padding (not ``padding="same"``) keeps ONNX export simple.
+    Explicit integer padding (not ``padding="same"``) keeps ONNX export simple; 1x1 kernels run as
+    ``PointwiseConv2d``.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, hidden_ratio: float):
         hidden = max(1, int(in_channels * hidden_ratio))
         pad = kernel_size // 2
-        super().__init__(
-            nn.Conv2d(in_channels, hidden, kernel_size, padding=pad),
-            nn.ReLU(),
-            nn.Conv2d(hidden, out_channels, kernel_size, padding=pad),
-        )
+        if kernel_size == 1:
+            convs = (PointwiseConv2d(in_channels, hidden), PointwiseConv2d(hidden, out_channels))
+        else:
+            convs = (nn.Conv2d(in_channels, hidden, kernel_size, padding=pad),
+                     nn.Conv2d(hidden, out_channels, kernel_size, padding=pad))
+        super().__init__(convs[0], nn.ReLU(), convs[1])
 
 
 def conv_subnet_factory(kernel_size: int, hidden_ratio: float) -> SubnetFactory:
@@ -103,6 +123,21 @@ class AffineCouplingStep(nn.Module):
     def _scale(self) -> torch.Tensor:
         return 0.1 * F.softplus(self.global_scale, beta=0.5)
 
+    def _scale_and_log_det(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The global scale and its log-determinant per location, sum_c log g. Without autograd (inference)
+        they are computed once per parameter value and reused: four operations fewer per step."""
+        p = self.global_scale
+        if torch.is_grad_enabled() and p.requires_grad:
+            scale = self._scale()
+            return scale, torch.log(scale).sum()
+        key = (p._version, p.data_ptr(), p.dtype, p.device)
+        if getattr(self, "_cached_key", None) != key:
+            with torch.inference_mode(False), torch.no_grad():  # normal tensors: usable under autograd later
+                scale = self._scale()
+                self._cached = (scale, torch.log(scale).sum())
+            self._cached_key = key
+        return self._cached
+
     def _coupling(self, x1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         a = self.subnet(x1)
         c2 = self.split_sizes[1]
@@ -116,9 +151,9 @@ class AffineCouplingStep(nn.Module):
         x1, x2 = torch.split(x, self.split_sizes, dim=1)
         log_s, shift = self._coupling(x1)
         y = torch.cat((x1, x2 * torch.exp(log_s) + shift), dim=1)
-        scale = self._scale()
+        scale, log_det_scale = self._scale_and_log_det()
         z = torch.index_select(y * scale + self.global_offset, 1, self.perm)  # 3x faster than y[:, perm]
-        log_det_map = log_s.sum(dim=1) + torch.log(scale).sum()
+        log_det_map = log_s.sum(dim=1) + log_det_scale
         return z, log_det_map
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -272,8 +272,9 @@ def fold_batchnorm(module: nn.Module) -> int:
         if (isinstance(child, nn.BatchNorm2d) and isinstance(conv, nn.Conv2d) and child.track_running_stats
                 and child.running_mean is not None):
             module._modules[prev] = fuse_conv_bn_eval(conv.eval(), child.eval())
-            after = [m for m in (getattr(child, "drop", None), getattr(child, "act", None)) if m is not None]
-            module._modules[name] = nn.Sequential(*after) if after else nn.Identity()
+            after = [m for m in (getattr(child, "drop", None), getattr(child, "act", None))
+                     if m is not None and not isinstance(m, nn.Identity)]
+            module._modules[name] = after[0] if len(after) == 1 else nn.Sequential(*after) if after else nn.Identity()
             folded += 1
         elif child is not None:
             folded += fold_batchnorm(child)

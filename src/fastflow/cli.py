@@ -143,6 +143,9 @@ def _build_parser() -> argparse.ArgumentParser:
     t.add_argument("--kernels", choices=["3-1", "3-3"], default=None)
     t.add_argument("--levels", type=_levels, default=None,
                    help="backbone feature levels, one flow each (CNN: 1=stride 4, 2=stride 8, 3=stride 16)")
+    t.add_argument("--no-norm-affine", action="store_true",
+                   help="LayerNorm without its learned per-location affine: position-free, and the loss stays a "
+                        "proper likelihood; for parts that are not aligned (Magnetic Tile: README)")
     t.add_argument("--anomaly-map", choices=["loglik", "reference"], default=None)
     t.add_argument("--smoothing-sigma", type=float, default=None)
     t.add_argument("--augment", action="store_true", help="paper Section 6.2 augmentation (flips, rotation)")
@@ -217,7 +220,7 @@ def _configs(args) -> tuple[ModelConfig, TrainConfig]:
     m = preset.model
     overrides = {"input_size": args.input_size, "flow_steps": args.flow_steps, "hidden_ratio": args.hidden_ratio,
                  "kernels": args.kernels, "anomaly_map": args.anomaly_map, "smoothing_sigma": args.smoothing_sigma,
-                 "levels": args.levels}
+                 "levels": args.levels, "norm_affine": False if args.no_norm_affine else None}
     m = replace(m, **{k: v for k, v in overrides.items() if v is not None})
     t = replace(preset.train, epochs=args.epochs if args.epochs is not None else preset.epochs)
     overrides = {"batch_size": args.batch_size, "lr": args.lr, "weight_decay": args.weight_decay,

@@ -35,6 +35,10 @@ class ModelConfig:
     # Backbone feature levels, one flow each. CNN: timm out_indices (1 = stride 4, 2 = stride 8,
     # 3 = stride 16); ViT: the block index. None: the backbone's registered default (backbones.py).
     levels: tuple[int, ...] | None = None
+    # CNN levels' LayerNorm over (C, H, W) with its learned per-location affine (the reference design).
+    # False: no affine, a position-free model whose training loss is a proper likelihood (the affine's
+    # Jacobian is not in the loss, so with it the NLL can fall without bound); for unaligned parts.
+    norm_affine: bool = True
 
     def __post_init__(self) -> None:
         size = self.input_size

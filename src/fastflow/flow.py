@@ -127,7 +127,7 @@ class AffineCouplingStep(nn.Module):
         """The global scale and its log-determinant per location, sum_c log g. Without autograd (inference)
         they are computed once per parameter value and reused: four operations fewer per step."""
         p = self.global_scale
-        if torch.is_grad_enabled() and p.requires_grad:
+        if (torch.is_grad_enabled() and p.requires_grad) or p.is_inference():  # (built in inference mode)
             scale = self._scale()
             return scale, torch.log(scale).sum()
         key = (p._version, p.data_ptr(), p.dtype, p.device)

@@ -109,7 +109,7 @@ class FastFlow(nn.Module):
         shapes = self.backbone.feature_shapes(config.input_size)
         self.feature_shapes = shapes  # list of (C_i, H_i, W_i)
         self.norms = nn.ModuleList(
-            nn.LayerNorm(list(s), elementwise_affine=True) if self.backbone.needs_norm else nn.Identity()
+            nn.LayerNorm(list(s), elementwise_affine=config.norm_affine) if self.backbone.needs_norm else nn.Identity()
             for s in shapes
         )
         self.flows = nn.ModuleList(

@@ -142,7 +142,8 @@ def _build_parser() -> argparse.ArgumentParser:
     t.add_argument("--hidden-ratio", type=float, default=None)
     t.add_argument("--kernels", choices=["3-1", "3-3"], default=None)
     t.add_argument("--levels", type=_levels, default=None,
-                   help="backbone feature levels, one flow each (CNN: 1=stride 4, 2=stride 8, 3=stride 16)")
+                   help="backbone feature levels, one flow each (CNN: 1=stride 4, 2=stride 8, 3=stride 16, "
+                        "4=stride 32)")
     t.add_argument("--no-norm-affine", action="store_true",
                    help="LayerNorm without its learned per-location affine: position-free, and the loss stays a "
                         "proper likelihood; for parts that are not aligned (Magnetic Tile: README)")

@@ -269,8 +269,7 @@ def fold_batchnorm(module: nn.Module) -> int:
     for prev, name in zip([None] + names, names):
         child = module._modules[name]
         conv = module._modules[prev] if prev is not None else None
-        if (isinstance(child, nn.BatchNorm2d) and isinstance(conv, nn.Conv2d) and child.track_running_stats
-                and child.running_mean is not None):
+        if isinstance(child, nn.BatchNorm2d) and isinstance(conv, nn.Conv2d) and child.running_mean is not None:
             module._modules[prev] = fuse_conv_bn_eval(conv.eval(), child.eval())
             after = [m for m in (getattr(child, "drop", None), getattr(child, "act", None))
                      if m is not None and not isinstance(m, nn.Identity)]

@@ -138,3 +138,53 @@ def test_inference_reuses_the_global_scale_only_while_the_parameter_is_unchanged
     loss = step.forward_map(x)[0].sum()  # with autograd the scale is computed afresh: its gradient flows
     loss.backward()
     assert step.global_scale.grad is not None
+
+
+@pytest.mark.parametrize("kernels,batch", [("3-1", 1), ("3-3", 3)])
+def test_fused_inference_path_is_the_same_function(kernels, batch, monkeypatch):
+    from fastflow import flow as flow_module
+
+    torch.manual_seed(0)
+    flow = randomise(Flow2D(7, steps=4, hidden_ratio=1.0, kernels=kernels), seed=5, scale=0.3)
+    x = torch.randn(batch, 7, 5, 9)
+    with torch.no_grad():
+        z_ref, ld_ref = flow.forward_map(x)  # the plain path
+    calls = []
+    fused = flow_module.AffineCouplingStep.forward_fused
+    monkeypatch.setattr(flow_module.AffineCouplingStep, "forward_fused",
+                        lambda self, *a: calls.append(1) or fused(self, *a))
+    for onednn in (True, False):  # oneDNN's fused conv + ReLU, and the conv2d fallback
+        monkeypatch.setattr(flow_module, "_mkldnn_conv_relu_ok", lambda onednn=onednn: onednn)
+        with torch.inference_mode():
+            z, ld = flow.forward_map(x)
+            _, ld_sum = flow(x)
+        torch.testing.assert_close(z, z_ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(ld, ld_ref, rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(ld_sum, ld_ref.flatten(1).sum(1), rtol=1e-5, atol=1e-3)
+    assert len(calls) == 2 * 2 * 4  # both runs, forward_map and forward, every step: the fused path ran
+
+
+def test_fused_constants_follow_every_parameter_change():
+    step = randomise(AffineCouplingStep(6, conv_subnet_factory(3, 1.0)), seed=6, scale=0.3)
+    flow = Flow2D(6, steps=1)
+    flow.steps[0] = step
+    x = torch.randn(2, 6, 4, 4)
+    for name, param in [("conv weight", step.subnet[2].weight), ("offset", step.global_offset),
+                        ("scale", step.global_scale), ("first conv bias", step.subnet[0].bias)]:
+        with torch.inference_mode():
+            before = flow.forward_map(x)
+        with torch.no_grad():
+            param.add_(0.3)  # in place, as an optimiser step or load_state_dict does
+            want = flow.forward_map(x)
+        with torch.inference_mode():
+            got = flow.forward_map(x)
+        assert not (torch.allclose(got[0], before[0]) and torch.allclose(got[1], before[1])), name
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_fused_path_of_a_flow_built_in_inference_mode():
+    with torch.inference_mode():  # parameters are inference tensors: no version counter to cache on
+        torch.manual_seed(0)
+        flow = Flow2D(6, steps=2, hidden_ratio=1.0)
+        z, ld = flow.forward_map(torch.randn(1, 6, 3, 3))
+    assert z.shape == (1, 6, 3, 3) and torch.isfinite(ld).all()

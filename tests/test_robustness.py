@@ -642,3 +642,19 @@ def test_output_names_cannot_escape_the_output_folder(base, tmp_path, capsys):
     new = set(tmp_path.rglob("*")) - before
     assert new and all(out.resolve() in p.resolve().parents or p.resolve() == out.resolve() for p in new)
     assert len(list((out / "mask").iterdir())) == 5
+
+
+def test_output_into_a_closed_pipe_ends_quietly(monkeypatch, tmp_path):
+    """`fastflow presets | head -n 0`: no traceback, exit status 141 (128 + SIGPIPE) like a shell tool."""
+    from fastflow import cli
+
+    def reader_went_away(args):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setitem(cli.COMMANDS, "presets", reader_went_away)
+    with open(tmp_path / "stdout", "w") as f:
+        monkeypatch.setattr(sys, "stdout", f)
+        assert cli.main(["presets"]) == 141
+        print("after the pipe broke", file=f)
+        f.flush()  # stdout now points at /dev/null: the interpreter's last flush cannot fail again
+    assert (tmp_path / "stdout").read_text() == ""

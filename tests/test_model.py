@@ -74,7 +74,7 @@ def test_one_step_lowers_loss_and_backbone_is_untouched(lite0):
     first.loss.backward()
     opt.step()
     assert all(p.grad is None for p in model.backbone.parameters())
-    assert float(model(x).loss) < float(first.loss)
+    assert model(x).loss.item() < first.loss.item()
     for k, v in model.backbone.state_dict().items():
         if "running" in k:
             torch.testing.assert_close(v, bn_before[k])

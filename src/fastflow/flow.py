@@ -41,6 +41,21 @@ from torch import nn
 SubnetFactory = Callable[[int, int], nn.Module]
 
 
+def _pointwise(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """A 1x1 convolution as one batched matrix product over the flattened positions."""
+    b, c, h, w = x.shape
+    y = torch.baddbmm(bias.view(1, -1, 1), weight.view(1, -1, c).expand(b, -1, -1), x.reshape(b, c, h * w))
+    return y.view(b, -1, h, w)
+
+
+def _version_key(*params: torch.Tensor) -> tuple | None:
+    """What identifies the current values of ``params`` for a cache (version counter, storage, dtype,
+    device of each); None for inference tensors (parameters made under inference mode have no version)."""
+    if any(p.is_inference() for p in params):
+        return None
+    return tuple((p._version, p.data_ptr(), p.dtype, p.device) for p in params)
+
+
 class PointwiseConv2d(nn.Conv2d):
     """A 1x1 convolution computed as one matrix product over the flattened positions.
 
@@ -53,10 +68,7 @@ class PointwiseConv2d(nn.Conv2d):
         super().__init__(in_channels, out_channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, c, h, w = x.shape
-        weight = self.weight.view(1, self.out_channels, c).expand(b, -1, -1)
-        y = torch.baddbmm(self.bias.view(1, -1, 1), weight, x.reshape(b, c, h * w))
-        return y.view(b, self.out_channels, h, w)
+        return _pointwise(x, self.weight, self.bias)
 
 
 class ConvSubnet(nn.Sequential):
@@ -98,9 +110,7 @@ def _conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, relu: bool)
     """A subnet convolution (1x1 or kxk, stride 1, 'same' zero padding) at inference, optionally with ReLU."""
     k = weight.shape[-1]
     if k == 1:
-        b, c, h, w = x.shape
-        y = torch.baddbmm(bias.view(1, -1, 1), weight.view(1, -1, c).expand(b, -1, -1), x.reshape(b, c, h * w))
-        y = y.view(b, -1, h, w)
+        y = _pointwise(x, weight, bias)
     elif x.device.type == "cpu" and x.dtype == torch.float32 and _mkldnn_conv_relu_ok():
         pad = [k // 2, k // 2]
         return torch.ops.mkldnn._convolution_pointwise(x, weight, bias, pad, [1, 1], [1, 1], 1,
@@ -173,10 +183,10 @@ class AffineCouplingStep(nn.Module):
         """The global scale and its log-determinant per location, sum_c log g. Without autograd (inference)
         they are computed once per parameter value and reused: four operations fewer per step."""
         p = self.global_scale
-        if (torch.is_grad_enabled() and p.requires_grad) or p.is_inference():  # (built in inference mode)
+        key = None if torch.is_grad_enabled() and p.requires_grad else _version_key(p)
+        if key is None:
             scale = self._scale()
             return scale, torch.log(scale).sum()
-        key = (p._version, p.data_ptr(), p.dtype, p.device)
         if getattr(self, "_cached_key", None) != key:
             with torch.inference_mode(False), torch.no_grad():  # normal tensors: usable under autograd later
                 scale = self._scale()
@@ -230,10 +240,10 @@ class AffineCouplingStep(nn.Module):
 
     def _folded(self) -> _Folded:
         """The folded constants, recomputed only when a parameter changed (version or storage)."""
-        params = list(self.subnet.parameters()) + [self.global_scale, self.global_offset]
-        if any(p.is_inference() for p in params):  # (a model built in inference mode: no version counter)
+        conv1, conv2 = self.subnet[0], self.subnet[2]
+        key = _version_key(conv1.weight, conv1.bias, conv2.weight, conv2.bias, self.global_scale, self.global_offset)
+        if key is None:
             return self._fold()
-        key = tuple((p._version, p.data_ptr(), p.dtype, p.device) for p in params)
         if getattr(self, "_folded_key", None) != key:
             self._folded_cache = self._fold()
             self._folded_key = key

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from fastflow.data import (AnomalyDataset, DatasetError, Preprocess, Sample, augment_pair, check_readable,
                            list_categories, load_image, load_mask, load_samples)
@@ -322,6 +322,30 @@ def test_preprocess_normalises_and_round_trips(tmp_path: Path) -> None:
         Preprocess.from_dict({**pre.to_dict(), "crop": 3})
     with pytest.raises(ValueError, match="resize must be one of"):
         Preprocess((8, 8), (0, 0, 0), (1, 1, 1), resize="fancy")
+
+
+def test_autocontrast_stretches_each_image_before_resizing() -> None:
+    rng = np.random.default_rng(0)
+    ramp = np.linspace(40, 70, 40)[None, :] + rng.normal(0, 1, size=(30, 40))
+    dark = np.clip(ramp, 40, 70).astype(np.uint8)  # a dark, low-contrast grey part
+    grey = np.repeat(dark[:, :, None], 3, axis=2)
+    off = Preprocess((12, 16), (0, 0, 0), (1, 1, 1))
+    on = Preprocess((12, 16), (0, 0, 0), (1, 1, 1), autocontrast=1.0)
+    plain, stretched = off.resize_image(grey), on.resize_image(grey)
+    assert plain.max() <= 70 and np.ptp(plain) < 31
+    assert stretched.min() < 10 and stretched.max() > 245  # the full range after the stretch
+    expected = Image.fromarray(np.asarray(ImageOps.autocontrast(Image.fromarray(grey), cutoff=1.0)))
+    assert np.array_equal(stretched, np.asarray(expected.resize((16, 12), Image.Resampling.BILINEAR)))
+    # on a colour image one tone curve serves every channel: colours keep their order (no per-channel stretch)
+    colour = np.stack([dark, dark // 2, dark // 4], axis=2)
+    out = on.resize_image(colour).astype(int)
+    assert (out[..., 0] >= out[..., 1]).all() and (out[..., 1] >= out[..., 2]).all()
+    assert Preprocess.from_dict(on.to_dict()) == on and on.to_dict()["autocontrast"] == 1.0
+    old = {k: v for k, v in off.to_dict().items() if k != "autocontrast"}  # a checkpoint from before the option
+    assert Preprocess.from_dict(old).autocontrast is None
+    for bad in (-1.0, 50.0):
+        with pytest.raises(ValueError, match="autocontrast cutoff"):
+            Preprocess((8, 8), (0, 0, 0), (1, 1, 1), autocontrast=bad)
 
 
 def test_masks_are_binary_and_follow_their_image(tmp_path: Path) -> None:

@@ -55,6 +55,15 @@ def test_sidecar_describes_graph_preprocessing_and_threshold(exported):
     assert meta["parity"]["max_abs_diff_map"] < TOL
 
 
+def test_sidecar_steps_name_the_contrast_stretch_when_the_model_uses_it(exported):
+    from fastflow.export import preprocess_steps
+
+    meta = json.load(open(exported[1][:-5] + ".json"))
+    assert meta["preprocess"]["autocontrast"] is None and "contrast" not in meta["preprocess"]["steps"]
+    steps = preprocess_steps({**meta["preprocess"], "autocontrast": 1.0})
+    assert "1% of the pixels" in steps and steps.index("contrast") < steps.index("resize")
+
+
 def test_graph_has_named_io_dynamic_batch_and_no_threshold(exported):
     import onnx
 

@@ -2,10 +2,12 @@
 
 import json
 import pickle
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from fastflow.cli import main
 from fastflow.config import ModelConfig, TrainConfig
@@ -147,6 +149,31 @@ def test_no_norm_affine_gives_a_position_free_model_that_round_trips(dataset, tm
     for (z, ld), (zs, lds) in zip(flows_only(feats), flows_only(shifted)):
         # away from the borders (zero padding), rolling the input rolls the log-det map
         torch.testing.assert_close(torch.roll(ld, 1, dims=2)[..., 3:-3, 3:-3], lds[..., 3:-3, 3:-3], rtol=1e-4, atol=1e-4)
+
+
+def test_autocontrast_is_saved_with_the_preprocessing_and_used_to_predict(dataset, tmp_path):
+    out = tmp_path / "contrast"
+    assert main(["train", "--data", dataset, "--category", "texture", "--output", str(out), "--flow-steps", "1",
+                 "--autocontrast", *TINY]) == 0
+    model, ckpt = load_run(str(out))
+    assert ckpt["model_config"]["autocontrast"] == 1.0 and ckpt["preprocess"]["autocontrast"] == 1.0
+    import fastflow
+
+    predictor = fastflow.Predictor.from_run(str(out))
+    assert predictor.preprocess.autocontrast == 1.0
+    # the stretch undoes a darkening of the image, so the model scores a dark copy like the image itself
+    plain = fastflow.Predictor.from_run(str(out))
+    plain.preprocess = replace(plain.preprocess, autocontrast=None)
+    gaps = {"on": [], "off": []}
+    for sample in load_samples("mvtec", dataset, "texture", "test"):
+        image = np.asarray(Image.open(sample.path).convert("RGB"))
+        dark = (image.astype(np.float64) * 0.5 + 20).astype(np.uint8)
+        assert (predictor.preprocess(image) - predictor.preprocess(dark)).abs().mean() < 0.05  # inputs in [-1, 1]
+        for key, p in (("on", predictor), ("off", plain)):
+            gaps[key].append(abs(p.predict(image).score - p.predict(dark).score))
+    assert np.mean(gaps["on"]) < 0.25 * np.mean(gaps["off"])
+    assert main(["train", "--data", dataset, "--category", "texture", "--output", str(tmp_path / "bad"),
+                 "--autocontrast", "60", *TINY]) == 2
 
 
 def _write_cifar(root, per_class=6, seed=0):

@@ -149,6 +149,10 @@ def _build_parser() -> argparse.ArgumentParser:
                         "proper likelihood; for parts that are not aligned (Magnetic Tile: README)")
     t.add_argument("--anomaly-map", choices=["loglik", "reference"], default=None)
     t.add_argument("--smoothing-sigma", type=float, default=None)
+    t.add_argument("--autocontrast", type=float, nargs="?", const=1.0, default=None, metavar="CUTOFF",
+                   help="stretch each image's contrast before resizing, clipping CUTOFF percent of the darkest and "
+                        "brightest pixels (default 1 when given); saved with the model's preprocessing. For dark, "
+                        "low-contrast parts (Magnetic Tile: README)")
     t.add_argument("--augment", action="store_true", help="paper Section 6.2 augmentation (flips, rotation)")
     t.add_argument("--no-cache", action="store_true", help="recompute backbone features every epoch")
     t.add_argument("--val-fraction", type=float, default=None)
@@ -221,7 +225,8 @@ def _configs(args) -> tuple[ModelConfig, TrainConfig]:
     m = preset.model
     overrides = {"input_size": args.input_size, "flow_steps": args.flow_steps, "hidden_ratio": args.hidden_ratio,
                  "kernels": args.kernels, "anomaly_map": args.anomaly_map, "smoothing_sigma": args.smoothing_sigma,
-                 "levels": args.levels, "norm_affine": False if args.no_norm_affine else None}
+                 "levels": args.levels, "norm_affine": False if args.no_norm_affine else None,
+                 "autocontrast": args.autocontrast}
     m = replace(m, **{k: v for k, v in overrides.items() if v is not None})
     t = replace(preset.train, epochs=args.epochs if args.epochs is not None else preset.epochs)
     overrides = {"batch_size": args.batch_size, "lr": args.lr, "weight_decay": args.weight_decay,

@@ -39,6 +39,9 @@ class ModelConfig:
     # False: no affine, a position-free model whose training loss is a proper likelihood (the affine's
     # Jacobian is not in the loss, so with it the NLL can fall without bound); for unaligned parts.
     norm_affine: bool = True
+    # Input contrast stretch, saved with the preprocessing (data/preprocess.py): None = off (the paper), or
+    # the percent of darkest and brightest pixels clipped before each image is stretched to 0-255.
+    autocontrast: float | None = None
 
     def __post_init__(self) -> None:
         size = self.input_size
@@ -59,6 +62,10 @@ class ModelConfig:
             object.__setattr__(self, "levels", check_levels(self.levels))
         if self.smoothing_sigma < 0:
             raise ValueError(f"smoothing_sigma must be >= 0, got {self.smoothing_sigma}")
+        if self.autocontrast is not None:
+            object.__setattr__(self, "autocontrast", float(self.autocontrast))
+            if not 0.0 <= self.autocontrast < 50.0:
+                raise ValueError(f"autocontrast must be a percent in [0, 50) (or None = off), got {self.autocontrast}")
 
 
 @dataclass(frozen=True)

@@ -101,9 +101,7 @@ def export_onnx(run_dir: str, output: str | None = None, opset: int = DEFAULT_OP
         "inputs": [{"name": INPUT_NAME, "dtype": "float32", "shape": ["batch", 3, height, width]}],
         "outputs": [{"name": "score", "dtype": "float32", "shape": ["batch"]},
                     {"name": "anomaly_map", "dtype": "float32", "shape": ["batch", 1, height, width]}],
-        "preprocess": {**ckpt["preprocess"],
-                       "steps": "decode to RGB; resize to input_size (H, W) with `resize` (Pillow filter, "
-                                "antialiased); scale to [0, 1]; (x - mean) / std per channel; CHW"},
+        "preprocess": {**ckpt["preprocess"], "steps": preprocess_steps(ckpt["preprocess"])},
         "threshold": json_threshold(ckpt.get("threshold")),
         "decision": "anomalous when score > threshold.value; pixel mask: anomaly_map > threshold.value",
         "model_config": ckpt["model_config"],
@@ -113,6 +111,17 @@ def export_onnx(run_dir: str, output: str | None = None, opset: int = DEFAULT_OP
     with open(sidecar_path(output), "w") as f:
         json.dump(meta, f, indent=1)
     return meta
+
+
+def preprocess_steps(pre: dict) -> str:
+    """What a deployment must do to an image before the graph, in words (the sidecar's ``steps``)."""
+    contrast = ""
+    if pre.get("autocontrast") is not None:
+        contrast = (f"stretch the contrast: clip the darkest and brightest {pre['autocontrast']:g}% of the pixels "
+                    f"and map the rest linearly to 0-255, one tone curve from the greyscale histogram for all "
+                    f"channels (Pillow ImageOps.autocontrast(cutoff, preserve_tone=True)); ")
+    return (f"decode to RGB; {contrast}resize to input_size (H, W) with `resize` (Pillow filter, antialiased); "
+            f"scale to [0, 1]; (x - mean) / std per channel; CHW")
 
 
 def _export(wrapper: nn.Module, example: torch.Tensor, output: str, opset: int, exporter: str) -> None:

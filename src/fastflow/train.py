@@ -45,8 +45,10 @@ class TrainingError(RuntimeError):
 
 
 def preprocess_for(model: FastFlow) -> Preprocess:
-    """The preprocessing a model expects, read from its backbone (timm's data config)."""
-    return Preprocess(model.config.input_size, model.backbone.mean, model.backbone.std)
+    """The preprocessing a model expects: size and contrast from its config, normalisation from its backbone
+    (timm's data config)."""
+    return Preprocess(model.config.input_size, model.backbone.mean, model.backbone.std,
+                      autocontrast=model.config.autocontrast)
 
 
 def split_validation(samples: list[Sample], fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:

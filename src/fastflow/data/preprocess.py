@@ -85,6 +85,12 @@ def _resize_bool(mask: np.ndarray, size_wh: tuple[int, int]) -> np.ndarray:
     return np.asarray(resized) > 0
 
 
+def check_autocontrast(cutoff: float | None) -> None:
+    """None, or a cutoff percent in [0, 50); ValueError otherwise."""
+    if cutoff is not None and not 0.0 <= cutoff < 50.0:
+        raise ValueError(f"autocontrast cutoff must be a percent in [0, 50) (or off), got {cutoff}")
+
+
 @dataclass(frozen=True)
 class Preprocess:
     """How an image becomes a network input. Build it from the backbone's data config."""
@@ -93,6 +99,11 @@ class Preprocess:
     mean: tuple[float, float, float]  # per-channel mean of [0, 1] RGB that the backbone was trained with
     std: tuple[float, float, float]  # per-channel std, same source
     resize: str = "bilinear"  # Pillow filter for images (antialiased when shrinking); masks use nearest
+    # Per-image contrast stretch before resizing, or None (off): the darkest and the brightest
+    # ``autocontrast`` percent of the pixels are clipped and the rest stretched to 0-255, one tone curve
+    # for all channels (Pillow's ``ImageOps.autocontrast(cutoff, preserve_tone=True)``). For dark,
+    # low-contrast parts: it lifted Magnetic Tile's image AUROC from 0.966 to 0.979 (README).
+    autocontrast: float | None = None
 
     load_image = staticmethod(load_image)
 
@@ -107,6 +118,7 @@ class Preprocess:
             raise ValueError(f"mean and std need 3 values each, std > 0; got mean={self.mean}, std={self.std}")
         if self.resize not in RESAMPLING:
             raise ValueError(f"resize must be one of {', '.join(RESAMPLING)}, got {self.resize!r}")
+        check_autocontrast(self.autocontrast)
 
     def to_dict(self) -> dict:
         """Plain lists and strings, for a checkpoint or YAML."""
@@ -129,6 +141,8 @@ class Preprocess:
                 raise ValueError(f"expected an (H, W, 3) uint8 array, got {image.shape} {image.dtype}")
             image = Image.fromarray(image)
         image = to_rgb(image)
+        if self.autocontrast is not None:
+            image = ImageOps.autocontrast(image, cutoff=self.autocontrast, preserve_tone=True)
         height, width = self.input_size
         if image.size != (width, height):
             image = image.resize((width, height), RESAMPLING[self.resize])

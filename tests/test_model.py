@@ -107,6 +107,9 @@ def test_presets_json_reports_reference_parameter_counts(capsys):
     assert rows["deit"]["levels"][0]["shape"] == [768, 24, 24]
     assert rows["cait"]["levels"][0]["shape"] == [768, 28, 28]
     assert [lv["stride"] for lv in rows["efficientnet_lite0"]["levels"]] == [4, 8, 16]
+    unaligned = rows["lite0_unaligned"]  # the stride-32 level alone, 3x3 kernels, ratio 2.0, no LayerNorm affine
+    assert [lv["stride"] for lv in unaligned["levels"]] == [32] and unaligned["kernels"] == "3-3"
+    assert unaligned["hidden_ratio"] == 2.0 and unaligned["params_norm"] == 0
 
 
 def test_levels_choose_the_flows_and_survive_serialisation():

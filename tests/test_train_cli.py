@@ -176,6 +176,21 @@ def test_autocontrast_is_saved_with_the_preprocessing_and_used_to_predict(datase
                  "--autocontrast", "60", *TINY]) == 2
 
 
+def test_unaligned_preset_reaches_the_checkpoint_and_its_stretch_can_be_switched_off(dataset, tmp_path):
+    out = tmp_path / "unaligned"
+    assert main(["train", "--data", dataset, "--category", "texture", "--output", str(out), "--backbone",
+                 "lite0_unaligned", "--flow-steps", "1", *TINY]) == 0
+    model, ckpt = load_run(str(out))
+    m, t = ckpt["model_config"], ckpt["train_config"]
+    assert m["levels"] == [4] and m["kernels"] == "3-3" and m["hidden_ratio"] == 2.0 and m["norm_affine"] is False
+    assert m["autocontrast"] == 1.0 and ckpt["preprocess"]["autocontrast"] == 1.0 and t["feature_noise"] == 0.0
+    assert [s[0] for s in model.feature_shapes] == [320] and model.parameter_counts()["norm"] == 0
+    out = tmp_path / "unaligned-off"
+    assert main(["train", "--data", dataset, "--category", "texture", "--output", str(out), "--backbone",
+                 "lite0_unaligned", "--flow-steps", "1", "--autocontrast", "off", *TINY]) == 0
+    assert load_run(str(out))[1]["preprocess"]["autocontrast"] is None
+
+
 def _write_cifar(root, per_class=6, seed=0):
     """A tiny folder in the python-pickle format of cifar-10-batches-py: class c is a flat colour c."""
     folder = root / "cifar-10-batches-py"

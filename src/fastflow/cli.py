@@ -108,6 +108,16 @@ def _levels(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def _cutoff(text: str) -> float | str:
+    """--autocontrast's value: a percent, or 'off' (overrides a preset that stretches)."""
+    if text.strip().lower() in ("off", "none"):
+        return "off"
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a percent like 1 or 'off', got {text!r}") from None
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse whose usage errors are one line (subcommand parsers inherit the class)."""
 
@@ -149,10 +159,10 @@ def _build_parser() -> argparse.ArgumentParser:
                         "proper likelihood; for parts that are not aligned (Magnetic Tile: README)")
     t.add_argument("--anomaly-map", choices=["loglik", "reference"], default=None)
     t.add_argument("--smoothing-sigma", type=float, default=None)
-    t.add_argument("--autocontrast", type=float, nargs="?", const=1.0, default=None, metavar="CUTOFF",
+    t.add_argument("--autocontrast", type=_cutoff, nargs="?", const=1.0, default=None, metavar="CUTOFF",
                    help="stretch each image's contrast before resizing, clipping CUTOFF percent of the darkest and "
-                        "brightest pixels (default 1 when given); saved with the model's preprocessing. For dark, "
-                        "low-contrast parts (Magnetic Tile: README)")
+                        "brightest pixels (default 1 when given; 'off' to switch a preset's off); saved with the "
+                        "model's preprocessing. For dark, low-contrast parts (Magnetic Tile: README)")
     t.add_argument("--augment", action="store_true", help="paper Section 6.2 augmentation (flips, rotation)")
     t.add_argument("--no-cache", action="store_true", help="recompute backbone features every epoch")
     t.add_argument("--val-fraction", type=float, default=None)
@@ -225,9 +235,10 @@ def _configs(args) -> tuple[ModelConfig, TrainConfig]:
     m = preset.model
     overrides = {"input_size": args.input_size, "flow_steps": args.flow_steps, "hidden_ratio": args.hidden_ratio,
                  "kernels": args.kernels, "anomaly_map": args.anomaly_map, "smoothing_sigma": args.smoothing_sigma,
-                 "levels": args.levels, "norm_affine": False if args.no_norm_affine else None,
-                 "autocontrast": args.autocontrast}
+                 "levels": args.levels, "norm_affine": False if args.no_norm_affine else None}
     m = replace(m, **{k: v for k, v in overrides.items() if v is not None})
+    if args.autocontrast is not None:  # a cut-off, or "off" (None in the config)
+        m = replace(m, autocontrast=None if args.autocontrast == "off" else args.autocontrast)
     t = replace(preset.train, epochs=args.epochs if args.epochs is not None else preset.epochs)
     overrides = {"batch_size": args.batch_size, "lr": args.lr, "weight_decay": args.weight_decay,
                  "grad_clip": args.grad_clip, "feature_noise": args.feature_noise, "val_fraction": args.val_fraction,

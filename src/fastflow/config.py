@@ -65,7 +65,8 @@ class ModelConfig:
         if self.autocontrast is not None:
             object.__setattr__(self, "autocontrast", float(self.autocontrast))
             if not 0.0 <= self.autocontrast < 50.0:
-                raise ValueError(f"autocontrast must be a percent in [0, 50) (or None = off), got {self.autocontrast}")
+                raise ValueError(f"autocontrast must be a cut-off percent in [0, 50), got {self.autocontrast}; "
+                                 f"None (CLI: leave it out, or off) for no stretch")
 
 
 @dataclass(frozen=True)

@@ -344,7 +344,7 @@ def test_autocontrast_stretches_each_image_before_resizing() -> None:
     old = {k: v for k, v in off.to_dict().items() if k != "autocontrast"}  # a checkpoint from before the option
     assert Preprocess.from_dict(old).autocontrast is None
     for bad in (-1.0, 50.0):
-        with pytest.raises(ValueError, match="autocontrast cutoff"):
+        with pytest.raises(ValueError, match="autocontrast must be a cut-off percent"):
             Preprocess((8, 8), (0, 0, 0), (1, 1, 1), autocontrast=bad)
 
 

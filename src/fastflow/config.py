@@ -22,6 +22,13 @@ def check_levels(levels, shown: str | None = None) -> tuple[int, ...]:
     return out
 
 
+def check_autocontrast(cutoff: float | None) -> None:
+    """None (no contrast stretch) or a cut-off percent in [0, 50); ValueError otherwise."""
+    if cutoff is not None and not 0.0 <= cutoff < 50.0:
+        raise ValueError(f"autocontrast must be a cut-off percent in [0, 50), got {cutoff}; "
+                         f"None (CLI: leave it out, or off) for no stretch")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     backbone: str = "efficientnet_lite0"  # offline default; paper backbones need downloaded weights
@@ -62,11 +69,7 @@ class ModelConfig:
             object.__setattr__(self, "levels", check_levels(self.levels))
         if self.smoothing_sigma < 0:
             raise ValueError(f"smoothing_sigma must be >= 0, got {self.smoothing_sigma}")
-        if self.autocontrast is not None:
-            object.__setattr__(self, "autocontrast", float(self.autocontrast))
-            if not 0.0 <= self.autocontrast < 50.0:
-                raise ValueError(f"autocontrast must be a cut-off percent in [0, 50), got {self.autocontrast}; "
-                                 f"None (CLI: leave it out, or off) for no stretch")
+        check_autocontrast(self.autocontrast)
 
 
 @dataclass(frozen=True)
@@ -227,4 +230,4 @@ def from_dict(cls: type, d: dict) -> Any:
     return cls(**d)
 
 
-__all__ = ["check_levels", "ModelConfig", "TrainConfig", "Preset", "PRESETS", "get_preset", "to_dict", "from_dict", "replace"]
+__all__ = ["check_levels", "check_autocontrast", "ModelConfig", "TrainConfig", "Preset", "PRESETS", "get_preset", "to_dict", "from_dict", "replace"]

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from ..config import check_autocontrast
 from .samples import DatasetError
 
 RESAMPLING = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC,
@@ -83,12 +84,6 @@ def _resize_bool(mask: np.ndarray, size_wh: tuple[int, int]) -> np.ndarray:
         return mask
     resized = Image.fromarray(mask.astype(np.uint8) * 255).resize(size_wh, Image.Resampling.NEAREST)
     return np.asarray(resized) > 0
-
-
-def check_autocontrast(cutoff: float | None) -> None:
-    """None, or a cutoff percent in [0, 50); ValueError otherwise."""
-    if cutoff is not None and not 0.0 <= cutoff < 50.0:
-        raise ValueError(f"autocontrast cutoff must be a percent in [0, 50) (or off), got {cutoff}")
 
 
 @dataclass(frozen=True)

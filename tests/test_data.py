@@ -346,6 +346,14 @@ def test_autocontrast_stretches_each_image_before_resizing() -> None:
     for bad in (-1.0, 50.0):
         with pytest.raises(ValueError, match="autocontrast must be a cut-off percent"):
             Preprocess((8, 8), (0, 0, 0), (1, 1, 1), autocontrast=bad)
+    # histogram equalisation instead: Pillow's, per channel, before the resize
+    eq = Preprocess((12, 16), (0, 0, 0), (1, 1, 1), equalize=True)
+    expected = Image.fromarray(np.asarray(ImageOps.equalize(Image.fromarray(grey))))
+    assert np.array_equal(eq.resize_image(grey), np.asarray(expected.resize((16, 12), Image.Resampling.BILINEAR)))
+    assert np.ptp(eq.resize_image(grey)) > 200 and Preprocess.from_dict(eq.to_dict()) == eq
+    assert Preprocess.from_dict(old).equalize is False
+    with pytest.raises(ValueError, match="not both"):
+        Preprocess((8, 8), (0, 0, 0), (1, 1, 1), autocontrast=1.0, equalize=True)
 
 
 def test_masks_are_binary_and_follow_their_image(tmp_path: Path) -> None:

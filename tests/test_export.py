@@ -62,6 +62,8 @@ def test_sidecar_steps_name_the_contrast_stretch_when_the_model_uses_it(exported
     assert meta["preprocess"]["autocontrast"] is None and "contrast" not in meta["preprocess"]["steps"]
     steps = preprocess_steps({**meta["preprocess"], "autocontrast": 1.0})
     assert "1% of the pixels" in steps and steps.index("contrast") < steps.index("resize")
+    steps = preprocess_steps({**meta["preprocess"], "equalize": True})
+    assert "equalise the histogram" in steps and steps.index("equalise") < steps.index("resize")
 
 
 def test_graph_has_named_io_dynamic_batch_and_no_threshold(exported):

@@ -189,6 +189,13 @@ def test_unaligned_preset_reaches_the_checkpoint_and_its_stretch_can_be_switched
     assert main(["train", "--data", dataset, "--category", "texture", "--output", str(out), "--backbone",
                  "lite0_unaligned", "--flow-steps", "1", "--autocontrast", "off", *TINY]) == 0
     assert load_run(str(out))[1]["preprocess"]["autocontrast"] is None
+    out = tmp_path / "unaligned-equalize"  # --equalize replaces the preset's stretch
+    assert main(["train", "--data", dataset, "--category", "texture", "--output", str(out), "--backbone",
+                 "lite0_unaligned", "--flow-steps", "1", "--equalize", *TINY]) == 0
+    pre = load_run(str(out))[1]["preprocess"]
+    assert pre["equalize"] is True and pre["autocontrast"] is None
+    assert main(["train", "--data", dataset, "--category", "texture", "--output", str(tmp_path / "both"),
+                 "--equalize", "--autocontrast", "2", *TINY]) == 2
 
 
 def _write_cifar(root, per_class=6, seed=0):

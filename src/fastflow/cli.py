@@ -163,6 +163,9 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="stretch each image's contrast before resizing, clipping CUTOFF percent of the darkest and "
                         "brightest pixels (default 1 when given; 'off' to switch a preset's off); saved with the "
                         "model's preprocessing. For dark, low-contrast parts (Magnetic Tile: README)")
+    t.add_argument("--equalize", action="store_true",
+                   help="equalise each image's histogram (per channel) before resizing, instead of a preset's "
+                        "--autocontrast; saved with the model's preprocessing")
     t.add_argument("--augment", action="store_true", help="paper Section 6.2 augmentation (flips, rotation)")
     t.add_argument("--no-cache", action="store_true", help="recompute backbone features every epoch")
     t.add_argument("--val-fraction", type=float, default=None)
@@ -239,6 +242,9 @@ def _configs(args) -> tuple[ModelConfig, TrainConfig]:
     m = replace(m, **{k: v for k, v in overrides.items() if v is not None})
     if args.autocontrast is not None:  # a cut-off, or "off" (None in the config)
         m = replace(m, autocontrast=None if args.autocontrast == "off" else args.autocontrast)
+    if args.equalize:  # replaces a preset's stretch; with an explicit --autocontrast CUTOFF, ModelConfig refuses both
+        explicit = args.autocontrast not in (None, "off")
+        m = replace(m, equalize=True, autocontrast=m.autocontrast if explicit else None)
     t = replace(preset.train, epochs=args.epochs if args.epochs is not None else preset.epochs)
     overrides = {"batch_size": args.batch_size, "lr": args.lr, "weight_decay": args.weight_decay,
                  "grad_clip": args.grad_clip, "feature_noise": args.feature_noise, "val_fraction": args.val_fraction,

@@ -22,11 +22,14 @@ def check_levels(levels, shown: str | None = None) -> tuple[int, ...]:
     return out
 
 
-def check_autocontrast(cutoff: float | None) -> None:
-    """None (no contrast stretch) or a cut-off percent in [0, 50); ValueError otherwise."""
+def check_autocontrast(cutoff: float | None, equalize: bool = False) -> None:
+    """None (no contrast stretch) or a cut-off percent in [0, 50), and not together with histogram
+    equalisation; ValueError otherwise."""
     if cutoff is not None and not 0.0 <= cutoff < 50.0:
         raise ValueError(f"autocontrast must be a cut-off percent in [0, 50), got {cutoff}; "
                          f"None (CLI: leave it out, or off) for no stretch")
+    if cutoff is not None and equalize:
+        raise ValueError("choose one of autocontrast and equalize, not both (CLI: --autocontrast off --equalize)")
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,8 @@ class ModelConfig:
     # Input contrast stretch, saved with the preprocessing (data/preprocess.py): None = off (the paper), or
     # the percent of darkest and brightest pixels clipped before each image is stretched to 0-255.
     autocontrast: float | None = None
+    # Or histogram equalisation of each channel before resizing (data/preprocess.py); one of the two at most.
+    equalize: bool = False
 
     def __post_init__(self) -> None:
         size = self.input_size
@@ -69,7 +74,7 @@ class ModelConfig:
             object.__setattr__(self, "levels", check_levels(self.levels))
         if self.smoothing_sigma < 0:
             raise ValueError(f"smoothing_sigma must be >= 0, got {self.smoothing_sigma}")
-        check_autocontrast(self.autocontrast)
+        check_autocontrast(self.autocontrast, self.equalize)
 
 
 @dataclass(frozen=True)

@@ -120,6 +120,8 @@ def preprocess_steps(pre: dict) -> str:
         contrast = (f"stretch the contrast: clip the darkest and brightest {pre['autocontrast']:g}% of the pixels "
                     f"and map the rest linearly to 0-255, one tone curve from the greyscale histogram for all "
                     f"channels (Pillow ImageOps.autocontrast(cutoff, preserve_tone=True)); ")
+    elif pre.get("equalize"):
+        contrast = "equalise the histogram of each channel (Pillow ImageOps.equalize); "
     return (f"decode to RGB; {contrast}resize to input_size (H, W) with `resize` (Pillow filter, antialiased); "
             f"scale to [0, 1]; (x - mean) / std per channel; CHW")
 

@@ -48,7 +48,7 @@ def preprocess_for(model: FastFlow) -> Preprocess:
     """The preprocessing a model expects: size and contrast from its config, normalisation from its backbone
     (timm's data config)."""
     return Preprocess(model.config.input_size, model.backbone.mean, model.backbone.std,
-                      autocontrast=model.config.autocontrast)
+                      autocontrast=model.config.autocontrast, equalize=model.config.equalize)
 
 
 def split_validation(samples: list[Sample], fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:

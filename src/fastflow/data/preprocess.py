@@ -99,6 +99,10 @@ class Preprocess:
     # for all channels (Pillow's ``ImageOps.autocontrast(cutoff, preserve_tone=True)``). For dark,
     # low-contrast parts: it lifted Magnetic Tile's image AUROC from 0.966 to 0.979 (README).
     autocontrast: float | None = None
+    # Or histogram equalisation of each channel before resizing (Pillow's ``ImageOps.equalize``): on
+    # Magnetic Tile it localised better than the stretch (pixel AUROC 0.823 against 0.807) and detected as
+    # well on average (README). Per channel, so on colour images it shifts the colours.
+    equalize: bool = False
 
     load_image = staticmethod(load_image)
 
@@ -113,7 +117,7 @@ class Preprocess:
             raise ValueError(f"mean and std need 3 values each, std > 0; got mean={self.mean}, std={self.std}")
         if self.resize not in RESAMPLING:
             raise ValueError(f"resize must be one of {', '.join(RESAMPLING)}, got {self.resize!r}")
-        check_autocontrast(self.autocontrast)
+        check_autocontrast(self.autocontrast, self.equalize)
 
     def to_dict(self) -> dict:
         """Plain lists and strings, for a checkpoint or YAML."""
@@ -138,6 +142,8 @@ class Preprocess:
         image = to_rgb(image)
         if self.autocontrast is not None:
             image = ImageOps.autocontrast(image, cutoff=self.autocontrast, preserve_tone=True)
+        elif self.equalize:
+            image = ImageOps.equalize(image)
         height, width = self.input_size
         if image.size != (width, height):
             image = image.resize((width, height), RESAMPLING[self.resize])

@@ -155,7 +155,7 @@ def test_autocontrast_is_saved_with_the_preprocessing_and_used_to_predict(datase
     out = tmp_path / "contrast"
     assert main(["train", "--data", dataset, "--category", "texture", "--output", str(out), "--flow-steps", "1",
                  "--autocontrast", *TINY]) == 0
-    model, ckpt = load_run(str(out))
+    ckpt = load_run(str(out))[1]
     assert ckpt["model_config"]["autocontrast"] == 1.0 and ckpt["preprocess"]["autocontrast"] == 1.0
     import fastflow
 

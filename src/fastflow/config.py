@@ -22,9 +22,9 @@ def check_levels(levels, shown: str | None = None) -> tuple[int, ...]:
     return out
 
 
-def check_autocontrast(cutoff: float | None, equalize: bool = False) -> None:
-    """None (no contrast stretch) or a cut-off percent in [0, 50), and not together with histogram
-    equalisation; ValueError otherwise."""
+def check_contrast(cutoff: float | None, equalize: bool = False) -> None:
+    """The input contrast options: ``cutoff`` (the autocontrast stretch) None or a percent in [0, 50), and
+    at most one of the stretch and histogram equalisation; ValueError otherwise."""
     if cutoff is not None and not 0.0 <= cutoff < 50.0:
         raise ValueError(f"autocontrast must be a cut-off percent in [0, 50), got {cutoff}; "
                          f"None (CLI: leave it out, or off) for no stretch")
@@ -74,7 +74,7 @@ class ModelConfig:
             object.__setattr__(self, "levels", check_levels(self.levels))
         if self.smoothing_sigma < 0:
             raise ValueError(f"smoothing_sigma must be >= 0, got {self.smoothing_sigma}")
-        check_autocontrast(self.autocontrast, self.equalize)
+        check_contrast(self.autocontrast, self.equalize)
 
 
 @dataclass(frozen=True)
@@ -235,4 +235,4 @@ def from_dict(cls: type, d: dict) -> Any:
     return cls(**d)
 
 
-__all__ = ["check_levels", "check_autocontrast", "ModelConfig", "TrainConfig", "Preset", "PRESETS", "get_preset", "to_dict", "from_dict", "replace"]
+__all__ = ["check_levels", "check_contrast", "ModelConfig", "TrainConfig", "Preset", "PRESETS", "get_preset", "to_dict", "from_dict", "replace"]

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from ..config import check_autocontrast
+from ..config import check_contrast
 from .samples import DatasetError
 
 RESAMPLING = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC,
@@ -117,7 +117,7 @@ class Preprocess:
             raise ValueError(f"mean and std need 3 values each, std > 0; got mean={self.mean}, std={self.std}")
         if self.resize not in RESAMPLING:
             raise ValueError(f"resize must be one of {', '.join(RESAMPLING)}, got {self.resize!r}")
-        check_autocontrast(self.autocontrast, self.equalize)
+        check_contrast(self.autocontrast, self.equalize)
 
     def to_dict(self) -> dict:
         """Plain lists and strings, for a checkpoint or YAML."""

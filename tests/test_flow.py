@@ -188,3 +188,78 @@ def test_fused_path_of_a_flow_built_in_inference_mode():
         flow = Flow2D(6, steps=2, hidden_ratio=1.0)
         z, ld = flow.forward_map(torch.randn(1, 6, 3, 3))
     assert z.shape == (1, 6, 3, 3) and torch.isfinite(ld).all()
+
+
+def test_training_path_gradients_match_autograd_of_the_plain_path():
+    # The training path (autograd on) runs the hand-written backward of _CouplingTail; the plain
+    # operations (no_grad path) differentiated by autograd are the reference. gradcheck in float64
+    # compares the hand-written backward with finite differences, the second check with autograd.
+    from fastflow.flow import _CouplingTail
+
+    step = randomise(AffineCouplingStep(5, conv_subnet_factory(3, 1.0)), seed=7, scale=0.4).double()
+    x1, x2 = (torch.randn(2, c, 3, 4, dtype=torch.float64, requires_grad=True) for c in step.split_sizes)
+    a = torch.randn(2, 2 * step.split_sizes[1], 3, 4, dtype=torch.float64, requires_grad=True)
+    g = (torch.rand(1, 5, 1, 1, dtype=torch.float64) + 0.5).requires_grad_()
+    o = torch.randn(1, 5, 1, 1, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda *t: _CouplingTail.apply(*t, step.perm, step.perm_inv, step.clamp), (x1, x2, a, g, o))
+
+    x = torch.randn(3, 5, 6, 7, dtype=torch.float64, requires_grad=True)
+    z, ld = step.forward_map(x)  # the training path
+    assert z.grad_fn.name().startswith("_CouplingTail")
+    wz, wl = torch.randn_like(z), torch.randn_like(ld)
+    params = [x] + list(step.parameters())
+    got = torch.autograd.grad((z * wz).sum() + (ld * wl).sum(), params)
+
+    def plain(v):  # the plain path's operations (forward_map runs them only without autograd)
+        x1, x2 = torch.split(v, step.split_sizes, dim=1)
+        log_s, shift = step._coupling(x1)
+        y = torch.cat((x1, x2 * torch.exp(log_s) + shift), dim=1)
+        scale = step._scale()
+        return torch.index_select(y * scale + step.global_offset, 1, step.perm), log_s.sum(1) + torch.log(scale).sum()
+
+    zr, ldr = plain(x)
+    torch.testing.assert_close((z, ld), (zr, ldr))
+    want = torch.autograd.grad((zr * wz).sum() + (ldr * wl).sum(), params)
+    for gw, ww in zip(got, want):
+        torch.testing.assert_close(gw, ww, rtol=1e-10, atol=1e-10)
+
+
+def test_training_convolutions_run_channels_last_with_the_same_result():
+    from fastflow.flow import ConvSubnet
+
+    torch.manual_seed(0)
+    sub = ConvSubnet(6, 8, 3, 1.0)
+    x = torch.randn(2, 6, 9, 7, requires_grad=True)
+    seen = []
+    sub[0].register_forward_pre_hook(lambda m, args: seen.append(args[0].is_contiguous(memory_format=torch.channels_last)))
+    y = sub(x)
+    assert seen == [True] and y.is_contiguous()
+    ref = nn.Sequential.forward(sub, x)  # NCHW throughout
+    assert seen == [True, False]
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-6)
+    gy = torch.randn_like(y)
+    torch.testing.assert_close(torch.autograd.grad(y, x, gy)[0], torch.autograd.grad(ref, x, gy)[0],
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_inference_after_a_fused_optimiser_step_uses_the_new_parameters():
+    # Adam(fused=True), the trainer's optimiser, updates parameters without bumping their version
+    # counters; the eval() switch before validation must drop the fused path's caches anyway.
+    torch.manual_seed(0)
+    flow = randomise(Flow2D(6, steps=2, hidden_ratio=1.0, kernels="3-3"), seed=8, scale=0.3)
+    x = torch.randn(2, 6, 5, 5)
+    opt = torch.optim.Adam(flow.parameters(), lr=0.05, fused=True)
+    flow.eval()
+    with torch.inference_mode():
+        before = flow.forward_map(x)  # fills the caches
+    flow.train()
+    flow(x)[1].sum().backward()
+    opt.step()
+    flow.eval()
+    with torch.inference_mode():
+        got = flow.forward_map(x)
+    with torch.no_grad():
+        want = flow.forward_map(x)  # the plain path: no cache
+    assert not torch.allclose(got[1], before[1])
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)

@@ -76,8 +76,16 @@ class ConvSubnet(nn.Sequential):
 
     ``hidden`` channels are ``int(in_channels * hidden_ratio)`` (as in the reference code).
     Explicit integer padding (not ``padding="same"``) keeps ONNX export simple; 1x1 kernels run as
-    ``PointwiseConv2d``.
+    ``PointwiseConv2d``. In training on the CPU the kxk convolutions run on a channels_last copy of the
+    input (the result is returned contiguous): oneDNN's forward + backward of the lite0 preset's 3x3
+    convolutions at batch 8 took 28 ms as NCHW and 18 ms channels_last, copies included (bench/README.md).
     """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (self[0].kernel_size[0] > 1 and x.device.type == "cpu" and torch.is_grad_enabled()
+                and not torch.jit.is_tracing()):
+            return super().forward(x.contiguous(memory_format=torch.channels_last)).contiguous()
+        return super().forward(x)
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, hidden_ratio: float):
         hidden = max(1, int(in_channels * hidden_ratio))
@@ -133,6 +141,55 @@ class _Folded(NamedTuple):
     log_det_const: float  # sum_c log g - clamp * C2: the per-location log-det apart from 2 clamp sum sigma
 
 
+class _CouplingTail(torch.autograd.Function):
+    """What follows the subnet in a coupling step, with a hand-written backward (training only).
+
+    Forward, the same function as ``AffineCouplingStep.forward_map`` after ``a = subnet(x1)``:
+        sig = sigmoid(0.2 a_s)             e = exp(log_s),  log_s = clamp (2 sig - 1)
+        u   = x2 e + 0.1 a_t               y = (x1 g1 + o1, u g2 + o2)       z = y[:, perm]
+        log|det| map (less sum_c log g) = sum_c log_s
+    Backward, with gy = gz[:, perm_inv] (the inverse permutation is a gather, not autograd's scatter):
+        dx1 = gy1 g1   dx2 = gy2 g2 e   da_t = 0.1 gy2 g2
+        da_s = (gy2 g2 x2 e + g_logdet) * 0.4 clamp sig (1 - sig)
+        dg = sum_{b,h,w} (gy1 x1, gy2 u)   do = sum_{b,h,w} gy
+    The forward has as many tensor operations as the plain path; the backward takes 15 where autograd's
+    chain takes over 20, among them a scatter for the permutation and a zero-filled buffer for every
+    slice. Training steps of the lite0 preset: 12% faster (bench/README.md); checked against autograd
+    by ``gradcheck`` in the tests.
+    """
+
+    @staticmethod
+    def forward(ctx, x1, x2, a, g, o, perm, perm_inv, clamp: float):
+        c1, c2 = x1.shape[1], x2.shape[1]
+        sig = torch.sigmoid(a[:, :c2] * 0.2)
+        e = torch.add(sig, -0.5).mul_(2.0 * clamp).exp_()
+        u = torch.addcmul(a[:, c2:] * 0.1, x2, e)
+        y = x1.new_empty(x1.shape[0], c1 + c2, *x1.shape[2:])
+        torch.addcmul(o[:, :c1], x1, g[:, :c1], out=y[:, :c1])
+        torch.addcmul(o[:, c1:], u, g[:, c1:], out=y[:, c1:])
+        ctx.save_for_backward(x1, x2, sig, e, u, g, perm_inv)
+        ctx.clamp = clamp
+        return torch.index_select(y, 1, perm), sig.sum(dim=1).mul_(2.0 * clamp).sub_(clamp * c2)
+
+    @staticmethod
+    def backward(ctx, gz, g_log_det):
+        x1, x2, sig, e, u, g, perm_inv = ctx.saved_tensors
+        c1, c2 = x1.shape[1], x2.shape[1]
+        gy = torch.index_select(gz, 1, perm_inv)
+        gy1, gy2 = gy[:, :c1], gy[:, c1:]
+        dx1 = gy1 * g[:, :c1]
+        dg = torch.cat(((gy1 * x1).sum(dim=(0, 2, 3)), (gy2 * u).sum(dim=(0, 2, 3)))).view_as(g)
+        do = gy.sum(dim=(0, 2, 3)).view_as(g)
+        gu = gy2 * g[:, c1:]
+        dx2 = gu * e
+        da = x1.new_empty(x1.shape[0], 2 * c2, *x1.shape[2:])
+        torch.mul(gu, 0.1, out=da[:, c2:])
+        k = 0.4 * ctx.clamp
+        d_log_s = torch.addcmul(g_log_det.unsqueeze(1) * k, dx2, x2, value=k)
+        torch.mul(d_log_s, torch.addcmul(sig, sig, sig, value=-1.0), out=da[:, :c2])
+        return dx1, dx2, da, dg, do, None, None, None
+
+
 def conv_subnet_factory(kernel_size: int, hidden_ratio: float) -> SubnetFactory:
     def make(c_in: int, c_out: int) -> nn.Module:
         return ConvSubnet(c_in, c_out, kernel_size, hidden_ratio)
@@ -179,6 +236,13 @@ class AffineCouplingStep(nn.Module):
     def _scale(self) -> torch.Tensor:
         return 0.1 * F.softplus(self.global_scale, beta=0.5)
 
+    def train(self, mode: bool = True) -> "AffineCouplingStep":
+        """Also drops the inference caches (global scale, folded constants). They follow in-place changes
+        through the parameters' version counters, but a fused optimiser step (``Adam(fused=True)``) updates
+        parameters without bumping them; every ``train()`` / ``eval()`` switch starts afresh."""
+        self._cached_key = self._folded_key = None
+        return super().train(mode)
+
     def _scale_and_log_det(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The global scale and its log-determinant per location, sum_c log g. Without autograd (inference)
         they are computed once per parameter value and reused: four operations fewer per step."""
@@ -203,8 +267,16 @@ class AffineCouplingStep(nn.Module):
         return log_s, 0.1 * a[:, c2:]
 
     def forward_map(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x: (B, C, H, W) -> z: (B, C, H, W), per-location log|det|: (B, H, W)."""
+        """x: (B, C, H, W) -> z: (B, C, H, W), per-location log|det|: (B, H, W).
+
+        With autograd on (training) the part after the subnet runs as ``_CouplingTail``, with its
+        hand-written backward; otherwise (no_grad, tracing for export) as plain tensor operations."""
         x1, x2 = torch.split(x, self.split_sizes, dim=1)
+        if torch.is_grad_enabled() and not torch.jit.is_tracing():
+            scale, log_det_scale = self._scale_and_log_det()
+            z, log_det_map = _CouplingTail.apply(x1, x2, self.subnet(x1), scale, self.global_offset,
+                                                 self.perm, self.perm_inv, self.clamp)
+            return z, log_det_map + log_det_scale
         log_s, shift = self._coupling(x1)
         y = torch.cat((x1, x2 * torch.exp(log_s) + shift), dim=1)
         scale, log_det_scale = self._scale_and_log_det()

@@ -256,7 +256,9 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, samples: list[Sample],
     t_features = time.perf_counter() - t_start
 
     params = model.trainable_parameters()
-    opt = torch.optim.Adam(params, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
+    # fused: one kernel for the whole update instead of a dozen per parameter list (5% of a lite0 step of 8)
+    opt = torch.optim.Adam(params, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay,
+                           fused=dist.device.type in ("cpu", "cuda"))
     start_epoch, history = 0, []
     best = {"epoch": -1, "val_nll": math.inf, "state": None}
     ckpt_path = os.path.join(run_dir, "checkpoint.pt")

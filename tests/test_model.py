@@ -155,3 +155,31 @@ def test_gaussian_blur_equals_the_reflect_padded_separable_convolution(shape, si
     assert out.shape == x.shape
     torch.testing.assert_close(out, ref.float(), rtol=1e-5, atol=1e-6)
     assert not torch.allclose(out, x, atol=1e-3) or shape[2] * shape[3] == 1  # it does blur
+
+
+@pytest.mark.parametrize("kind,sigma,size", [("loglik", 8.0, (96, 96)), ("reference", 4.0, (80, 112)), ("loglik", 0.0, (50, 70))])
+def test_map_operators_equal_upsample_mean_and_blur(kind, sigma, size):
+    """The map's one-product-per-axis form gives what its definition gives: each level's map upsampled
+    with F.interpolate, the mean over levels, then the Gaussian blur."""
+    import torch.nn.functional as F
+
+    from fastflow.model import LOG_2PI, gaussian_blur
+
+    model = FastFlow(ModelConfig(input_size=size, anomaly_map=kind, smoothing_sigma=sigma, flow_steps=2), weights="random")
+    g = torch.Generator().manual_seed(0)
+    shapes = [(2, 24, 24, 28), (2, 40, 12, 14), (2, 112, 6, 7)]
+    zs = [torch.randn(s, generator=g) for s in shapes]
+    lds = [torch.randn(s[0], s[2], s[3], generator=g) for s in shapes]
+    levels = []
+    for z, ld in zip(zs, lds):
+        if kind == "reference":
+            level = -torch.exp(-0.5 * z.pow(2).mean(dim=1, keepdim=True))
+        else:
+            level = ((0.5 * z.pow(2).sum(dim=1) - ld) / z.shape[1] + 0.5 * LOG_2PI).unsqueeze(1)
+        levels.append(F.interpolate(level, size=size, mode="bilinear", align_corners=False))
+    want = torch.stack(levels).mean(0)
+    if sigma > 0:
+        want = gaussian_blur(want, sigma)
+    got = model.anomaly_map(zs, lds, size)
+    assert got.shape == (2, 1, *size)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -27,7 +27,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .backbones import FeatureExtractor, build_backbone
@@ -88,6 +87,40 @@ def blur_operator(n: int, sigma: float, dtype: torch.dtype = torch.float32,
     np.add.at(m, (np.broadcast_to(out, src.shape), src), np.broadcast_to(k, src.shape))
     with torch.inference_mode(False):  # cached: a normal tensor, usable later under autograd too
         return torch.tensor(m, dtype=dtype, device=device)
+
+
+def linear_upsample_matrix(n_in: int, n_out: int) -> np.ndarray:
+    """(n_out, n_in) matrix of 1-D linear interpolation as ``F.interpolate(mode="bilinear",
+    align_corners=False)`` does it along one axis (source index ``(i + 0.5) n_in / n_out - 0.5``, clamped)."""
+    src = np.maximum((np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5, 0.0)
+    i0 = np.minimum(np.floor(src).astype(int), n_in - 1)
+    i1 = np.minimum(i0 + 1, n_in - 1)
+    frac = src - i0
+    m = np.zeros((n_out, n_in))
+    np.add.at(m, (np.arange(n_out), i0), 1.0 - frac)
+    np.add.at(m, (np.arange(n_out), i1), frac)
+    return m
+
+
+@functools.lru_cache(maxsize=64)
+def upsample_blur_operator(n_in: int, n_out: int, sigma: float, dtype: torch.dtype = torch.float32,
+                           device: torch.device | str = "cpu") -> torch.Tensor:
+    """(n_out, n_in) matrix: linear upsampling from n_in to n_out, then the blur of ``blur_operator`` (sigma 0:
+    none). A constant of the graph when traced."""
+    m = linear_upsample_matrix(n_in, n_out)
+    if sigma > 0:
+        m = blur_operator(n_out, sigma, torch.float64).numpy() @ m
+    with torch.inference_mode(False):
+        return torch.tensor(m, dtype=dtype, device=device)
+
+
+@functools.lru_cache(maxsize=64)
+def _right_operator(levels: tuple[tuple[int, float], ...], n_out: int, sigma: float, dtype: torch.dtype,
+                    device: torch.device | str) -> torch.Tensor:
+    """The column operators of all levels stacked, each scaled by its level's weight: (sum_l w_l, n_out)."""
+    parts = [upsample_blur_operator(w, n_out, sigma, torch.float64).t() * weight for w, weight in levels]
+    with torch.inference_mode(False):
+        return torch.cat(parts).to(dtype=dtype, device=device)
 
 
 class FastFlow(nn.Module):
@@ -166,19 +199,30 @@ class FastFlow(nn.Module):
 
     def anomaly_map(self, zs: list[torch.Tensor], log_dets: list[torch.Tensor],
                     size: tuple[int, int]) -> torch.Tensor:
-        """Per-level maps upsampled bilinearly to ``size`` and averaged over levels: (B, 1, H, W)."""
-        maps = []
+        """Per-level maps upsampled bilinearly to ``size``, averaged over levels, then blurred: (B, 1, H, W).
+
+        Upsampling, averaging and the blur are all linear, so they run as one product per axis and level:
+        ``sum_l A_l X_l B_l^T`` with ``A_l = M_H U_l`` (blur after upsampling, built once per size,
+        ``upsample_blur_operator``) and the level weights folded into ``B_l``. The same numbers as
+        ``F.interpolate`` + mean + ``gaussian_blur`` to float rounding, with a quarter of the multiply-adds
+        (lite0 at 256 px: 8.7 M per image against 34 M for blurring the full-size map) and 3x faster
+        (bench/README.md)."""
+        h_out, w_out = int(size[0]), int(size[1])
+        sigma = float(self.config.smoothing_sigma)
+        lefts, rights = [], []
         for z, ld in zip(zs, log_dets):
             if self.config.anomaly_map == "reference":
-                level = -torch.exp(-0.5 * z.pow(2).mean(dim=1, keepdim=True))
-            else:
-                c = z.shape[1]
-                level = ((0.5 * z.pow(2).sum(dim=1) - ld) / c + 0.5 * LOG_2PI).unsqueeze(1)
-            maps.append(F.interpolate(level, size=size, mode="bilinear", align_corners=False))
-        amap = torch.stack(maps, dim=0).mean(dim=0)
-        if self.config.smoothing_sigma > 0:
-            amap = gaussian_blur(amap, self.config.smoothing_sigma)
-        return amap
+                level, weight = -torch.exp(-0.5 * z.pow(2).mean(dim=1)), 1.0
+            else:  # nll per dim = (0.5 sum_C z^2 - log|det|) / C + 0.5 log(2 pi); the constant is added at the end
+                level, weight = torch.sub(z.pow(2).sum(dim=1), ld, alpha=2.0), 0.5 / z.shape[1]
+            h, w = int(level.shape[1]), int(level.shape[2])
+            lefts.append(torch.matmul(upsample_blur_operator(h, h_out, sigma, level.dtype, level.device), level))
+            rights.append((w, weight / len(zs)))
+        amap = torch.matmul(torch.cat(lefts, dim=2), _right_operator(tuple(rights), w_out, sigma, lefts[0].dtype,
+                                                                     lefts[0].device))
+        if self.config.anomaly_map != "reference":
+            amap = amap + 0.5 * LOG_2PI
+        return amap.unsqueeze(1)
 
     @torch.no_grad()
     def generate(self, z: list[torch.Tensor]) -> list[torch.Tensor]:

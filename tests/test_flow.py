@@ -263,3 +263,14 @@ def test_inference_after_a_fused_optimiser_step_uses_the_new_parameters():
         want = flow.forward_map(x)  # the plain path: no cache
     assert not torch.allclose(got[1], before[1])
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_channel_permutation_gather(batch):
+    from fastflow.flow import _permute_channels
+
+    x = torch.randn(batch, 7, 4, 5)
+    perm = torch.randperm(7, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(_permute_channels(x, perm), x[:, perm])
+    xt = x.transpose(2, 3)  # not contiguous
+    assert torch.equal(_permute_channels(xt, perm), xt[:, perm])

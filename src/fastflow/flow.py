@@ -48,6 +48,16 @@ def _pointwise(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> tor
     return y.view(b, -1, h, w)
 
 
+def _permute_channels(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    """``x[:, perm]`` for a (B, C, ...) tensor. For B > 1 as one row gather of the (B*C, rest) view: on the CPU
+    2-4x faster than ``index_select`` along dim 1 (lite0's stride-4 maps at batch 32: 0.79 vs 1.79 ms)."""
+    b, c = x.shape[0], x.shape[1]
+    if b == 1:
+        return torch.index_select(x, 1, perm)
+    rows = (torch.arange(b, device=x.device) * c).unsqueeze(1).add(perm).reshape(-1)
+    return torch.index_select(x.reshape(b * c, -1), 0, rows).view(x.shape)
+
+
 def _version_key(*params: torch.Tensor) -> tuple | None:
     """What identifies the current values of ``params`` for a cache (version counter, storage, dtype,
     device of each); None for inference tensors (parameters made under inference mode have no version)."""
@@ -169,13 +179,13 @@ class _CouplingTail(torch.autograd.Function):
         torch.addcmul(o[:, c1:], u, g[:, c1:], out=y[:, c1:])
         ctx.save_for_backward(x1, x2, sig, e, u, g, perm_inv)
         ctx.clamp = clamp
-        return torch.index_select(y, 1, perm), sig.sum(dim=1).mul_(2.0 * clamp).sub_(clamp * c2)
+        return _permute_channels(y, perm), sig.sum(dim=1).mul_(2.0 * clamp).sub_(clamp * c2)
 
     @staticmethod
     def backward(ctx, gz, g_log_det):
         x1, x2, sig, e, u, g, perm_inv = ctx.saved_tensors
         c1, c2 = x1.shape[1], x2.shape[1]
-        gy = torch.index_select(gz, 1, perm_inv)
+        gy = _permute_channels(gz, perm_inv)
         gy1, gy2 = gy[:, :c1], gy[:, c1:]
         dx1 = gy1 * g[:, :c1]
         dg = torch.cat(((gy1 * x1).sum(dim=(0, 2, 3)), (gy2 * u).sum(dim=(0, 2, 3)))).view_as(g)
@@ -334,7 +344,7 @@ class AffineCouplingStep(nn.Module):
         torch.addcmul(f.o1, x1, f.g1, out=y[:, :c1])  # first half: global affine only
         torch.addcmul(a[:, c2:], x2, torch.add(f.k2, sig, alpha=two_clamp).exp_(), out=y[:, c1:])
         log_det.add_(sig.sum(dim=1), alpha=two_clamp)
-        return torch.index_select(y, 1, self.perm), f.log_det_const
+        return _permute_channels(y, self.perm), f.log_det_const
 
     def inverse_map(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """z: (B, C, H, W) -> x, per-location log|det| of the inverse: (B, H, W)."""

@@ -22,6 +22,11 @@ gathierry/FastFlow use):
 
 The permutation is a buffer applied as an index gather (no 1x1 convolution).
 
+Three implementations of the same step, each tested against the others: the plain tensor operations
+(``forward_map`` without autograd; what tracing and ONNX export see), the training path (with autograd:
+the part after the subnet is ``_CouplingTail``, whose backward is written by hand) and the fused
+inference path (under ``torch.inference_mode``: ``AffineCouplingStep.forward_fused``).
+
 Contract of every invertible module here:
     forward(x)  -> (z, log_det)        log_det: (B,), sum of the per-location map
     inverse(z)  -> (x, log_det)        log_det of the inverse map (= -forward's)
@@ -91,12 +96,6 @@ class ConvSubnet(nn.Sequential):
     convolutions at batch 8 took 28 ms as NCHW and 18 ms channels_last, copies included (bench/README.md).
     """
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (self[0].kernel_size[0] > 1 and x.device.type == "cpu" and torch.is_grad_enabled()
-                and not torch.jit.is_tracing()):
-            return super().forward(x.contiguous(memory_format=torch.channels_last)).contiguous()
-        return super().forward(x)
-
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, hidden_ratio: float):
         hidden = max(1, int(in_channels * hidden_ratio))
         pad = kernel_size // 2
@@ -106,6 +105,12 @@ class ConvSubnet(nn.Sequential):
             convs = (nn.Conv2d(in_channels, hidden, kernel_size, padding=pad),
                      nn.Conv2d(hidden, out_channels, kernel_size, padding=pad))
         super().__init__(convs[0], nn.ReLU(), convs[1])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (self[0].kernel_size[0] > 1 and x.device.type == "cpu" and torch.is_grad_enabled()
+                and not torch.jit.is_tracing()):
+            return super().forward(x.contiguous(memory_format=torch.channels_last)).contiguous()
+        return super().forward(x)
 
 
 @functools.lru_cache(maxsize=None)

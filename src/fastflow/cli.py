@@ -135,10 +135,16 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_data_args(t, required=False)
     t.add_argument("--output", help="run folder to write (for several categories: one subfolder each)")
     t.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
-    t.add_argument("--backbone", default=None, help=f"preset / backbone: {', '.join(PRESETS)}")
+    t.add_argument("--backbone", default=None,
+                   help=f"preset / backbone: auto (the default: chooses among efficientnet_lite0 and lite0_unaligned "
+                        f"on synthetic defects pasted on held-out normal images), {', '.join(PRESETS)}")
     t.add_argument("--weights", default="pretrained",
                    help="backbone weights: pretrained (default), random, or a local .pth state dict")
-    t.add_argument("--epochs", type=int, default=None, help="default: the preset's own epoch count")
+    t.add_argument("--epochs", type=int, default=None,
+                   help="train exactly N epochs (default: the preset's own length: a step budget for the lite "
+                        "presets, a fixed epoch count for the paper's)")
+    t.add_argument("--steps", type=int, default=None,
+                   help="optimiser-step budget: as many epochs as reach it (at most --epochs when both are given)")
     t.add_argument("--batch-size", type=int, default=None)
     t.add_argument("--lr", type=float, default=None)
     t.add_argument("--weight-decay", type=float, default=None)
@@ -233,8 +239,9 @@ def _version() -> str:
     return f"fastflow {__version__}"
 
 
-def _configs(args) -> tuple[ModelConfig, TrainConfig]:
-    preset = get_preset(args.backbone or "efficientnet_lite0")
+def _configs(args, name: str | None = None) -> tuple[ModelConfig, TrainConfig]:
+    """The preset ``name`` (default: ``--backbone``) with every option the user gave applied to it."""
+    preset = get_preset(name or args.backbone or "efficientnet_lite0")
     m = preset.model
     overrides = {"input_size": args.input_size, "flow_steps": args.flow_steps, "hidden_ratio": args.hidden_ratio,
                  "kernels": args.kernels, "anomaly_map": args.anomaly_map, "smoothing_sigma": args.smoothing_sigma,
@@ -245,7 +252,11 @@ def _configs(args) -> tuple[ModelConfig, TrainConfig]:
     if args.equalize:  # replaces a preset's stretch; with an explicit --autocontrast CUTOFF, ModelConfig refuses both
         explicit = args.autocontrast not in (None, "off")
         m = replace(m, equalize=True, autocontrast=m.autocontrast if explicit else None)
-    t = replace(preset.train, epochs=args.epochs if args.epochs is not None else preset.epochs)
+    t = preset.train
+    if args.epochs is not None:  # an explicit epoch count is exact unless a step budget is given too
+        t = replace(t, epochs=args.epochs, steps=args.steps)
+    elif args.steps is not None:
+        t = replace(t, steps=args.steps)
     overrides = {"batch_size": args.batch_size, "lr": args.lr, "weight_decay": args.weight_decay,
                  "grad_clip": args.grad_clip, "feature_noise": args.feature_noise, "val_fraction": args.val_fraction,
                  "false_alarm_rate": args.false_alarm_rate, "seed": args.seed}
@@ -267,6 +278,7 @@ def cmd_train(args) -> int:
 
 
 def _train(args, dist) -> int:
+    from .auto import CANDIDATES, choose
     from .data import load_samples
     from .distributed import SINGLE
     from .train import train
@@ -293,7 +305,8 @@ def _train(args, dist) -> int:
         return 0
     if not args.data or not args.category or not args.output:
         raise ValueError("train needs --data, --category and --output (or --resume RUN_DIR)")
-    model_cfg, train_cfg = _configs(args)
+    auto = args.backbone in (None, "auto")
+    model_cfg, train_cfg = _configs(args, CANDIDATES[0] if auto else None)
     categories = _categories(args)
     opts = _data_options(args)
     mine, cat_dist = categories, dist  # each category sharded over all ranks, one after the other ...
@@ -305,13 +318,20 @@ def _train(args, dist) -> int:
         samples = load_samples(args.format, args.data, cat, "train", **opts)
         say = print if cat_dist.is_main else (lambda *a, **k: None)
         where = f" (rank {dist.rank} of {dist.world})" if cat_dist is not dist else ""
+        chosen = {}
+        if auto:  # every rank probes the same way (deterministic), rank 0 alone writes
+            os.makedirs(run_dir, exist_ok=True)
+            name, model_cfg, train_cfg, report = choose([(n, *_configs(args, n)) for n in CANDIDATES], samples,
+                                                        run_dir, weights=args.weights, log=say,
+                                                        probe_tag=f"{dist.rank}" if cat_dist.world > 1 else "")
+            chosen = {"preset": name, "auto": report}
         if cat_dist.is_main:
             os.makedirs(run_dir, exist_ok=True)
             with open(_run_file(run_dir), "w") as f:
                 json.dump({"model_config": to_dict(model_cfg), "train_config": to_dict(train_cfg),
                            "weights": args.weights, "data": {"format": args.format, "root": os.path.abspath(args.data),
-                                                             "category": cat, "options": opts}}, f, indent=1)
-        say(f"[{cat}] training {model_cfg.backbone} on {len(samples)} normal images{where} -> {run_dir}")
+                                                             "category": cat, "options": opts}, **chosen}, f, indent=1)
+        say(f"[{cat}] training {chosen.get('preset') or args.backbone or model_cfg.backbone} on {len(samples)} normal images{where} -> {run_dir}")
         res = train(model_cfg, train_cfg, samples, run_dir, weights=args.weights,
                     progress=not args.quiet and dist.is_main, dist=cat_dist)
         say(f"[{cat}] done in {res.train_seconds:.1f} s: best epoch {res.best_epoch}, "

@@ -187,6 +187,8 @@ class FastFlow(nn.Module):
             log_dets.append(log_det_map)
         # Per-image NLL (constant 0.5*log(2pi) dropped), summed over levels; loss = batch mean.
         nll = sum((0.5 * z.pow(2).flatten(1).sum(1) - ld.flatten(1).sum(1)) for z, ld in zip(zs, log_dets))
+        if self.config.norm_logdet and self.config.norm_affine:  # the affine y = w * x_hat + b: log|det| = sum log|w|
+            nll = nll - sum(n.weight.abs().log().sum() for n in self.norms if getattr(n, "weight", None) is not None)
         dims = sum(z[0].numel() for z in zs)
         loss = nll.mean()
         nll_per_dim = loss / dims + 0.5 * LOG_2PI

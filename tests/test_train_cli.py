@@ -13,7 +13,7 @@ from fastflow.cli import main
 from fastflow.config import ModelConfig, TrainConfig
 from fastflow.data import load_samples
 from fastflow.demo import make_demo_dataset
-from fastflow.evaluate import load_run
+from fastflow.run import load_run
 from fastflow.train import add_feature_noise, split_validation, train
 
 TINY = ["--input-size", "64", "--epochs", "2", "--batch-size", "4", "--quiet"]

@@ -170,7 +170,7 @@ def invert_image(run_dir: str, image_path: str, region: tuple[float, float, floa
                  strength: float = 3.0, level: int = 0, channel: int | None = None, seed: int = 0) -> str:
     """``fastflow invert``: region in pixels of the image file as given (scaled to the model input)."""
     from .data import Preprocess, load_image
-    from .evaluate import load_run
+    from .run import load_run
 
     image = load_image(image_path)
     width, height = image.size

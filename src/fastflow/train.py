@@ -176,7 +176,21 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, samples: list[Sample],
 
     ``dist``: this process's place in a torchrun job (``distributed.init_from_env()``); every rank
     calls ``train`` with the same arguments, rank 0 logs and writes the files.
+
+    Training seeds the random generators with ``train_cfg.seed`` (the initialisation and augmentation
+    draw from them) inside a fork: the caller's torch and NumPy random states are as they were after.
     """
+    cuda = [dist.device.index or 0] if dist.device.type == "cuda" else []
+    numpy_state = np.random.get_state()
+    try:
+        with torch.random.fork_rng(devices=cuda):
+            return _train(model_cfg, train_cfg, samples, run_dir, weights, resume, progress, log, dist)
+    finally:
+        np.random.set_state(numpy_state)
+
+
+def _train(model_cfg: ModelConfig, train_cfg: TrainConfig, samples: list[Sample], run_dir: str,
+           weights: str, resume: bool, progress: bool, log, dist: Dist) -> TrainResult:
     if not samples:
         raise TrainingError("no normal training images: nothing to learn from")
     check_readable(samples)  # every unreadable file at once, before any training
@@ -282,6 +296,11 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, samples: list[Sample],
     if bar is not None:
         bar.close()
 
+    if best["state"] is None:  # every epoch's validation NLL was NaN: nothing can be selected
+        raise TrainingError(
+            f"the validation NLL was not finite at any epoch (last: {history[-1].get('val_nll') if history else None}), "
+            f"so no epoch can be selected; the last epoch's state is in {ckpt_path}. Lower the learning rate "
+            f"(--lr), clip the gradient (--grad-clip 1), or check the training images for corrupt ones")
     model.load_state_dict(best["state"], strict=False)
     threshold = calibrate_threshold(model, val, train_cfg.false_alarm_rate)
     seconds = time.perf_counter() - t_start

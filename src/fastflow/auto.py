@@ -31,7 +31,9 @@ from .data import Sample
 from .data.preprocess import load_image
 from .data.synthetic import defect_set
 from .metrics import image_auroc, pixel_auroc
-from .train import model_from_checkpoint, planned_epochs, preprocess_for, split_validation, train
+from .fused import for_inference
+from .run import model_from_checkpoint, preprocess_for
+from .train import planned_epochs, split_validation, train
 
 # The candidates, in order of preference (the first wins a tie): the aligned-object recipe and the
 # unaligned-surface recipe (config.py says how each was measured).
@@ -53,8 +55,8 @@ def synthetic_score(model, normals: list[np.ndarray], defective: list[np.ndarray
                     batch_size: int = 16) -> dict:
     """How well ``model`` separates ``defective`` from ``normals``: image AUROC, pixel AUROC (on the
     masks, at input size) and their mean ``score``."""
-    model.eval()
     pre = preprocess_for(model)
+    model = for_inference(model)  # the frozen inference form (fused.py)
     images = normals + defective
     scores, maps = [], []
     for i in range(0, len(images), batch_size):

@@ -359,7 +359,8 @@ def _run_file(run_dir: str) -> str:
 def _evaluate_one(run_dir, fmt, root, category, opts, output, batch_size, quiet, report=False,
                   misalign=False, misalign_seed=0) -> dict:
     from .data import Preprocess, load_samples
-    from .evaluate import evaluate_model, format_table, load_run
+    from .evaluate import evaluate_model, format_table
+    from .run import load_run
 
     model, ckpt = load_run(run_dir)
     samples = load_samples(fmt, root, category, "test", **opts)
@@ -480,7 +481,8 @@ def cmd_predict(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .export import export_onnx, sidecar_path
+    from .export import export_onnx
+    from .run import sidecar_path
 
     meta = export_onnx(args.run_dir, args.output, args.opset, args.exporter)
     out = args.output or os.path.join(args.run_dir, "model.onnx")

@@ -86,7 +86,8 @@ def make_demo_dataset(root: str, n_train: int = 60, n_test_good: int = 15, n_tes
 
 def run_demo(output: str, epochs: int | None = None, progress: bool = True, log=print) -> dict:
     from .data import Preprocess, load_samples
-    from .evaluate import evaluate_model, format_table, load_run
+    from .evaluate import evaluate_model, format_table
+    from .run import load_run
     from .train import train
 
     t0 = time.perf_counter()

@@ -118,7 +118,7 @@ def worker(seconds: float, threads: int) -> None:
     from fastflow.device import set_threads
     from fastflow.model import FastFlow
 
-    set_threads(threads)
+    set_threads(threads or None)  # 0: fastflow's default (device.default_threads)
     torch.manual_seed(0)
     model = FastFlow(ModelConfig(input_size=(128, 128)), weights="random")
     opt = torch.optim.Adam(model.trainable_parameters(), lr=1e-4)
@@ -138,7 +138,8 @@ def worker(seconds: float, threads: int) -> None:
 
 
 def probe(args) -> dict:
-    variants = [(2, "ACTIVE"), (2, "PASSIVE"), (1, "ACTIVE"), (1, "PASSIVE")]
+    # 0 threads: what the CLI now does by default (the idle CPUs at start, passive waits)
+    variants = [(2, "ACTIVE"), (2, "PASSIVE"), (1, "ACTIVE"), (1, "PASSIVE"), (0, "PASSIVE")]
     rows = []
     with tempfile.TemporaryDirectory() as workdir:
         for threads, policy in variants:
@@ -159,11 +160,12 @@ def probe(args) -> dict:
                 res = json.loads(out.stdout.strip().splitlines()[-1])
                 cell[f"{where}_ms"] = round(res["median_ms"], 1)
                 cell[f"{where}_load"] = load
+                cell[f"{where}_threads"] = res["threads"]
             cell["slowdown"] = round(cell["beside_ms"] / cell["alone_ms"], 2)
             rows.append(cell)
-            print(f"threads {threads} {policy:<8} alone {cell['alone_ms']:7.1f} ms  beside `{args.busy}` "
-                  f"{cell['beside_ms']:7.1f} ms  {cell['slowdown']:.2f}x   (load {cell['alone_load']} / "
-                  f"{cell['beside_load']})", flush=True)
+            print(f"threads {threads or 'default'} ({cell['alone_threads']}/{cell['beside_threads']}) {policy:<8} "
+                  f"alone {cell['alone_ms']:7.1f} ms  beside `{args.busy}` {cell['beside_ms']:7.1f} ms  "
+                  f"{cell['slowdown']:.2f}x   (load {cell['alone_load']} / {cell['beside_load']})", flush=True)
     return {"mode": "probe", "busy": args.busy, "seconds_per_cell": args.seconds, "cpus": os.cpu_count(),
             "rows": rows}
 
@@ -181,7 +183,7 @@ def main() -> None:
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
-        return worker(args.seconds, args.threads or 1)
+        return worker(args.seconds, args.threads or 0)
     result = probe(args) if args.probe else measure_demo(args)
     result["uptime_load_after"] = _load()
     out = args.output or os.path.join(HERE, "results", "contention_probe.json" if args.probe else "contention.json")

@@ -120,6 +120,18 @@ def test_thread_defaults_stay_within_this_process_cpus(monkeypatch):
         torch.set_num_threads(before)
 
 
+def test_default_threads_count_only_idle_cpus(monkeypatch):
+    import fastflow.device as device
+
+    monkeypatch.setattr(device, "available_cpus", lambda: 4)
+    for idle, want in ((None, 4), (0.0, 1), (0.4, 1), (1.6, 2), (3.9, 4), (7.0, 4)):
+        monkeypatch.setattr(device, "idle_cpus", lambda seconds=0.2, idle=idle: idle)
+        assert device.default_threads() == want, idle
+    monkeypatch.undo()
+    idle = device.idle_cpus(0.05)  # the real measurement: a share of this process's CPUs
+    assert idle is None or 0.0 <= idle <= available_cpus() + 1e-9
+
+
 def test_cli_waits_passively_unless_told_otherwise():
     code = ("import os, sys\nfrom fastflow.cli import main\ntry:\n    main(['--version'])\nexcept SystemExit:\n"
             "    pass\nprint(os.environ.get('OMP_WAIT_POLICY'), 'torch' in sys.modules)")

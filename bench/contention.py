@@ -139,7 +139,7 @@ def worker(seconds: float, threads: int) -> None:
 
 def probe(args) -> dict:
     # 0 threads: what the CLI now does by default (the idle CPUs at start, passive waits)
-    variants = [(2, "ACTIVE"), (2, "PASSIVE"), (1, "ACTIVE"), (1, "PASSIVE"), (0, "PASSIVE")]
+    variants = [(int(t), policy.upper()) for t, policy in (v.split(":") for v in args.variants.split(","))]
     rows = []
     with tempfile.TemporaryDirectory() as workdir:
         for threads, policy in variants:
@@ -179,9 +179,14 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--probe", action="store_true", help="the quick per-step A/B instead of the demo")
     p.add_argument("--seconds", type=float, default=20.0, help="--probe: seconds per cell")
+    p.add_argument("--variants", default="2:ACTIVE,2:PASSIVE,1:ACTIVE,1:PASSIVE,0:PASSIVE",
+                   help="--probe: THREADS:OMP_WAIT_POLICY,... (0 threads: fastflow's default count)")
     p.add_argument("--output", default=None, help="JSON (default: bench/results/contention[_probe].json)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
+    import signal
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a timeout still stops the busy neighbour (finally)
     if args.worker:
         return worker(args.seconds, args.threads or 0)
     result = probe(args) if args.probe else measure_demo(args)

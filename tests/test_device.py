@@ -242,3 +242,32 @@ def test_torchrun_device_choice(monkeypatch, no_gpu):
         init_from_env(device="cuda:1")
     with pytest.raises(DeviceError, match="no CUDA GPU"):
         init_from_env(device="cuda")
+
+
+def test_autocast_through_the_gpu_convolution_route(monkeypatch):
+    """The flows' inference path on a GPU runs F.conv2d (the oneDNN fused kernel is CPU float32 only): forced
+    here under bf16 autocast, the outputs stay float32 and close to fp32 (bf16: ~3 significant digits)."""
+    import fastflow.flow as flow
+    from fastflow.model import FastFlow
+
+    monkeypatch.setattr(flow, "_mkldnn_conv_relu_ok", lambda: False)
+    torch.manual_seed(0)
+    model = FastFlow(ModelConfig(input_size=(64, 64)), weights="random").eval()
+    with torch.no_grad():
+        for p in model.flows.parameters():
+            p.normal_(0, 0.02)  # not an identity flow
+    x = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        ref = model(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x)
+    assert out.anomaly_map.dtype == torch.float32 and out.score.dtype == torch.float32
+    rel = float((out.anomaly_map - ref.anomaly_map).abs().max() / ref.anomaly_map.abs().max())
+    assert 0 < rel < 0.02  # not bit-identical (autocast did run in bf16), within bf16's rounding
+    model.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        train_out = model.forward_features(model.extract(x), with_map=False)
+    assert train_out.loss.dtype == torch.float32
+    train_out.loss.backward()
+    grads = [p.grad for p in model.trainable_parameters() if p.grad is not None]
+    assert grads and all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)

@@ -129,7 +129,8 @@ def table1(run_dir: str, device: torch.device, precision: str, runs: int) -> dic
             out["throughput_b32"] = round(1000 * batch / full_ms, 1)
     out["peak_memory_inference_mb"] = round(_peak_mb(device), 1)
     counts = model.parameter_counts()
-    out["params_flow_m"], out["params_backbone_m"] = round(counts["trainable"] / 1e6, 3), round(counts["backbone"] / 1e6, 3)
+    out["params_flow_m"] = round(counts["trainable"] / 1e6, 3)
+    out["params_backbone_m"] = round(counts["backbone"] / 1e6, 3)
     return out
 
 
@@ -161,8 +162,9 @@ def run_precision(args, device: torch.device, precision: str, data: str, workdir
     row: dict = {"precision": precision}
     _reset_peak(device)
     t0 = time.perf_counter()
+    threads = ["--threads", str(args.threads)] if args.threads else []
     rc = cli(["train", "--data", data, "--category", args.category, "--output", run, "--backbone", args.backbone,
-              "--epochs", str(args.epochs), "--quiet", *common, *(["--threads", str(args.threads)] if args.threads else [])])
+              "--epochs", str(args.epochs), "--quiet", *common, *threads])
     if rc != 0:
         _fail(f"fastflow train exited with {rc} ({precision})")
     row["train_s"] = round(time.perf_counter() - t0, 2)

@@ -127,6 +127,8 @@ def test_default_threads_count_only_idle_cpus(monkeypatch):
     for idle, want in ((None, 4), (0.0, 1), (0.4, 1), (1.6, 2), (3.9, 4), (7.0, 4)):
         monkeypatch.setattr(device, "idle_cpus", lambda seconds=0.2, idle=idle: idle)
         assert device.default_threads() == want, idle
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two torchrun ranks on this machine share the idle CPUs
+    assert device.default_threads() == 2
     monkeypatch.undo()
     idle = device.idle_cpus(0.05)  # the real measurement: a share of this process's CPUs
     assert idle is None or 0.0 <= idle <= available_cpus() + 1e-9

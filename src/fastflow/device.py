@@ -17,8 +17,8 @@ AMX, slower elsewhere) and ``fp16`` is refused (CPU autocast has no float16 path
 
 Threads (CPU), the defaults of the CLI (``cli.main``) for a fair share of a shared machine:
   * intra-op threads = the CPUs this process may run on (affinity mask, cgroup CPU quota) that are idle
-    when the command starts (measured over 0.2 s from /proc/stat), at least one; ``OMP_NUM_THREADS``
-    or ``--threads N`` override it;
+    when the command starts (measured over 0.2 s from /proc/stat), divided among torchrun's processes on
+    this machine (LOCAL_WORLD_SIZE), at least one; ``OMP_NUM_THREADS`` or ``--threads N`` override it;
   * OpenMP waits passively (``OMP_WAIT_POLICY=PASSIVE`` unless the environment sets it; it must be set
     before torch loads OpenMP, so the CLI sets it before importing torch): a thread without work sleeps
     instead of spinning, and a thread descheduled by another process costs less at each barrier.
@@ -178,9 +178,10 @@ def default_threads() -> int:
     2-5x faster than two on the 2-core development box (bench/contention.py --probe; docs)."""
     cpus = available_cpus()
     idle = idle_cpus()
-    if idle is None:
-        return cpus
-    return max(1, min(cpus, int(idle + 0.5)))
+    if idle is not None:
+        cpus = max(1, min(cpus, int(idle + 0.5)))
+    local = os.environ.get("LOCAL_WORLD_SIZE", "1")  # torchrun: the processes of this machine share them
+    return max(1, cpus // max(1, int(local) if local.isdigit() else 1))
 
 
 def set_threads(threads: int | None = None) -> int:

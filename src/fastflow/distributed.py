@@ -7,7 +7,8 @@
 
 ``init_from_env`` reads what torchrun sets (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT)
 and joins the process group: NCCL with one GPU per rank (cuda:LOCAL_RANK) when CUDA is available,
-gloo on CPUs. Without torchrun (or with one process) it returns ``SINGLE`` and nothing changes.
+gloo on CPUs (``--device cpu`` chooses gloo on a machine with GPUs too). Without torchrun (or with one
+process) it returns ``SINGLE`` and nothing changes.
 
 One model on N ranks, exactly the model of one process with the same global batch and seed:
   * the epoch order is a permutation that depends only on (seed, epoch), so every rank knows it;

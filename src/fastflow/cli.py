@@ -539,7 +539,7 @@ def main(argv: list[str] | None = None) -> int:
         if hasattr(args, "threads"):
             from .device import set_threads
 
-            set_threads(args.threads)
+            args.threads = set_threads(args.threads)  # the count in use: ONNX Runtime sessions get it too
         return COMMANDS[args.command](args)
     except _user_errors() as e:
         print(f"fastflow {args.command}: error: {e}", file=sys.stderr)

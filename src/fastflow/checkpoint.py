@@ -37,7 +37,12 @@ class CheckpointError(RuntimeError):
 
 
 def save_atomic(obj: dict[str, Any], path: str) -> None:
-    """torch.save to a temporary file beside ``path``, fsync, then atomically replace ``path``."""
+    """torch.save to a temporary file beside ``path``, fsync, then atomically replace ``path``.
+    Tensors are written as CPU tensors whatever device they are on (``load_safe`` maps to the CPU too),
+    so a checkpoint saved on a GPU loads on any machine."""
+    from .device import to_cpu
+
+    obj = to_cpu(obj)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=folder)

@@ -42,6 +42,29 @@ def _add_data_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     g.add_argument("--test-fraction", type=float, default=None, help="folder format: normals kept for test")
 
 
+def _add_compute_args(p: argparse.ArgumentParser, precision: bool = True) -> None:
+    """--device, --precision and --threads (device.py): where and how a verb computes."""
+    g = p.add_argument_group("compute")
+    g.add_argument("--device", default="auto",
+                   help="auto (default: the first GPU if there is one, else the CPU), cpu, cuda, cuda:N or mps")
+    if precision:
+        g.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
+                       help="fp32 (default); bf16/fp16 run the backbone and flows under autocast (GPU; bf16 "
+                            "also on the CPU), the log-dets, loss and map stay float32")
+    g.add_argument("--threads", type=_positive(int), default=None,
+                   help="CPU threads (default: the CPUs this process may use, or OMP_NUM_THREADS)")
+
+
+def _compute(args) -> tuple:
+    """(torch.device, precision) from --device / --precision; a DeviceError (exit 2) if unavailable."""
+    from .device import check_precision, resolve_device
+
+    device = resolve_device(args.device)
+    precision = getattr(args, "precision", "fp32")
+    check_precision(precision, device)
+    return device, precision
+
+
 def _data_options(args) -> dict:
     opts = {}
     if args.format == "folder":
@@ -180,6 +203,7 @@ def _build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=None)
     t.add_argument("--evaluate", action="store_true", help="evaluate on the test split after training")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_compute_args(t)
 
     e = sub.add_parser("evaluate", help="metrics of a trained run on a labelled test set")
     e.add_argument("run_dir")
@@ -191,6 +215,7 @@ def _build_parser() -> argparse.ArgumentParser:
     e.add_argument("--misalign", action="store_true",
                    help="also evaluate on the 4x zoomed/rotated/shifted test set (paper Section 8)")
     e.add_argument("--misalign-seed", type=int, default=0, help="seed of the --misalign transforms")
+    _add_compute_args(e)
     e.add_argument("--quiet", action="store_true")
 
     iv = sub.add_parser("invert", help="pollute the flow latent in a region and regenerate features (paper 4.5)")
@@ -203,6 +228,7 @@ def _build_parser() -> argparse.ArgumentParser:
     iv.add_argument("--level", type=int, default=0, help="feature level (0: the finest)")
     iv.add_argument("--channel", type=int, default=None, help="feature channel shown (default: most changed)")
     iv.add_argument("--seed", type=int, default=0)
+    _add_compute_args(iv)
 
     pd = sub.add_parser("predict", help="score new images: heatmaps, overlays, masks and a summary")
     pd.add_argument("run_dir")
@@ -214,6 +240,7 @@ def _build_parser() -> argparse.ArgumentParser:
     pd.add_argument("--onnx", default=None, help="ONNX model for --runtime onnx (default: RUN_DIR/model.onnx)")
     pd.add_argument("--batch-size", type=_positive(int), default=16)
     pd.add_argument("--overwrite", action="store_true", help="redo images already in OUT_DIR's summary")
+    _add_compute_args(pd)
     pd.add_argument("--quiet", action="store_true")
 
     ex = sub.add_parser("export", help="export a run to ONNX (score and anomaly map) with a JSON sidecar")
@@ -222,6 +249,7 @@ def _build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--output", default=None, help="the .onnx file (default: RUN_DIR/model.onnx)")
     ex.add_argument("--opset", type=_positive(int), default=18)
     ex.add_argument("--exporter", choices=["torchscript", "dynamo"], default="torchscript")
+    _add_compute_args(ex, precision=False)
 
     pr = sub.add_parser("presets", help="list the model presets")
     pr.add_argument("--json", action="store_true", help="machine-readable output")
@@ -229,6 +257,7 @@ def _build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="train and evaluate on a synthetic set: no data, no network")
     d.add_argument("--output", default="demo-output")
     d.add_argument("--epochs", type=int, default=None)
+    _add_compute_args(d)
     d.add_argument("--quiet", action="store_true")
     return parser
 
@@ -268,7 +297,7 @@ def _configs(args, name: str | None = None) -> tuple[ModelConfig, TrainConfig]:
 def cmd_train(args) -> int:
     from .distributed import init_from_env, shutdown
 
-    dist = init_from_env()  # SINGLE unless started by torchrun with several processes
+    dist = init_from_env(device=args.device)  # SINGLE unless started by torchrun with several processes
     try:
         rc = _train(args, dist)
         dist.barrier()  # no rank leaves the group while another may still be in a collective
@@ -283,6 +312,7 @@ def _train(args, dist) -> int:
     from .distributed import SINGLE
     from .train import train
 
+    device, precision = _compute(args) if dist.world == 1 else (dist.device, args.precision)
     if args.resume:
         path = _run_file(args.resume)
         if not os.path.isfile(path):
@@ -299,7 +329,7 @@ def _train(args, dist) -> int:
                              f"start a new run with --output") from e
         samples = load_samples(data["format"], data["root"], data["category"], "train", **data["options"])
         res = train(model_cfg, train_cfg, samples, args.resume, weights=saved["weights"], resume=True,
-                    progress=not args.quiet, dist=dist)
+                    progress=not args.quiet, dist=dist, device=device, precision=precision)
         if dist.is_main:
             print(f"resumed and finished {args.resume}: best epoch {res.best_epoch}, threshold {res.threshold:.4f}")
         return 0
@@ -333,7 +363,7 @@ def _train(args, dist) -> int:
                                                              "category": cat, "options": opts}, **chosen}, f, indent=1)
         say(f"[{cat}] training {chosen.get('preset') or args.backbone or model_cfg.backbone} on {len(samples)} normal images{where} -> {run_dir}")
         res = train(model_cfg, train_cfg, samples, run_dir, weights=args.weights,
-                    progress=not args.quiet and dist.is_main, dist=cat_dist)
+                    progress=not args.quiet and dist.is_main, dist=cat_dist, device=device, precision=precision)
         say(f"[{cat}] done in {res.train_seconds:.1f} s: best epoch {res.best_epoch}, "
             f"val NLL {res.best_val_nll if res.best_val_nll is None else round(res.best_val_nll, 4)} nats/dim, "
             f"threshold {res.threshold:.4f}")
@@ -344,7 +374,8 @@ def _train(args, dist) -> int:
                                "ranks": [dist.rank] if cat_dist is not dist else list(range(dist.world))}}
         if args.evaluate:
             rows[cat].update(_evaluate_one(run_dir, args.format, args.data, cat, opts,
-                                           os.path.join(run_dir, "metrics.json"), 32, args.quiet))
+                                           os.path.join(run_dir, "metrics.json"), 32, args.quiet,
+                                           device=device, precision=precision))
     gathered = {c: r for part in dist.gather_objects(rows) for c, r in part.items()}  # rank 0 has them all
     rows = {c: gathered[c] for c in categories}
     if dist.is_main and (args.evaluate or len(categories) > 1):
@@ -357,7 +388,7 @@ def _run_file(run_dir: str) -> str:
 
 
 def _evaluate_one(run_dir, fmt, root, category, opts, output, batch_size, quiet, report=False,
-                  misalign=False, misalign_seed=0) -> dict:
+                  misalign=False, misalign_seed=0, device="cpu", precision="fp32") -> dict:
     from .data import Preprocess, load_samples
     from .evaluate import evaluate_model, format_table
     from .run import load_run
@@ -366,12 +397,13 @@ def _evaluate_one(run_dir, fmt, root, category, opts, output, batch_size, quiet,
     samples = load_samples(fmt, root, category, "test", **opts)
     pre = Preprocess.from_dict(ckpt["preprocess"])
     threshold = (ckpt.get("threshold") or {}).get("value")
-    metrics, scored = evaluate_model(model, samples, pre, batch_size, threshold, progress=not quiet)
+    metrics, scored = evaluate_model(model, samples, pre, batch_size, threshold, progress=not quiet, device=device,
+                                     precision=precision)
     if misalign:
         from .misalign import evaluate_misaligned
 
         metrics["misaligned"] = evaluate_misaligned(model, samples, pre, batch_size, threshold, misalign_seed,
-                                                    progress=not quiet)
+                                                    progress=not quiet, precision=precision)
         print(f"[{category}] aligned vs non-aligned test set (paper Section 8):")
         print(format_table({"aligned": metrics, "misaligned": metrics["misaligned"]}))
     metrics["category"] = category
@@ -408,6 +440,7 @@ def _print_summary(rows: dict, folder: str | None, metrics: bool = True) -> None
 
 
 def cmd_evaluate(args) -> int:
+    device, precision = _compute(args)
     categories = _categories(args)
     opts = _data_options(args)
     rows = {}
@@ -417,7 +450,7 @@ def cmd_evaluate(args) -> int:
         if len(categories) > 1 and args.output:
             out = os.path.join(os.path.dirname(os.path.abspath(args.output)), f"{cat}-metrics.json")
         rows[cat] = _evaluate_one(run_dir, args.format, args.data, cat, opts, out, args.batch_size, args.quiet,
-                                  args.report, args.misalign, args.misalign_seed)
+                                  args.report, args.misalign, args.misalign_seed, device, precision)
         print(f"[{cat}] metrics -> {out}")
     _print_summary(rows, args.run_dir if len(categories) > 1 else None)
     return 0
@@ -461,8 +494,9 @@ def cmd_presets(args) -> int:
 def cmd_invert(args) -> int:
     from .invert import invert_image
 
+    device, precision = _compute(args)
     path = invert_image(args.run_dir, args.image, args.region, args.output, args.strength, args.level,
-                        args.channel, args.seed)
+                        args.channel, args.seed, device=device, precision=precision)
     print(f"panel -> {path}")
     return 0
 
@@ -471,7 +505,8 @@ def cmd_predict(args) -> int:
     from .predict import Predictor, collect_inputs, predict_to_folder
 
     inputs = [str(p) for p in collect_inputs(args.inputs)]  # bad paths fail before the model loads
-    predictor = Predictor.from_run(args.run_dir, args.threshold, args.runtime, args.onnx, args.batch_size)
+    predictor = Predictor.from_run(args.run_dir, args.threshold, args.runtime, args.onnx, args.batch_size,
+                                   num_threads=args.threads, device=args.device, precision=args.precision)
     summary = predict_to_folder(predictor, inputs, args.output, args.batch_size, args.overwrite,
                                 progress=not args.quiet)
     c = summary["counts"]
@@ -484,7 +519,8 @@ def cmd_export(args) -> int:
     from .export import export_onnx
     from .run import sidecar_path
 
-    meta = export_onnx(args.run_dir, args.output, args.opset, args.exporter)
+    device, _ = _compute(args)
+    meta = export_onnx(args.run_dir, args.output, args.opset, args.exporter, device=device)
     out = args.output or os.path.join(args.run_dir, "model.onnx")
     par = meta["parity"]
     print(f"ONNX model -> {out} (sidecar {sidecar_path(out)}); ONNX Runtime matches torch to "
@@ -496,7 +532,8 @@ def cmd_export(args) -> int:
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
-    run_demo(args.output, epochs=args.epochs, progress=not args.quiet)
+    device, precision = _compute(args)
+    run_demo(args.output, epochs=args.epochs, progress=not args.quiet, device=device, precision=precision)
     return 0
 
 
@@ -516,9 +553,15 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if "torch" not in sys.modules:  # read by OpenMP when torch loads it: see device.py
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     parser = _build_parser()
     args = parser.parse_args(argv)
     try:
+        if hasattr(args, "threads"):
+            from .device import set_threads
+
+            args.threads = set_threads(args.threads)  # the count in use: ONNX Runtime sessions get it too
         return COMMANDS[args.command](args)
     except _user_errors() as e:
         print(f"fastflow {args.command}: error: {e}", file=sys.stderr)

@@ -84,7 +84,9 @@ def make_demo_dataset(root: str, n_train: int = 60, n_test_good: int = 15, n_tes
     return "texture"
 
 
-def run_demo(output: str, epochs: int | None = None, progress: bool = True, log=print) -> dict:
+def run_demo(output: str, epochs: int | None = None, progress: bool = True, log=print, device="auto",
+             precision: str = "fp32") -> dict:
+    """The demo on ``device`` (device.py: auto, cpu, cuda, cuda:N, mps) at ``precision``; returns the metrics."""
     from .data import Preprocess, load_samples
     from .evaluate import evaluate_model, format_table
     from .run import load_run
@@ -101,10 +103,11 @@ def run_demo(output: str, epochs: int | None = None, progress: bool = True, log=
     train_cfg = replace(preset.train, epochs=epochs or DEMO_EPOCHS, steps=None)  # a fixed, short length
     run_dir = os.path.join(output, "run")
     res = train(model_cfg, train_cfg, load_samples("mvtec", data_root, cat, "train"), run_dir, progress=progress,
-                log=log)
+                log=log, device=device, precision=precision)
     model, ckpt = load_run(run_dir)
     metrics, _ = evaluate_model(model, load_samples("mvtec", data_root, cat, "test"),
-                                Preprocess.from_dict(ckpt["preprocess"]), 16, ckpt["threshold"]["value"])
+                                Preprocess.from_dict(ckpt["preprocess"]), 16, ckpt["threshold"]["value"],
+                                device=device, precision=precision)
     metrics["category"] = cat
     metrics["train_seconds"] = res.train_seconds
     metrics["total_seconds"] = time.perf_counter() - t0

@@ -7,7 +7,8 @@
 
 ``init_from_env`` reads what torchrun sets (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT)
 and joins the process group: NCCL with one GPU per rank (cuda:LOCAL_RANK) when CUDA is available,
-gloo on CPUs. Without torchrun (or with one process) it returns ``SINGLE`` and nothing changes.
+gloo on CPUs (``--device cpu`` chooses gloo on a machine with GPUs too). Without torchrun (or with one
+process) it returns ``SINGLE`` and nothing changes.
 
 One model on N ranks, exactly the model of one process with the same global batch and seed:
   * the epoch order is a permutation that depends only on (seed, epoch), so every rank knows it;
@@ -107,10 +108,12 @@ class Dist:
 SINGLE = Dist()
 
 
-def init_from_env(timeout_minutes: float = 30.0) -> Dist:
+def init_from_env(timeout_minutes: float = 30.0, device: str = "auto") -> Dist:
     """Join the process group torchrun describes in the environment; ``SINGLE`` when there is none.
 
-    Backend: ``nccl`` (rank on cuda:LOCAL_RANK) when CUDA is available, else ``gloo`` (CPU).
+    ``device`` (``--device``): ``auto`` or ``cuda``: ``nccl`` with each rank on cuda:LOCAL_RANK when CUDA
+    is available (``auto`` falls back to ``gloo`` on CPUs); ``cpu``: ``gloo`` on CPUs even where there
+    are GPUs. An explicit ``cuda:N`` is refused: under torchrun the GPU is the rank's local rank.
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
@@ -120,9 +123,21 @@ def init_from_env(timeout_minutes: float = 30.0) -> Dist:
         raise ValueError(f"WORLD_SIZE={world} but {', '.join(missing)} not set: start distributed runs "
                          f"with torchrun (torchrun --nproc_per_node N -m fastflow train ...)")
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available():
+    wanted = str(device).strip().lower()
+    if wanted not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"--device {device} under torchrun: use auto, cuda (each rank on cuda:LOCAL_RANK) "
+                         f"or cpu (gloo)")
+    if wanted != "cpu" and torch.cuda.is_available():
+        count = torch.cuda.device_count()
+        if local_rank >= count:
+            raise ValueError(f"LOCAL_RANK {local_rank} but this machine has {count} CUDA GPU(s): start at most "
+                             f"{count} processes per node (torchrun --nproc_per_node {count}) or use --device cpu")
         backend, device = "nccl", torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
+    elif wanted == "cuda":
+        from .device import resolve_device
+
+        resolve_device("cuda")  # raises the one-line "not available" error
     else:
         backend, device = "gloo", torch.device("cpu")
     if not tdist.is_initialized():

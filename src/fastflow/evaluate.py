@@ -35,7 +35,12 @@ class Scored:
 
 
 @torch.inference_mode()
-def score_dataset(model: FastFlow, dataset: AnomalyDataset, batch_size: int = 32, progress: bool = False) -> Scored:
+def score_dataset(model: FastFlow, dataset: AnomalyDataset, batch_size: int = 32, progress: bool = False,
+                  precision: str = "fp32") -> Scored:
+    """Scores and maps of every image, on the model's device (``precision``: device.py); CPU numpy out."""
+    from .device import autocast
+
+    device = next(model.parameters()).device
     model = for_inference(model)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
     if progress:
@@ -45,10 +50,11 @@ def score_dataset(model: FastFlow, dataset: AnomalyDataset, batch_size: int = 32
     paths, scores, labels, maps, masks, has_mask = [], [], [], [], [], []
     t0 = time.perf_counter()
     for batch in loader:
-        out = model(batch["image"])
+        with autocast(device, precision):
+            out = model(batch["image"].to(device))
         paths += list(batch["path"])
-        scores.append(out.score.numpy())
-        maps.append(out.anomaly_map[:, 0].numpy().astype(np.float32))
+        scores.append(out.score.float().cpu().numpy())
+        maps.append(out.anomaly_map[:, 0].float().cpu().numpy())
         labels.append(batch["label"].numpy())
         masks.append(batch["mask"][:, 0].numpy() > 0.5)
         has_mask.append(batch["has_mask"].numpy())
@@ -73,8 +79,15 @@ def metrics_for(scored: Scored, threshold: float | None = None) -> dict:
 
 
 def evaluate_model(model: FastFlow, samples: list[Sample], preprocess, batch_size: int = 32,
-                   threshold: float | None = None, progress: bool = False) -> tuple[dict, Scored]:
-    scored = score_dataset(model, AnomalyDataset(samples, preprocess), batch_size, progress)
+                   threshold: float | None = None, progress: bool = False, device=None,
+                   precision: str = "fp32") -> tuple[dict, Scored]:
+    """Metrics of ``model`` on labelled ``samples``. ``device`` (device.py; None: where the model is)
+    moves the model there first."""
+    if device is not None:
+        from .device import resolve_device
+
+        model.to(resolve_device(device))
+    scored = score_dataset(model, AnomalyDataset(samples, preprocess), batch_size, progress, precision)
     return metrics_for(scored, threshold), scored
 
 

@@ -71,8 +71,16 @@ def json_threshold(threshold: dict | None) -> dict:
 
 
 def export_onnx(run_dir: str, output: str | None = None, opset: int = DEFAULT_OPSET,
-                exporter: str = "torchscript", check: bool = True) -> dict:
-    """Export the run at ``run_dir`` to ``output`` (default RUN_DIR/model.onnx); returns the sidecar dict."""
+                exporter: str = "torchscript", check: bool = True, device="auto") -> dict:
+    """Export the run at ``run_dir`` to ``output`` (default RUN_DIR/model.onnx); returns the sidecar dict.
+
+    The graph is traced on the CPU (it is the same graph for every device); ``device`` (device.py) is
+    where the parity check runs: torch on that device against ONNX Runtime with its provider for it
+    (CUDA when onnxruntime-gpu is installed; else the CPU, with a warning if a GPU was asked for)."""
+    from .device import resolve_device
+
+    resolve_device(device)  # an unavailable device fails before the export, not after
+
     if exporter not in EXPORTERS:
         raise ValueError(f"exporter must be one of {', '.join(EXPORTERS)}, got {exporter!r}")
     model, ckpt = load_run(run_dir)
@@ -87,7 +95,7 @@ def export_onnx(run_dir: str, output: str | None = None, opset: int = DEFAULT_OP
     _export(wrapper, example, output, opset, exporter)
     _name_output_shapes(output, height, width)
 
-    parity = check_parity(output, model) if check else None
+    parity = check_parity(output, model, device=device) if check else None
     meta = {
         "format": "fastflow-onnx",
         "fastflow_version": __version__,
@@ -165,9 +173,15 @@ def _name_output_shapes(path: str, height: int, width: int) -> None:
     onnx.save(graph_model, path)
 
 
-def check_parity(onnx_path: str, model: FastFlow, batch: int = 2, seed: int = 0) -> dict:
-    """Run ONNX Runtime and torch on the same images; ExportError if they differ beyond PARITY_TOL."""
+def check_parity(onnx_path: str, model: FastFlow, batch: int = 2, seed: int = 0, device="cpu") -> dict:
+    """Run ONNX Runtime and torch on the same images; ExportError if they differ beyond PARITY_TOL.
+    ``device``: torch runs there, ONNX Runtime with the provider for it (``predict.onnx_providers``)."""
     import onnxruntime as ort
+
+    from .device import full_float32, resolve_device
+    from .predict import onnx_providers
+
+    target = resolve_device(device)
 
     height, width = model.config.input_size
     # Smooth random images (not white noise): closer to the inputs the graph will really see.
@@ -175,20 +189,22 @@ def check_parity(onnx_path: str, model: FastFlow, batch: int = 2, seed: int = 0)
     low = torch.rand(batch, 3, max(2, height // 16), max(2, width // 16), generator=g)
     images = torch.nn.functional.interpolate(low, size=(height, width), mode="bilinear", align_corners=False)
     images = (images - 0.45) / 0.25
-    session = ort.InferenceSession(onnx_path, providers=["CPUExecutionProvider"])
+    providers = onnx_providers(target, warn=device not in (None, "auto"))
+    session = ort.InferenceSession(onnx_path, providers=providers)
     score, amap = session.run(list(OUTPUT_NAMES), {INPUT_NAME: images.numpy()})
-    with torch.inference_mode():
-        ref = model.eval()(images)
-    diff_score = float(np.abs(score - ref.score.numpy()).max())
-    diff_map = float(np.abs(amap - ref.anomaly_map.numpy()).max())
+    with torch.inference_mode(), full_float32():  # no TF32 on a GPU: a parity check of float32 graphs
+        out = model.to(target).eval()(images.to(target))
+        ref_score, ref_map = out.score.cpu().numpy(), out.anomaly_map.cpu().numpy()
+    diff_score = float(np.abs(score - ref_score).max())
+    diff_map = float(np.abs(amap - ref_map).max())
     try:
-        np.testing.assert_allclose(score, ref.score.numpy(), rtol=PARITY_TOL, atol=PARITY_TOL)
-        np.testing.assert_allclose(amap, ref.anomaly_map.numpy(), rtol=PARITY_TOL, atol=PARITY_TOL)
+        np.testing.assert_allclose(score, ref_score, rtol=PARITY_TOL, atol=PARITY_TOL)
+        np.testing.assert_allclose(amap, ref_map, rtol=PARITY_TOL, atol=PARITY_TOL)
     except AssertionError as e:
         raise ExportError(f"{onnx_path}: ONNX Runtime disagrees with torch (max |diff| score {diff_score:.2e}, "
                           f"map {diff_map:.2e}, tolerance {PARITY_TOL}); try another --opset or --exporter") from e
     # Random images lie far from the training data, so a trained model's values there are huge: the
     # relative difference is the readable figure (the check above allows rtol and atol alike).
-    rel = float(np.abs(amap - ref.anomaly_map.numpy()).max() / max(np.abs(ref.anomaly_map.numpy()).max(), 1e-12))
+    rel = float(np.abs(amap - ref_map).max() / max(np.abs(ref_map).max(), 1e-12))
     return {"images": batch, "max_abs_diff_score": diff_score, "max_abs_diff_map": diff_map, "max_rel_diff_map": rel,
-            "tolerance": PARITY_TOL}
+            "tolerance": PARITY_TOL, "torch_device": str(target), "onnx_provider": session.get_providers()[0]}

@@ -166,10 +166,16 @@ def denormalize(image: torch.Tensor, mean, std) -> np.ndarray:
 
 
 def invert_image(run_dir: str, image_path: str, region: tuple[float, float, float, float], output: str,
-                 strength: float = 3.0, level: int = 0, channel: int | None = None, seed: int = 0) -> str:
-    """``fastflow invert``: region in pixels of the image file as given (scaled to the model input)."""
+                 strength: float = 3.0, level: int = 0, channel: int | None = None, seed: int = 0,
+                 device="auto", precision: str = "fp32") -> str:
+    """``fastflow invert``: region in pixels of the image file as given (scaled to the model input).
+    ``device`` / ``precision`` (device.py): where the backbone and flows run; the panel is drawn from CPU copies."""
     from .data import Preprocess, load_image
+    from .device import autocast, check_precision, resolve_device
     from .run import load_run
+
+    target = resolve_device(device)
+    check_precision(precision, target)
 
     image = load_image(image_path)
     width, height = image.size
@@ -178,6 +184,7 @@ def invert_image(run_dir: str, image_path: str, region: tuple[float, float, floa
         raise ValueError(f"--region must satisfy 0 <= x0 < x1 <= {width} and 0 <= y0 < y1 <= {height} "
                          f"(pixels of {image_path}), got {x0:g},{y0:g},{x1:g},{y1:g}")
     model, ckpt = load_run(run_dir)
+    model.to(target)
     pre = Preprocess.from_dict(ckpt["preprocess"])
     if not 0 <= level < len(model.flows):
         raise ValueError(f"--level must be in 0..{len(model.flows) - 1} for this model, got {level}")
@@ -187,7 +194,11 @@ def invert_image(run_dir: str, image_path: str, region: tuple[float, float, floa
     in_h, in_w = pre.input_size
     scaled = (x0 * in_w / width, y0 * in_h / height, x1 * in_w / width, y1 * in_h / height)
     tensor = pre(image)
-    gen = perturb_and_generate(model, tensor, scaled, strength, level, seed)
+    with autocast(target, precision):
+        gen = perturb_and_generate(model, tensor.to(target), scaled, strength, level, seed)
+    gen = Generation(*(t.float().cpu() if isinstance(t, torch.Tensor) else t for t in
+                       (gen.features, gen.z, gen.prob_map, gen.perturbed_z, gen.perturbed_prob_map, gen.regenerated,
+                        gen.cells)))
     channel = most_changed_channel(gen) if channel is None else channel
     stem = os.path.splitext(os.path.basename(image_path))[0]
     path = os.path.join(output, f"{stem}-invert-level{level}.png")

@@ -114,13 +114,14 @@ def protocol(seed: int, copies: int = COPIES) -> dict:
 
 
 def evaluate_misaligned(model, samples, preprocess, batch_size: int = 32, threshold: float | None = None,
-                        seed: int = 0, progress: bool = False) -> dict:
-    """Metrics (same keys as ``metrics_for``) on the 4x non-aligned test set, plus ``protocol``."""
+                        seed: int = 0, progress: bool = False, precision: str = "fp32") -> dict:
+    """Metrics (same keys as ``metrics_for``) on the 4x non-aligned test set, plus ``protocol``; on the
+    model's device."""
     from .data import AnomalyDataset
     from .evaluate import metrics_for, score_dataset
 
     dataset = MisalignedDataset(AnomalyDataset(samples, preprocess), seed=seed)
-    metrics = metrics_for(score_dataset(model, dataset, batch_size, progress), threshold)
+    metrics = metrics_for(score_dataset(model, dataset, batch_size, progress, precision), threshold)
     metrics["protocol"] = protocol(seed)
     return metrics
 

@@ -191,8 +191,8 @@ class FastFlow(nn.Module):
         zs, log_dets = [], []
         for feat, norm, flow in zip(features, self.norms, self.flows):
             z, log_det_map = flow.forward_map(norm(feat))
-            zs.append(z)
-            log_dets.append(log_det_map)
+            zs.append(z.float())  # no-ops in float32; under autocast (bf16/fp16) the loss and map stay float32
+            log_dets.append(log_det_map.float())
         # Per-image NLL (constant 0.5*log(2pi) dropped), summed over levels; loss = batch mean.
         nll = sum((0.5 * z.pow(2).flatten(1).sum(1) - ld.flatten(1).sum(1)) for z, ld in zip(zs, log_dets))
         if self.config.norm_logdet and self.config.norm_affine:  # the affine y = w * x_hat + b: log|det| = sum log|w|
@@ -217,6 +217,14 @@ class FastFlow(nn.Module):
         ``F.interpolate`` + mean + ``gaussian_blur`` to float rounding, with a quarter of the multiply-adds
         (lite0 at 256 px: 8.7 M per image against 34 M for blurring the full-size map) and 3x faster
         (bench/README.md)."""
+        device_type = zs[0].device.type
+        if torch.is_autocast_enabled(device_type):  # under --precision bf16/fp16: the map in float32 all the same
+            with torch.autocast(device_type, enabled=False):
+                return self._anomaly_map(zs, log_dets, size)
+        return self._anomaly_map(zs, log_dets, size)
+
+    def _anomaly_map(self, zs: list[torch.Tensor], log_dets: list[torch.Tensor],
+                     size: tuple[int, int]) -> torch.Tensor:
         left_ops, right_op = self._map_matrices(size, [tuple(int(n) for n in z.shape[1:]) for z in zs])
         lefts = []
         for z, ld, left in zip(zs, log_dets, left_ops):

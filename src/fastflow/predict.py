@@ -89,32 +89,50 @@ class Predictor:
     # -- construction ---------------------------------------------------------------------------
     @classmethod
     def from_run(cls, path: str, threshold: float | None = None, runtime: str = "torch",
-                 onnx_path: str | None = None, batch_size: int = 16, num_threads: int | None = None) -> Predictor:
+                 onnx_path: str | None = None, batch_size: int = 16, num_threads: int | None = None,
+                 device: str | torch.device | None = "auto", precision: str = "fp32") -> Predictor:
         """A predictor for the run folder (or model.pt) ``path``; ``runtime="onnx"`` reads ``onnx_path``
-        (default RUN_DIR/model.onnx, written by ``fastflow export``) and its JSON sidecar."""
+        (default RUN_DIR/model.onnx, written by ``fastflow export``) and its JSON sidecar.
+
+        ``device``: auto (first GPU, else CPU), cpu, cuda, cuda:N or mps (device.py); ``precision``: fp32,
+        bf16 or fp16 (torch runtime only). Batches go to the device, results come back as CPU numpy."""
+        from .device import autocast, check_precision, resolve_device
+
         if runtime not in RUNTIMES:
             raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
         if threshold is not None and not math.isfinite(threshold):
             raise ValueError(f"threshold must be a finite number, got {threshold}")
+        target = resolve_device(device)
         if runtime == "onnx":
+            if precision != "fp32":
+                raise ValueError(f"precision {precision} is for the torch runtime; the ONNX graph is float32 "
+                                 f"(use --precision fp32 with --runtime onnx)")
             if onnx_path is None:
                 onnx_path = path if path.endswith(".onnx") else os.path.join(run_folder(path), ONNX_FILE)
-            return cls.from_onnx(onnx_path, threshold, batch_size, num_threads)
+            return cls.from_onnx(onnx_path, threshold, batch_size, num_threads, device=device)
+        check_precision(precision, target)
         model, ckpt = load_run(path)
-        model = for_inference(model)
+        model = for_inference(model.to(target))
 
         @torch.inference_mode()
         def infer(batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-            out = model(torch.from_numpy(batch))
-            return out.score.numpy(), out.anomaly_map.numpy()
+            with autocast(target, precision):
+                out = model(torch.from_numpy(batch).to(target))
+            return out.score.float().cpu().numpy(), out.anomaly_map.float().cpu().numpy()
 
         return cls(infer, Preprocess.from_dict(ckpt["preprocess"]), ckpt.get("threshold"), threshold,
                    batch_size, "torch", os.path.abspath(path))
 
     @classmethod
     def from_onnx(cls, onnx_path: str, threshold: float | None = None, batch_size: int = 16,
-                  num_threads: int | None = None) -> Predictor:
-        """A predictor running ``onnx_path`` in ONNX Runtime, preprocessing as its sidecar says."""
+                  num_threads: int | None = None, device: str | torch.device | None = "auto") -> Predictor:
+        """A predictor running ``onnx_path`` in ONNX Runtime, preprocessing as its sidecar says.
+
+        ``device`` cuda / cuda:N: ONNX Runtime's CUDAExecutionProvider when installed (onnxruntime-gpu),
+        else the CPU with a warning; auto: CUDA's when both a GPU and that provider are here, else the CPU,
+        silently (``onnx_providers``)."""
+        from .device import resolve_device
+
         meta_path = sidecar_path(onnx_path)
         if not os.path.isfile(onnx_path) or not os.path.isfile(meta_path):
             raise FileNotFoundError(f"ONNX model {onnx_path!r} or its sidecar {meta_path!r} not found; create them "
@@ -133,7 +151,8 @@ class Predictor:
         # No busy-waiting between ops: on a shared CPU spinning threads fight other work; measured
         # 1.8x lower batch-1 latency and 1.2x batch-32 throughput on a busy 2-core box (bench/README.md).
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        session = ort.InferenceSession(onnx_path, options, providers=["CPUExecutionProvider"])
+        providers = onnx_providers(resolve_device(device), warn=device not in (None, "auto"))
+        session = ort.InferenceSession(onnx_path, options, providers=providers)
 
         def infer(batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
             score, amap = session.run(list(OUTPUT_NAMES), {INPUT_NAME: batch})
@@ -192,6 +211,26 @@ class Predictor:
             return None
         m = self.val_median
         return m, 2 * self.threshold - m
+
+
+def onnx_providers(device: torch.device, warn: bool = True) -> list:
+    """ONNX Runtime execution providers for ``device``: CUDA's (on that GPU) then the CPU's when the
+    device is a CUDA GPU and onnxruntime-gpu is installed; the CPU's alone otherwise (warning if a GPU
+    was asked for and cannot be used)."""
+    import warnings
+
+    import onnxruntime as ort
+
+    if device.type == "cpu":
+        return ["CPUExecutionProvider"]
+    if device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
+        return [("CUDAExecutionProvider", {"device_id": device.index or 0, "use_tf32": 0}), "CPUExecutionProvider"]
+    if warn:
+        warnings.warn(f"ONNX Runtime runs on the CPU: device {device} asked for, but this onnxruntime has no "
+                      f"{'CUDA' if device.type == 'cuda' else device.type} execution provider (available: "
+                      f"{', '.join(ort.get_available_providers())}); pip install onnxruntime-gpu for CUDA",
+                      RuntimeWarning, stacklevel=3)
+    return ["CPUExecutionProvider"]
 
 
 def load_input(item) -> tuple[np.ndarray, str | None]:

@@ -49,8 +49,9 @@ def preprocess_for(model: FastFlow) -> Preprocess:
 
 
 def trainable_state(model: FastFlow) -> dict[str, torch.Tensor]:
-    """A copy of the model's state apart from the (frozen, rebuildable) backbone."""
-    return {k: v.detach().clone() for k, v in model.state_dict().items() if not k.startswith("backbone.")}
+    """A copy of the model's state apart from the (frozen, rebuildable) backbone, on the CPU whatever the
+    model's device (checkpoints load anywhere)."""
+    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items() if not k.startswith("backbone.")}
 
 
 def build_checkpoint(model: FastFlow, train_cfg: TrainConfig, weights: str, threshold: dict | None,

@@ -21,11 +21,12 @@ A run folder holds:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -34,6 +35,7 @@ from torch.utils.data import DataLoader
 from .checkpoint import CheckpointError, load_safe, save_atomic
 from .config import ModelConfig, TrainConfig, to_dict
 from .data import AnomalyDataset, Sample, check_readable
+from .device import autocast, fits_in_memory, grad_scaler, resolve_device
 from .distributed import SINGLE, Dist
 from .flow import use_fast_backward
 from .fused import for_inference
@@ -67,20 +69,31 @@ def split_validation(samples: list[Sample], fraction: float, seed: int) -> tuple
 
 
 @torch.inference_mode()
-def extract_features(model: FastFlow, dataset: AnomalyDataset | None, batch_size: int) -> list[torch.Tensor]:
-    """Backbone features of every image: list over levels of (N, C_i, H_i, W_i) (N = 0 for no dataset)."""
+def extract_features(model: FastFlow, dataset: AnomalyDataset | None, batch_size: int, precision: str = "fp32",
+                     store: torch.device | None = None) -> list[torch.Tensor]:
+    """Backbone features of every image: list over levels of (N, C_i, H_i, W_i) (N = 0 for no dataset),
+    computed on the model's device and kept on ``store`` (default: that device)."""
     device = next(model.parameters()).device
+    store = device if store is None else store
     if dataset is None:
-        return [torch.empty(0, c, h, w, device=device) for c, h, w in model.feature_shapes]
+        return [torch.empty(0, c, h, w, device=store) for c, h, w in model.feature_shapes]
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
     levels: list[list[torch.Tensor]] = []
     for batch in loader:
-        feats = model.extract(batch["image"].to(device))
+        with autocast(device, precision):
+            feats = model.extract(batch["image"].to(device))
         if not levels:
             levels = [[] for _ in feats]
-        for store, f in zip(levels, feats):
-            store.append(f.clone())
-    return [torch.cat(store) for store in levels]
+        for kept, f in zip(levels, feats):
+            kept.append(f.to(store, copy=True))
+    return [torch.cat(kept) for kept in levels]
+
+
+def cache_device(model: FastFlow, n_images: int, device: torch.device) -> torch.device:
+    """Where the feature cache of ``n_images`` lives: on ``device`` when it takes at most half of its free
+    memory (float32 estimate from the feature shapes), else in host memory (batches then move per step)."""
+    nbytes = 4 * n_images * sum(c * h * w for c, h, w in model.feature_shapes)
+    return device if fits_in_memory(nbytes, device) else torch.device("cpu")
 
 
 class FeatureSource:
@@ -91,10 +104,14 @@ class FeatureSource:
     """
 
     def __init__(self, model: FastFlow, dataset: AnomalyDataset | None, cache: bool, batch_size: int,
-                 n: int | None = None, dist: Dist = SINGLE):
+                 n: int | None = None, dist: Dist = SINGLE, precision: str = "fp32"):
         self.model, self.dataset, self.batch_size, self.dist = model, dataset, batch_size, dist
         self.n = len(dataset) if n is None else n
-        self.cached = extract_features(model, dataset, batch_size) if cache else None
+        self.precision = precision
+        self.cached = None
+        if cache:
+            store = cache_device(model, len(dataset) if dataset is not None else 0, dist.device)
+            self.cached = extract_features(model, dataset, batch_size, precision, store)
 
     def __len__(self) -> int:
         return self.n
@@ -114,11 +131,12 @@ class FeatureSource:
             if len(mine) == 0:
                 yield None, len(idx)
                 continue
-            if self.cached is not None:
-                feats = [level[mine.to(level.device)] for level in self.cached]
+            if self.cached is not None:  # on the device, or moved there per batch (cache in host memory)
+                feats = [level[mine.to(level.device)].to(self.dist.device, non_blocking=True) for level in self.cached]
             else:
                 images = torch.stack([self.dataset[int(i)]["image"] for i in mine])
-                feats = self.model.extract(images.to(self.dist.device))
+                with autocast(self.dist.device, self.precision):
+                    feats = self.model.extract(images.to(self.dist.device))
             if noise > 0:
                 feats = add_feature_noise(feats, noise, [(seed * 1000003 + epoch) * 1000003 + int(i) for i in owned])
             yield feats, len(idx)
@@ -173,33 +191,40 @@ def _scores(model: FastFlow, source: FeatureSource) -> np.ndarray:
     """Image scores of every image of ``source`` (gathered from all ranks when sharded)."""
     model = for_inference(model)
     size = model.config.input_size
-    parts = [model.forward_features(f, size).score.cpu().numpy() for f in source.batches(0, 0, False)]
+    parts = [model.forward_features(f, size).score.float().cpu().numpy() for f in source.batches(0, 0, False)]
     parts = [p for rank_parts in source.dist.gather_objects(parts) for p in rank_parts]
     return np.concatenate(parts)
 
 
 def train(model_cfg: ModelConfig, train_cfg: TrainConfig, samples: list[Sample], run_dir: str,
           weights: str = "pretrained", resume: bool = False, progress: bool = True,
-          log=print, dist: Dist = SINGLE) -> TrainResult:
+          log=print, dist: Dist = SINGLE, device: str | torch.device | None = "auto",
+          precision: str = "fp32") -> TrainResult:
     """Train FastFlow on normal ``samples`` and write the run folder ``run_dir``.
 
     ``dist``: this process's place in a torchrun job (``distributed.init_from_env()``); every rank
     calls ``train`` with the same arguments, rank 0 logs and writes the files.
+    ``device``: auto, cpu, cuda, cuda:N or mps (device.py; under torchrun each rank's own device wins);
+    ``precision``: fp32, bf16 or fp16 (autocast of the forward passes; fp16 on CUDA with a gradient scaler).
 
     Training seeds the random generators with ``train_cfg.seed`` (the initialisation and augmentation
     draw from them) inside a fork: the caller's torch and NumPy random states are as they were after.
     """
+    if dist.world == 1:
+        dist = replace(dist, device=resolve_device(device))
     cuda = [dist.device.index or 0] if dist.device.type == "cuda" else []
     numpy_state = np.random.get_state()
     try:
         with torch.random.fork_rng(devices=cuda):
-            return _train(model_cfg, train_cfg, samples, run_dir, weights, resume, progress, log, dist)
+            return _train(model_cfg, train_cfg, samples, run_dir, weights, resume, progress, log, dist, precision)
     finally:
         np.random.set_state(numpy_state)
 
 
 def _train(model_cfg: ModelConfig, train_cfg: TrainConfig, samples: list[Sample], run_dir: str,
-           weights: str, resume: bool, progress: bool, log, dist: Dist) -> TrainResult:
+           weights: str, resume: bool, progress: bool, log, dist: Dist, precision: str) -> TrainResult:
+    amp = lambda: autocast(dist.device, precision)  # noqa: E731 -- the forward passes' context
+    scaler = grad_scaler(dist.device, precision)
     if not samples:
         raise TrainingError("no normal training images: nothing to learn from")
     check_readable(samples)  # every unreadable file at once, before any training
@@ -223,9 +248,9 @@ def _train(model_cfg: ModelConfig, train_cfg: TrainConfig, samples: list[Sample]
     t_start = time.perf_counter()
     cache = train_cfg.cache_features and not train_cfg.augment
     fit = FeatureSource(model, shard(fit_samples, train_cfg.augment), cache, train_cfg.batch_size,
-                        len(fit_samples), dist)
+                        len(fit_samples), dist, precision)
     val = FeatureSource(model, shard(val_samples), True, train_cfg.batch_size, len(val_samples),
-                        dist) if val_samples else None
+                        dist, precision) if val_samples else None
     t_features = time.perf_counter() - t_start
 
     params = model.trainable_parameters()
@@ -270,24 +295,28 @@ def _train(model_cfg: ModelConfig, train_cfg: TrainConfig, samples: list[Sample]
         for step, (feats, n_batch) in enumerate(fit.steps(epoch, train_cfg.seed, noise=train_cfg.feature_noise)):
             opt.zero_grad(set_to_none=True)
             if dist.world > 1:
-                finite, nll_sum = _sharded_backward(model, feats, n_batch, params, dist)
+                finite, nll_sum = _sharded_backward(model, feats, n_batch, params, dist, amp, scaler)
             else:
-                out = model.forward_features(feats, with_map=False)
+                with amp():
+                    out = model.forward_features(feats, with_map=False)
                 finite, nll_sum = bool(torch.isfinite(out.loss)), out.nll_per_dim.item() * n_batch
             if not finite:
                 raise TrainingError(
                     f"non-finite loss at epoch {epoch + 1}, step {step + 1}; the last good checkpoint is "
                     f"{ckpt_path}. Lower the learning rate (--lr) or clip the gradient (--grad-clip 1)")
             if dist.world == 1:
-                out.loss.backward()
+                scaler.scale(out.loss).backward()
             if train_cfg.grad_clip > 0:
+                scaler.unscale_(opt)
                 torch.nn.utils.clip_grad_norm_(params, train_cfg.grad_clip * _per_image_dims(model))
-            opt.step()
+            scaler.step(opt)
+            scaler.update()
             total += nll_sum
             count += n_batch
         row = {"epoch": epoch + 1, "train_nll": total / count, "seconds": time.perf_counter() - t0}
         if val is not None:
-            row["val_nll"] = _mean_nll(model, val)
+            with amp():
+                row["val_nll"] = _mean_nll(model, val)
             if row["val_nll"] < best["val_nll"]:
                 best = {"epoch": epoch, "val_nll": row["val_nll"], "state": trainable_state(model)}
         else:
@@ -312,7 +341,8 @@ def _train(model_cfg: ModelConfig, train_cfg: TrainConfig, samples: list[Sample]
             f"so no epoch can be selected; the last epoch's state is in {ckpt_path}. Lower the learning rate "
             f"(--lr), clip the gradient (--grad-clip 1), or check the training images for corrupt ones")
     model.load_state_dict(best["state"], strict=False)
-    threshold = calibrate_threshold(model, val, train_cfg.false_alarm_rate)
+    with amp():
+        threshold = calibrate_threshold(model, val, train_cfg.false_alarm_rate)
     seconds = time.perf_counter() - t_start
     ranks = {}
     if dist.world > 1:  # what each rank held: its share of the images (and of the feature cache)
@@ -331,15 +361,18 @@ def _train(model_cfg: ModelConfig, train_cfg: TrainConfig, samples: list[Sample]
 
 
 def _sharded_backward(model: FastFlow, feats: list[torch.Tensor] | None, n_batch: int,
-                      params: list[torch.nn.Parameter], dist: Dist) -> tuple[bool, float]:
+                      params: list[torch.nn.Parameter], dist: Dist, amp=contextlib.nullcontext,
+                      scaler: torch.amp.GradScaler | None = None) -> tuple[bool, float]:
     """Leave in each ``p.grad`` the gradient of the global batch's mean loss, from this rank's share
     ``feats`` (None: none of this batch) and the other ranks'. Returns (loss finite, summed nll_per_dim
     over the batch's images), the same on every rank."""
     loss_sum, nll_sum = 0.0, 0.0
     if feats is not None:
-        out = model.forward_features(feats, with_map=False)
+        with amp():
+            out = model.forward_features(feats, with_map=False)
         k = feats[0].shape[0]
-        (out.loss * (k / n_batch)).backward()  # sum of this rank's per-image NLLs / global batch size
+        loss = out.loss * (k / n_batch)  # sum of this rank's per-image NLLs / global batch size
+        (scaler.scale(loss) if scaler is not None else loss).backward()
         loss_sum, nll_sum = out.loss.item() * k, out.nll_per_dim.item() * k
     loss_sum, nll_sum = dist.sum_gradients(params, [loss_sum, nll_sum])
     return math.isfinite(loss_sum), nll_sum

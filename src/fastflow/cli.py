@@ -10,6 +10,8 @@
     fastflow invert   RUN_DIR IMAGE --region x0,y0,x1,y1 --output OUT_DIR [--strength S] [--level L]
     fastflow presets  [--json]
     fastflow demo     [--output DIR]
+    (train, evaluate, predict, export, invert, demo: [--device auto|cpu|cuda|cuda:N|mps] [--threads N]
+     and, but for export, [--precision fp32|bf16|fp16]; see device.py)
 
 A user mistake (missing path, bad option, unreadable file, unusable checkpoint) ends with one
 line on stderr and exit code 2, never a traceback.

@@ -54,6 +54,19 @@ def _data_options(args) -> dict:
     return opts
 
 
+def _folder_defaults(args) -> None:
+    """The folder format names its folders with --normal-dir/--abnormal-dir (relative to --data or absolute):
+    --data defaults to the current folder and --category (only a name there) to --data's folder name."""
+    if args.format != "folder":
+        return
+    if not args.data:
+        args.data = "."
+    if not args.category:
+        from .data import list_categories
+
+        args.category = list_categories("folder", args.data)[0]
+
+
 def _categories(args) -> list[str]:
     from .data import list_categories
 
@@ -177,7 +190,8 @@ def _build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("evaluate", help="metrics of a trained run on a labelled test set")
     e.add_argument("run_dir")
-    _add_data_args(e)
+    _add_data_args(e, required=False)
+    e.set_defaults(format=None)  # None: the run's own (run.json), else mvtec
     e.add_argument("--output", help="metrics JSON file (default: RUN_DIR/metrics.json)")
     e.add_argument("--batch-size", type=_positive(int), default=32)
     e.add_argument("--report", action="store_true",
@@ -291,8 +305,10 @@ def _train(args, dist) -> int:
         if dist.is_main:
             print(f"resumed and finished {args.resume}: best epoch {res.best_epoch}, threshold {res.threshold:.4f}")
         return 0
+    _folder_defaults(args)
     if not args.data or not args.category or not args.output:
-        raise ValueError("train needs --data, --category and --output (or --resume RUN_DIR)")
+        raise ValueError("train needs --data, --category and --output (or --resume RUN_DIR); the folder format "
+                         "needs only --normal-dir and --output")
     model_cfg, train_cfg = _configs(args)
     categories = _categories(args)
     opts = _data_options(args)
@@ -386,7 +402,48 @@ def _print_summary(rows: dict, folder: str | None, metrics: bool = True) -> None
             json.dump(rows, f, indent=1)
 
 
+def _data_from_run(args) -> None:
+    """evaluate: what the user left out of --data, --category, --format (and, for the folder format, its
+    folder options) is taken from the run.json that ``fastflow train`` wrote (RUN_DIR/run.json, or
+    RUN_DIR/<category>/run.json for a multi-category run)."""
+    saved = []
+    if os.path.isfile(_run_file(args.run_dir)):
+        paths = [_run_file(args.run_dir)]
+    elif os.path.isdir(args.run_dir):
+        paths = sorted(_run_file(os.path.join(args.run_dir, d)) for d in os.listdir(args.run_dir)
+                       if os.path.isfile(_run_file(os.path.join(args.run_dir, d))))
+    else:
+        paths = []
+    for path in paths:
+        try:
+            with open(path) as f:
+                saved.append(json.load(f)["data"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    if saved:
+        first = saved[0]
+        if args.format is None:
+            args.format = first["format"]
+        if args.data is None and args.format == first["format"]:
+            args.data = first["root"]
+        if args.category is None and args.format == first["format"]:
+            args.category = ",".join(d["category"] for d in saved) if len(saved) > 1 else first["category"]
+        options = first.get("options") or {}
+        if args.format == "folder" and first["format"] == "folder" and not _data_options(args):
+            args.normal_dir = options.get("normal_dirs")
+            args.abnormal_dir = options.get("abnormal_dirs")
+            for key in ("mask_dir", "mask_suffix", "test_fraction"):
+                setattr(args, key, options.get(key))
+    if args.format is None:
+        args.format = "mvtec"
+    _folder_defaults(args)
+    if not args.data or not args.category:
+        raise ValueError(f"evaluate needs --data and --category: {args.run_dir} has no run.json to take them "
+                         f"from (it is written by fastflow train)")
+
+
 def cmd_evaluate(args) -> int:
+    _data_from_run(args)
     categories = _categories(args)
     opts = _data_options(args)
     rows = {}

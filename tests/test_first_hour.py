@@ -1,0 +1,90 @@
+"""Issue 19, "a user's first hour": each trap a newcomer fell into, tried through ``fastflow.cli.main``.
+
+One tiny run (64x64 synthetic texture set, 1 epoch) is trained once per module (``tiny_run`` in
+conftest.py) and serves the prediction, export and calibration tests; the training tests train their
+own 1-epoch runs on a few images.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fastflow.cli import main
+from fastflow.demo import make_demo_dataset
+
+TINY = ["--input-size", "64", "--epochs", "1", "--batch-size", "4", "--flow-steps", "2", "--quiet"]
+
+
+def cli(capsys, *args) -> tuple[int, str, str]:
+    """Run ``fastflow ARGS`` in-process: (exit code, stdout, stderr)."""
+    capsys.readouterr()
+    try:
+        rc = main([str(a) for a in args])
+    except SystemExit as e:  # argparse usage errors and --help
+        rc = e.code
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory) -> Path:
+    """The synthetic texture set in MVTec layout: <root>/texture/{train,test,ground_truth}."""
+    root = tmp_path_factory.mktemp("demo")
+    make_demo_dataset(str(root), n_train=8, n_test_good=2, n_test_defect=2)
+    return root / "texture"
+
+
+@pytest.fixture(scope="module")
+def png_folder(demo, tmp_path_factory) -> Path:
+    """The user's own folders of PNGs: ok/ (normal) and bad/ (defective), no masks."""
+    root = tmp_path_factory.mktemp("pngs")
+    (root / "ok").mkdir()
+    (root / "bad").mkdir()
+    for i, p in enumerate(sorted((demo / "train" / "good").iterdir())):
+        Image.open(p).convert("RGB").save(root / "ok" / f"{i:03d}.png")
+    for i, p in enumerate(sorted((demo / "test").rglob("*.png"))):
+        if p.parent.name != "good":
+            Image.open(p).convert("RGB").save(root / "bad" / f"{i:03d}.png")
+    return root
+
+
+# -- 1: the folder format and PNGs --------------------------------------------------------------------------
+def test_folder_format_keeps_pngs_and_needs_no_data_or_category(png_folder, tmp_path, capsys, monkeypatch):
+    from fastflow.data import load_samples
+
+    train = load_samples("folder", str(png_folder), "mine", "train", normal_dirs=["ok"])
+    assert len(train) == 6 and all(s.path.endswith(".png") for s in train)  # 8 normals, every 5th to test
+    monkeypatch.chdir(png_folder)
+    run = tmp_path / "run"
+    rc, out, err = cli(capsys, "train", "--format", "folder", "--normal-dir", "ok", "--abnormal-dir", "bad",
+                       "--output", run, *TINY)
+    assert rc == 0, err
+    saved = json.loads((run / "run.json").read_text())["data"]
+    assert saved["root"] == str(png_folder) and saved["category"] == png_folder.name
+    # evaluate takes the data, the format and the folder options from run.json
+    rc, out, err = cli(capsys, "evaluate", run, "--quiet")
+    assert rc == 0, err
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["n_images"] == 2 + 2 and metrics["n_anomalous"] == 2
+
+
+def test_mask_suffix_with_a_tag_still_marks_masks(tmp_path):
+    from fastflow.data import load_samples
+
+    for name in ("a.png", "b.png", "c.png", "a_mask.png"):
+        (tmp_path / "ok").mkdir(exist_ok=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / "ok" / name)
+    train = load_samples("folder", str(tmp_path), "m", "train", normal_dirs=["ok"], mask_suffix="_mask.png",
+                         test_fraction=0)
+    assert sorted(Path(s.path).name for s in train) == ["a.png", "b.png", "c.png"]

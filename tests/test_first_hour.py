@@ -88,3 +88,37 @@ def test_mask_suffix_with_a_tag_still_marks_masks(tmp_path):
     train = load_samples("folder", str(tmp_path), "m", "train", normal_dirs=["ok"], mask_suffix="_mask.png",
                          test_fraction=0)
     assert sorted(Path(s.path).name for s in train) == ["a.png", "b.png", "c.png"]
+
+
+# -- 2 and 5: predict -----------------------------------------------------------------------------------------
+def _two_images(folder: Path, demo_category: str) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, p in enumerate(sorted(Path(demo_category, "test", "good").iterdir())[:2]):
+        shutil.copy(p, folder / f"part{i}.png")
+
+
+def test_predict_does_not_score_its_own_outputs(tiny_run, tmp_path, capsys):
+    run, category = tiny_run
+    images = tmp_path / "images"
+    _two_images(images, category)
+    for _ in range(3):  # the output folder inside the input folder, as a user may well do
+        rc, out, err = cli(capsys, "predict", run, images, "--output", images / "out", "--quiet", "--overwrite")
+        assert rc == 0, err
+        assert out.startswith("2 image(s) scored"), out
+    summary = json.loads((images / "out" / "summary.json").read_text())
+    assert summary["counts"]["images"] == 2
+
+
+def test_predict_fails_when_every_input_failed_and_says_why(tiny_run, tmp_path, capsys):
+    run, category = tiny_run
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "a.png").write_text("not an image")
+    (bad / "b.jpg").write_bytes(b"")
+    rc, out, err = cli(capsys, "predict", run, bad, "--output", tmp_path / "out", "--quiet")
+    assert rc == 1
+    assert "a.png is not an image" in err and "b.jpg is empty" in err and "none of the 2" in err
+    # one good image among them: exit 0, the reasons still on the terminal
+    _two_images(bad, category)
+    rc, out, err = cli(capsys, "predict", run, bad, "--output", tmp_path / "out2", "--quiet")
+    assert rc == 0 and out.startswith("2 image(s) scored") and "a.png is not an image" in err

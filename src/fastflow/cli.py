@@ -506,13 +506,30 @@ def cmd_invert(args) -> int:
 def cmd_predict(args) -> int:
     from .predict import Predictor, collect_inputs, predict_to_folder
 
-    inputs = [str(p) for p in collect_inputs(args.inputs)]  # bad paths fail before the model loads
+    # bad paths fail before the model loads; the output folder's own pictures are never inputs
+    inputs = [str(p) for p in collect_inputs(args.inputs, exclude=args.output)]
     predictor = Predictor.from_run(args.run_dir, args.threshold, args.runtime, args.onnx, args.batch_size)
     summary = predict_to_folder(predictor, inputs, args.output, args.batch_size, args.overwrite,
                                 progress=not args.quiet)
     c = summary["counts"]
     print(f"{c['ok']} image(s) scored, {c['anomalous']} anomalous, {c['error']} unreadable "
           f"(threshold {summary['threshold']['value']}) -> {os.path.join(args.output, 'summary.csv')}")
+    return _report_failures(summary)
+
+
+def _report_failures(summary: dict, shown: int = 10) -> int:
+    """predict: the reason of each unreadable input on stderr (the first ``shown``); exit code 1 when no
+    input could be scored at all, so that a script knows nothing was inspected."""
+    failed = [r for r in summary["results"] if r["status"] == "error"]
+    for r in failed[:shown]:
+        print(f"fastflow predict: {r['error']}", file=sys.stderr)
+    if len(failed) > shown:
+        print(f"fastflow predict: ... and {len(failed) - shown} more unreadable image(s) (see summary.csv)",
+              file=sys.stderr)
+    if failed and not summary["counts"]["ok"]:
+        print(f"fastflow predict: error: none of the {len(failed)} input image(s) could be read; nothing was "
+              f"scored", file=sys.stderr)
+        return 1
     return 0
 
 

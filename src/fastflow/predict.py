@@ -255,15 +255,22 @@ def _row_blocks(shape: tuple[int, ...], pixels: int = 1 << 22) -> list[slice]:
 
 
 # -- inputs and output names -----------------------------------------------------------------------
-def collect_inputs(args: list[str]) -> list[Path]:
+def collect_inputs(args: list[str], exclude: str | None = None) -> list[Path]:
     """Files, folders (recursive; image extensions only, hidden files and folders skipped) and glob
     patterns -> absolute file paths, in argument order, without duplicates. Files named explicitly are
-    kept whatever their extension (an unreadable one is reported per image)."""
+    kept whatever their extension (an unreadable one is reported per image). Files that folders and
+    globs find inside the folder ``exclude`` (the output folder of ``fastflow predict``) are left out,
+    so that a run never scores its own heatmaps."""
     found: list[Path] = []
+    skip = Path(exclude).resolve() if exclude else None
+
+    def keep(p: Path) -> bool:
+        return skip is None or not p.resolve().is_relative_to(skip)
+
     for arg in args:
         path = Path(arg)
         if path.is_dir():
-            found += _scan(path)
+            found += [p for p in _scan(path) if keep(p)]
         elif path.is_file():
             found.append(path)
         else:
@@ -271,7 +278,7 @@ def collect_inputs(args: list[str]) -> list[Path]:
             if not matches:
                 raise FileNotFoundError(f"{arg!r} is not a file, a folder or a glob pattern matching anything")
             for m in map(Path, matches):
-                found += _scan(m) if m.is_dir() else ([m] if is_image_file(m) else [])
+                found += [p for p in (_scan(m) if m.is_dir() else ([m] if is_image_file(m) else [])) if keep(p)]
     unique, seen = [], set()
     for p in found:
         p = p.resolve()
@@ -350,7 +357,7 @@ def predict_to_folder(predictor: Predictor, inputs: list[str], out_dir: str, bat
     in OUT's summary (same run, runtime and threshold, outputs present) are skipped unless ``overwrite``.
     Returns the summary dict (also written to summary.json).
     """
-    paths = collect_inputs(inputs)
+    paths = collect_inputs(inputs, exclude=out_dir)
     os.makedirs(out_dir, exist_ok=True)
     for kind in KINDS:
         os.makedirs(os.path.join(out_dir, kind), exist_ok=True)

@@ -122,3 +122,52 @@ def test_predict_fails_when_every_input_failed_and_says_why(tiny_run, tmp_path, 
     _two_images(bad, category)
     rc, out, err = cli(capsys, "predict", run, bad, "--output", tmp_path / "out2", "--quiet")
     assert rc == 0 and out.startswith("2 image(s) scored") and "a.png is not an image" in err
+
+
+# -- 3 and 4: an existing run folder, and --resume -----------------------------------------------------------
+def test_training_into_an_existing_run_is_refused_unless_overwrite_clears_it(demo, tmp_path, capsys):
+    run = tmp_path / "run"
+    args = ["train", "--data", demo.parent, "--category", "texture", "--output", run, *TINY]
+    assert cli(capsys, *args)[0] == 0
+    for stale in ("model.onnx", "model.json", "metrics.json", "report.html"):  # an export and an evaluation
+        (run / stale).write_text("old")
+    (run / "notes.txt").write_text("the user's own file")
+    rc, out, err = cli(capsys, *args)
+    assert rc == 2 and "already holds a run" in err and "--overwrite" in err and "--resume" in err
+    assert (run / "model.onnx").read_text() == "old"  # untouched
+    rc, out, err = cli(capsys, *args, "--overwrite")
+    assert rc == 0, err
+    assert sorted(os.listdir(run)) == ["checkpoint.pt", "history.json", "model.pt", "notes.txt", "run.json"]
+
+
+def test_failed_train_leaves_no_orphan_run_json(tmp_path, capsys):
+    data = tmp_path / "data" / "cat" / "train" / "good"
+    data.mkdir(parents=True)
+    for i in range(3):
+        (data / f"{i}.png").write_text("not an image")
+    rc, out, err = cli(capsys, "train", "--data", tmp_path / "data", "--category", "cat", "--output", tmp_path / "run",
+                       *TINY)
+    assert rc == 2 and "not an image" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_resume_refuses_other_options_and_extends_a_finished_run(demo, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert cli(capsys, "train", "--data", demo.parent, "--category", "texture", "--output", run, *TINY)[0] == 0
+    first = torch.load(run / "model.pt", weights_only=True)
+    for extra, name in ((["--lr", "0.1"], "--lr"), (["--output", tmp_path / "elsewhere"], "--output"),
+                        (["--batch-size", "2"], "--batch-size")):
+        rc, out, err = cli(capsys, "train", "--resume", run, *extra, "--quiet")
+        assert rc == 2 and name in err and "options it was started with" in err, err
+    rc, out, err = cli(capsys, "train", "--resume", run, "--quiet")  # finished: says so, changes nothing
+    assert rc == 0 and "finished all its 1 epochs" in out and "--epochs" in out
+    rc, out, err = cli(capsys, "train", "--resume", run, "--epochs", "2", "--output", run, "--quiet")
+    assert rc == 0, err
+    assert "resuming" in out and "at epoch 2/2" in out
+    history = json.loads((run / "history.json").read_text())["history"]
+    assert [h["epoch"] for h in history] == [1, 2]
+    assert json.loads((run / "run.json").read_text())["train_config"]["epochs"] == 2
+    assert torch.load(run / "model.pt", weights_only=True)["train_config"]["epochs"] == 2
+    assert first["train_config"]["epochs"] == 1
+    rc, out, err = cli(capsys, "train", "--resume", run, "--epochs", "1", "--quiet")
+    assert rc == 2 and "already run 2 epochs" in err

@@ -187,6 +187,9 @@ def _build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=None)
     t.add_argument("--evaluate", action="store_true", help="evaluate on the test split after training")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.add_argument("--overwrite", action="store_true",
+                   help="train into a folder that already holds a run: delete that run's model, checkpoint, "
+                        "exports and metrics first (without it such a folder is refused)")
 
     e = sub.add_parser("evaluate", help="metrics of a trained run on a labelled test set")
     e.add_argument("run_dir")
@@ -286,6 +289,7 @@ def _train(args, dist) -> int:
     from .train import train
 
     if args.resume:
+        _check_resume_options(args)
         path = _run_file(args.resume)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{path} not found: --resume takes a run folder written by "
@@ -299,6 +303,9 @@ def _train(args, dist) -> int:
         except (ValueError, KeyError, TypeError) as e:
             raise ValueError(f"{path} is corrupt or from another version ({type(e).__name__}: {e}); "
                              f"start a new run with --output") from e
+        train_cfg = _extended(args, train_cfg, path)
+        if train_cfg is None:
+            return 0
         samples = load_samples(data["format"], data["root"], data["category"], "train", **data["options"])
         res = train(model_cfg, train_cfg, samples, args.resume, weights=saved["weights"], resume=True,
                     progress=not args.quiet, dist=dist)
@@ -312,6 +319,8 @@ def _train(args, dist) -> int:
     model_cfg, train_cfg = _configs(args)
     categories = _categories(args)
     opts = _data_options(args)
+    _clear_run_dirs([args.output if len(categories) == 1 else os.path.join(args.output, c) for c in categories],
+                    args.overwrite, dist)
     mine, cat_dist = categories, dist  # each category sharded over all ranks, one after the other ...
     if dist.world > 1 and len(categories) >= dist.world:  # ... or whole categories round-robin over ranks
         mine, cat_dist = dist.owned(categories), SINGLE
@@ -328,8 +337,13 @@ def _train(args, dist) -> int:
                            "weights": args.weights, "data": {"format": args.format, "root": os.path.abspath(args.data),
                                                              "category": cat, "options": opts}}, f, indent=1)
         say(f"[{cat}] training {model_cfg.backbone} on {len(samples)} normal images{where} -> {run_dir}")
-        res = train(model_cfg, train_cfg, samples, run_dir, weights=args.weights,
-                    progress=not args.quiet and dist.is_main, dist=cat_dist)
+        try:
+            res = train(model_cfg, train_cfg, samples, run_dir, weights=args.weights,
+                        progress=not args.quiet and dist.is_main, dist=cat_dist)
+        except Exception:
+            if cat_dist.is_main:
+                _drop_orphan_run_file(run_dir)
+            raise
         say(f"[{cat}] done in {res.train_seconds:.1f} s: best epoch {res.best_epoch}, "
             f"val NLL {res.best_val_nll if res.best_val_nll is None else round(res.best_val_nll, 4)} nats/dim, "
             f"threshold {res.threshold:.4f}")
@@ -350,6 +364,89 @@ def _train(args, dist) -> int:
 
 def _run_file(run_dir: str) -> str:
     return os.path.join(run_dir, "run.json")
+
+
+# What fastflow writes into a run folder; `train --overwrite` deletes these (and ONNX exports with their
+# sidecars), never other files.
+RUN_FILES = ("run.json", "model.pt", "checkpoint.pt", "history.json", "metrics.json", "report.html")
+
+
+def _run_files(run_dir: str) -> list[str]:
+    """The files of an earlier run in ``run_dir`` (names), sorted; [] for a new or empty folder."""
+    if not os.path.isdir(run_dir):
+        return []
+    names = set(os.listdir(run_dir))
+    exports = {n for n in names if n.endswith(".onnx")}
+    sidecars = {os.path.splitext(n)[0] + ".json" for n in exports} & names
+    return sorted((names & set(RUN_FILES)) | exports | sidecars)
+
+
+def _clear_run_dirs(run_dirs: list[str], overwrite: bool, dist) -> None:
+    """train into a folder that holds a run: refused, unless ``overwrite``, which deletes that run's files
+    first, so that no export, metrics or report of the old model is left beside the new one."""
+    found = {d: files for d in run_dirs if (files := _run_files(d))}
+    if found and not overwrite:
+        d, files = next(iter(found.items()))
+        raise ValueError(f"{d} already holds a run ({', '.join(files)}); pass --overwrite to replace it (its model, "
+                         f"exports and metrics are deleted), --resume {d} to continue it, or choose another --output")
+    if dist.is_main:
+        for d, files in found.items():
+            for name in files:
+                os.unlink(os.path.join(d, name))
+    dist.barrier()
+
+
+def _drop_orphan_run_file(run_dir: str) -> None:
+    """A training that failed before its first checkpoint leaves nothing to resume: remove its run.json
+    (and the folder, if train created it and it is now empty)."""
+    if os.path.isfile(os.path.join(run_dir, "checkpoint.pt")):
+        return  # resumable: keep run.json for --resume
+    try:
+        os.unlink(_run_file(run_dir))
+        os.rmdir(run_dir)
+    except OSError:
+        pass
+
+
+# Options --resume accepts: the rest are the run's own, saved in run.json.
+RESUME_OPTIONS = ("command", "resume", "epochs", "quiet", "evaluate", "output")
+
+
+def _check_resume_options(args) -> None:
+    """--resume continues a run with the options it was started with: any other option given is refused,
+    except --epochs (extends a run) and --output naming the same folder."""
+    defaults = vars(_build_parser().parse_args(["train"]))
+    given = [k for k, v in vars(args).items() if k not in RESUME_OPTIONS and v != defaults.get(k)]
+    if args.output is not None and os.path.abspath(args.output) != os.path.abspath(args.resume):
+        given.insert(0, "output")
+    if given:
+        shown = ", ".join("--" + k.replace("_", "-") for k in given)
+        raise ValueError(f"--resume continues {args.resume} with the options it was started with (run.json); "
+                         f"remove {shown}, or start a new run with --output (only --epochs may extend a run)")
+
+
+def _extended(args, train_cfg: TrainConfig, run_json: str) -> TrainConfig | None:
+    """The training config to resume with: ``--epochs N`` extends the run to N epochs (recorded in
+    run.json). None when the run has already finished all its epochs (a message says how to extend)."""
+    from .checkpoint import load_safe
+
+    ckpt_path = os.path.join(args.resume, "checkpoint.pt")
+    done = load_safe(ckpt_path)["epoch"] + 1 if os.path.isfile(ckpt_path) else 0
+    if args.epochs is not None and args.epochs != train_cfg.epochs:
+        if args.epochs < done:
+            raise ValueError(f"--epochs {args.epochs}: {args.resume} has already run {done} epochs; "
+                             f"give more than {done} to extend it")
+        train_cfg = replace(train_cfg, epochs=args.epochs)
+        with open(run_json) as f:
+            saved = json.load(f)
+        saved["train_config"] = to_dict(train_cfg)
+        with open(run_json, "w") as f:
+            json.dump(saved, f, indent=1)
+    elif done >= train_cfg.epochs and os.path.isfile(os.path.join(args.resume, "model.pt")):
+        print(f"{args.resume} has finished all its {train_cfg.epochs} epochs: nothing to resume; extend it with "
+              f"--resume {args.resume} --epochs N (N > {train_cfg.epochs})")
+        return None
+    return train_cfg
 
 
 def _evaluate_one(run_dir, fmt, root, category, opts, output, batch_size, quiet, report=False,

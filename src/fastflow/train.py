@@ -269,7 +269,8 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, samples: list[Sample],
         log(f"no checkpoint in {run_dir} yet (stopped during the first epoch): starting from epoch 1")
     elif resume:
         state = load_safe(ckpt_path)
-        if state.get("model_config") != to_dict(model_cfg) or state.get("train_config") != to_dict(train_cfg):
+        same_train = {**(state.get("train_config") or {}), "epochs": train_cfg.epochs} == to_dict(train_cfg)
+        if state.get("model_config") != to_dict(model_cfg) or not same_train:  # more epochs extend a run
             raise CheckpointError(f"{ckpt_path}: its config differs from this run's; resume with the same "
                                   f"options, or start a new run folder")
         try:

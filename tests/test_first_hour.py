@@ -171,3 +171,35 @@ def test_resume_refuses_other_options_and_extends_a_finished_run(demo, tmp_path,
     assert first["train_config"]["epochs"] == 1
     rc, out, err = cli(capsys, "train", "--resume", run, "--epochs", "1", "--quiet")
     assert rc == 2 and "already run 2 epochs" in err
+
+
+# -- 8: export without the export extra -----------------------------------------------------------------------
+def test_export_without_onnx_is_one_line_naming_the_extra(tiny_run, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnx", None)  # import onnx raises ImportError, as when not installed
+    rc, out, err = cli(capsys, "export", tiny_run[0], "--output", tmp_path / "m.onnx")
+    assert rc == 2 and err.count("\n") == 1 and "Traceback" not in err
+    assert "pip install 'fastflow[export]'" in err and "onnx" in err
+    assert not (tmp_path / "m.onnx").exists()
+
+
+# -- 9: checkpoints: a text file is not an attack; model.pt readable by other accounts --------------------------
+def test_text_file_as_model_pt_is_not_a_checkpoint_and_not_an_attack(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "model.pt").write_text("hello, I am a text file\n")
+    rc, out, err = cli(capsys, "export", run)
+    assert rc == 2 and "not a fastflow checkpoint" in err and "run code" not in err, err
+
+
+def test_model_pt_is_written_readable_by_others_subject_to_umask(tiny_run, tmp_path):
+    from fastflow.checkpoint import save_atomic
+
+    old = os.umask(0o022)
+    try:
+        save_atomic({"format": 1}, str(tmp_path / "a.pt"))
+        os.umask(0o077)
+        save_atomic({"format": 1}, str(tmp_path / "b.pt"))
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(tmp_path / "a.pt").st_mode) == 0o644
+    assert stat.S_IMODE(os.stat(tmp_path / "b.pt").st_mode) == 0o600

@@ -303,7 +303,7 @@ def _train(args, dist) -> int:
         except (ValueError, KeyError, TypeError) as e:
             raise ValueError(f"{path} is corrupt or from another version ({type(e).__name__}: {e}); "
                              f"start a new run with --output") from e
-        train_cfg = _extended(args, train_cfg, path)
+        train_cfg = _extended(args, model_cfg, train_cfg, path)
         if train_cfg is None:
             return 0
         samples = load_samples(data["format"], data["root"], data["category"], "train", **data["options"])
@@ -425,13 +425,20 @@ def _check_resume_options(args) -> None:
                          f"remove {shown}, or start a new run with --output (only --epochs may extend a run)")
 
 
-def _extended(args, train_cfg: TrainConfig, run_json: str) -> TrainConfig | None:
+def _extended(args, model_cfg: ModelConfig, train_cfg: TrainConfig, run_json: str) -> TrainConfig | None:
     """The training config to resume with: ``--epochs N`` extends the run to N epochs (recorded in
     run.json). None when the run has already finished all its epochs (a message says how to extend)."""
-    from .checkpoint import load_safe
+    from .checkpoint import CheckpointError, load_safe
 
     ckpt_path = os.path.join(args.resume, "checkpoint.pt")
-    done = load_safe(ckpt_path)["epoch"] + 1 if os.path.isfile(ckpt_path) else 0
+    done = 0
+    if os.path.isfile(ckpt_path):
+        state = load_safe(ckpt_path)
+        saved_train = {**(state.get("train_config") or {}), "epochs": train_cfg.epochs}
+        if state.get("model_config") != to_dict(model_cfg) or saved_train != to_dict(train_cfg):
+            raise CheckpointError(f"{ckpt_path}: its config differs from this run's ({run_json}); resume with the "
+                                  f"same options, or start a new run folder")
+        done = int(state.get("epoch", -1)) + 1
     if args.epochs is not None and args.epochs != train_cfg.epochs:
         if args.epochs < done:
             raise ValueError(f"--epochs {args.epochs}: {args.resume} has already run {done} epochs; "

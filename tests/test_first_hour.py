@@ -203,3 +203,38 @@ def test_model_pt_is_written_readable_by_others_subject_to_umask(tiny_run, tmp_p
         os.umask(old)
     assert stat.S_IMODE(os.stat(tmp_path / "a.pt").st_mode) == 0o644
     assert stat.S_IMODE(os.stat(tmp_path / "b.pt").st_mode) == 0o600
+
+
+# -- 10: help --------------------------------------------------------------------------------------------------
+def _subparsers():
+    import argparse
+
+    from fastflow.cli import _build_parser
+
+    parser = _build_parser()
+    (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return parser, sub.choices
+
+
+def test_every_command_has_a_description_and_every_option_help(capsys):
+    parser, commands = _subparsers()
+    assert {"train", "evaluate", "predict", "export", "invert", "presets", "demo"} <= set(commands)
+    for name, p in commands.items():
+        assert p.description and len(p.description) > 40, name
+        for action in p._actions:
+            assert action.help, f"{name} {action.option_strings or action.dest} has no help text"
+    rc, out, _ = cli(capsys, "--help")
+    assert rc == 0 and "``" not in out and "fastflow train" in out
+    rc, out, _ = cli(capsys, "evaluate", "--help")
+    assert "(default: 32)" in out  # --batch-size
+    rc, out, _ = cli(capsys, "invert", "--help")
+    assert "(default: 1)" in out and "(default: 0)" in out  # --level, --seed
+
+
+def test_invert_level_counts_from_one_like_train_levels(tiny_run, tmp_path, capsys):
+    run, category = tiny_run
+    image = sorted(Path(category, "test", "good").iterdir())[0]
+    rc, out, err = cli(capsys, "invert", run, image, "--region", "0,0,16,16", "--output", tmp_path, "--level", "0")
+    assert rc == 2 and "--level must be in 1..3" in err and "1: the finest" in err
+    rc, out, err = cli(capsys, "invert", run, image, "--region", "0,0,16,16", "--output", tmp_path, "--level", "3")
+    assert rc == 0 and os.listdir(tmp_path) == [f"{image.stem}-invert-level3.png"]

@@ -7,7 +7,7 @@
     fastflow evaluate RUN_DIR --data ROOT --category NAME [--output metrics.json] [--report] [--misalign]
     fastflow predict  RUN_DIR IMAGE_OR_FOLDER... --output OUT_DIR [--threshold T] [--runtime torch|onnx]
     fastflow export   RUN_DIR --format onnx [--output model.onnx]
-    fastflow invert   RUN_DIR IMAGE --region x0,y0,x1,y1 --output OUT_DIR [--strength S] [--level L]
+    fastflow invert   RUN_DIR IMAGE --region x0,y0,x1,y1 --output OUT_DIR [--strength S] [--level L (1: finest)]
     fastflow presets  [--json]
     fastflow demo     [--output DIR]
 
@@ -29,17 +29,21 @@ from .config import PRESETS, ModelConfig, TrainConfig, check_levels, from_dict, 
 # -- shared option groups ---------------------------------------------------------------------
 def _add_data_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     g = p.add_argument_group("data")
-    g.add_argument("--data", required=required, help="dataset root folder")
+    g.add_argument("--data", required=required,
+                   help="dataset root folder (folder format: the folder --normal-dir is relative to, default .)")
     g.add_argument("--category", required=required,
-                   help="category name, a comma-separated list, or 'all'")
+                   help="category name, a comma-separated list, or 'all' (folder format: a name, default "
+                        "--data's folder name)")
     g.add_argument("--format", default="mvtec", choices=["mvtec", "btad", "folder", "mtd", "cifar10"],
-                   help="dataset layout (default: mvtec)")
+                   help="dataset layout (default: mvtec; evaluate: the run's)")
     g.add_argument("--normal-dir", action="append", default=None, help="folder format: normal images (repeatable)")
     g.add_argument("--abnormal-dir", action="append", default=None,
                    help="folder format: anomalous images (repeatable)")
     g.add_argument("--mask-dir", default=None, help="folder format: folder of masks (default: beside images)")
-    g.add_argument("--mask-suffix", default=None, help="folder format: mask name = image stem + suffix")
-    g.add_argument("--test-fraction", type=float, default=None, help="folder format: normals kept for test")
+    g.add_argument("--mask-suffix", default=None,
+                   help="folder format: mask name = image stem + suffix, e.g. _mask.png (default: .png)")
+    g.add_argument("--test-fraction", type=float, default=None,
+                   help="folder format: fraction of the normal images kept for test (default: 0.2)")
 
 
 def _data_options(args) -> dict:
@@ -131,8 +135,30 @@ def _cutoff(text: str) -> float | str:
         raise argparse.ArgumentTypeError(f"expected a percent like 1 or 'off', got {text!r}") from None
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Shows each option's default (unless None/False, or the help already names it) and keeps the line
+    breaks of descriptions and epilogs."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        if default is None or default is False or default == argparse.SUPPRESS or "default" in text \
+                or not action.option_strings:
+            return text
+        return text + " (default: %(default)s)"
+
+
 class _Parser(argparse.ArgumentParser):
-    """argparse whose usage errors are one line (subcommand parsers inherit the class)."""
+    """argparse whose usage errors are one line and whose help shows defaults (subcommand parsers inherit
+    the class)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        if kwargs.get("description") and "\n" not in kwargs["description"]:  # raw formatting keeps line breaks
+            import textwrap
+
+            kwargs["description"] = textwrap.fill(kwargs["description"], 79)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n")
@@ -140,38 +166,50 @@ class _Parser(argparse.ArgumentParser):
 
 # -- commands ---------------------------------------------------------------------------------
 def _build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="fastflow", description=__doc__.split("\n")[0])
+    parser = _Parser(prog="fastflow", description=DESCRIPTION, epilog=EPILOG)
     parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", required=True)
 
-    t = sub.add_parser("train", help="train a model on normal images")
+    t = sub.add_parser("train", help="train a model on normal images", description=(
+        "Train a FastFlow model on normal (defect-free) images and write a run folder: model.pt (the model and its "
+        "calibrated threshold), checkpoint.pt (for --resume), history.json and run.json. Options left out take the "
+        "preset's values (fastflow presets lists them)."),
+        epilog="examples:\n  fastflow train --data data/mvtec_ad --category bottle --output runs/bottle\n"
+               "  fastflow train --format folder --normal-dir good/ --abnormal-dir bad/ --output runs/mine\n"
+               "  fastflow train --resume runs/bottle [--epochs N]")
     _add_data_args(t, required=False)
     t.add_argument("--output", help="run folder to write (for several categories: one subfolder each)")
-    t.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
+    t.add_argument("--resume", metavar="RUN_DIR",
+                   help="continue an interrupted run from its last checkpoint, with the options it was started "
+                        "with; --epochs N extends a finished run to N epochs")
     t.add_argument("--backbone", default=None, help=f"preset / backbone: {', '.join(PRESETS)}")
     t.add_argument("--weights", default="pretrained",
                    help="backbone weights: pretrained (default), random, or a local .pth state dict")
-    t.add_argument("--epochs", type=int, default=None, help="default: the preset's own epoch count")
-    t.add_argument("--batch-size", type=int, default=None)
-    t.add_argument("--lr", type=float, default=None)
-    t.add_argument("--weight-decay", type=float, default=None)
+    t.add_argument("--epochs", type=int, default=None, help="training epochs (default: the preset's)")
+    t.add_argument("--batch-size", type=int, default=None, help="images per optimiser step (default: the preset's)")
+    t.add_argument("--lr", type=float, default=None, help="Adam learning rate (default: the preset's, 1e-3)")
+    t.add_argument("--weight-decay", type=float, default=None, help="Adam weight decay (default: the preset's, 1e-5)")
     t.add_argument("--grad-clip", type=float, default=None,
                    help="max gradient norm per feature dimension (default 0 = off); e.g. 1 against spikes")
     t.add_argument("--feature-noise", type=float, default=None,
                    help="noise regularisation: Gaussian noise x each level's feature std added to the training "
                         "features (lite presets 0.2, paper presets 0 = off)")
     t.add_argument("--input-size", type=_size, default=None, help="N or H,W (default: the preset's)")
-    t.add_argument("--flow-steps", type=int, default=None)
-    t.add_argument("--hidden-ratio", type=float, default=None)
-    t.add_argument("--kernels", choices=["3-1", "3-3"], default=None)
+    t.add_argument("--flow-steps", type=int, default=None, help="flow steps per level (default: the preset's)")
+    t.add_argument("--hidden-ratio", type=float, default=None,
+                   help="subnet hidden channels / input channels (default: the preset's)")
+    t.add_argument("--kernels", choices=["3-1", "3-3"], default=None,
+                   help="subnet kernels: 3-1 alternates 3x3 and 1x1 steps, 3-3 is 3x3 only (default: the preset's)")
     t.add_argument("--levels", type=_levels, default=None,
                    help="backbone feature levels, one flow each (CNN: 1=stride 4, 2=stride 8, 3=stride 16, "
                         "4=stride 32)")
     t.add_argument("--no-norm-affine", action="store_true",
                    help="LayerNorm without its learned per-location affine: position-free, and the loss stays a "
                         "proper likelihood; for parts that are not aligned (Magnetic Tile: README)")
-    t.add_argument("--anomaly-map", choices=["loglik", "reference"], default=None)
-    t.add_argument("--smoothing-sigma", type=float, default=None)
+    t.add_argument("--anomaly-map", choices=["loglik", "reference"], default=None,
+                   help="loglik: per-location negative log-likelihood; reference: the peers' map (default: loglik)")
+    t.add_argument("--smoothing-sigma", type=float, default=None,
+                   help="Gaussian blur of the anomaly map, in input pixels; 0 = off (default: the preset's)")
     t.add_argument("--autocontrast", type=_cutoff, nargs="?", const=1.0, default=None, metavar="CUTOFF",
                    help="stretch each image's contrast before resizing, clipping CUTOFF percent of the darkest and "
                         "brightest pixels (default 1 when given; 'off' to switch a preset's off); saved with the "
@@ -181,67 +219,104 @@ def _build_parser() -> argparse.ArgumentParser:
                         "--autocontrast; saved with the model's preprocessing")
     t.add_argument("--augment", action="store_true", help="paper Section 6.2 augmentation (flips, rotation)")
     t.add_argument("--no-cache", action="store_true", help="recompute backbone features every epoch")
-    t.add_argument("--val-fraction", type=float, default=None)
+    t.add_argument("--val-fraction", type=float, default=None,
+                   help="normal training images held out to select the epoch and calibrate the threshold "
+                        "(default: 0.1)")
     t.add_argument("--false-alarm-rate", type=float, default=None,
                    help="threshold calibration on held-out normals (default 0.01)")
-    t.add_argument("--seed", type=int, default=None)
+    t.add_argument("--seed", type=int, default=None, help="random seed (default: 0)")
     t.add_argument("--evaluate", action="store_true", help="evaluate on the test split after training")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.add_argument("--overwrite", action="store_true",
                    help="train into a folder that already holds a run: delete that run's model, checkpoint, "
                         "exports and metrics first (without it such a folder is refused)")
 
-    e = sub.add_parser("evaluate", help="metrics of a trained run on a labelled test set")
-    e.add_argument("run_dir")
+    e = sub.add_parser("evaluate", help="metrics of a trained run on a labelled test set", description=(
+        "Image AUROC, pixel AUROC, AUPRO and F1-max of a trained run on the test split of a labelled dataset. "
+        "--data, --category and --format default to those the run was trained with (its run.json)."),
+        epilog="example:\n  fastflow evaluate runs/bottle --report")
+    e.add_argument("run_dir", help="run folder written by fastflow train")
     _add_data_args(e, required=False)
     e.set_defaults(format=None)  # None: the run's own (run.json), else mvtec
     e.add_argument("--output", help="metrics JSON file (default: RUN_DIR/metrics.json)")
-    e.add_argument("--batch-size", type=_positive(int), default=32)
+    e.add_argument("--batch-size", type=_positive(int), default=32, help="images per forward pass")
     e.add_argument("--report", action="store_true",
                    help="also write a self-contained HTML report (curves, galleries) beside the metrics JSON")
     e.add_argument("--misalign", action="store_true",
                    help="also evaluate on the 4x zoomed/rotated/shifted test set (paper Section 8)")
     e.add_argument("--misalign-seed", type=int, default=0, help="seed of the --misalign transforms")
-    e.add_argument("--quiet", action="store_true")
+    e.add_argument("--quiet", action="store_true", help="no progress bar")
 
-    iv = sub.add_parser("invert", help="pollute the flow latent in a region and regenerate features (paper 4.5)")
-    iv.add_argument("run_dir")
-    iv.add_argument("image")
+    iv = sub.add_parser("invert", help="pollute the flow latent in a region and regenerate features (paper 4.5)",
+                        description=(
+        "Add noise to the flow's latent z in a region of an image, run the flow backwards and save a panel: the "
+        "image, the region, the features before and after, and their difference (paper Section 4.5)."),
+        epilog="example:\n  fastflow invert runs/bottle image.png --region 40,40,120,120 --output out/")
+    iv.add_argument("run_dir", help="run folder written by fastflow train")
+    iv.add_argument("image", help="image file")
     iv.add_argument("--region", type=_region, required=True,
                     help="x0,y0,x1,y1 in pixels of IMAGE (x1, y1 exclusive)")
     iv.add_argument("--output", required=True, help="folder for the panel PNG")
-    iv.add_argument("--strength", type=float, default=3.0, help="std of the noise added to z (default 3)")
-    iv.add_argument("--level", type=int, default=0, help="feature level (0: the finest)")
+    iv.add_argument("--strength", type=float, default=3.0, help="std of the noise added to z")
+    iv.add_argument("--level", type=int, default=1,
+                    help="feature level of the model, counted from 1 (the finest), as in train --levels")
     iv.add_argument("--channel", type=int, default=None, help="feature channel shown (default: most changed)")
-    iv.add_argument("--seed", type=int, default=0)
+    iv.add_argument("--seed", type=int, default=0, help="seed of the noise")
 
-    pd = sub.add_parser("predict", help="score new images: heatmaps, overlays, masks and a summary")
-    pd.add_argument("run_dir")
+    pd = sub.add_parser("predict", help="score new images: heatmaps, overlays, masks and a summary", description=(
+        "Score images with a trained run: an anomaly score and decision per image, and heatmap/, overlay/ and mask/ "
+        "PNGs with summary.csv and summary.json in the output folder. Unreadable images are reported and skipped; "
+        "the exit code is 1 when none could be scored."),
+        epilog="example:\n  fastflow predict runs/bottle new_images/ --output predictions/")
+    pd.add_argument("run_dir", help="run folder written by fastflow train (or its model.pt)")
     pd.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER", help="image files, folders (recursive) or globs")
     pd.add_argument("--output", required=True, help="folder for heatmap/, overlay/, mask/ and summary.{csv,json}")
     pd.add_argument("--threshold", type=float, default=None, help="decision threshold (default: the run's calibrated)")
     pd.add_argument("--runtime", choices=["torch", "onnx"], default="torch",
                     help="onnx: run RUN_DIR/model.onnx (from `fastflow export`) in ONNX Runtime")
     pd.add_argument("--onnx", default=None, help="ONNX model for --runtime onnx (default: RUN_DIR/model.onnx)")
-    pd.add_argument("--batch-size", type=_positive(int), default=16)
+    pd.add_argument("--batch-size", type=_positive(int), default=16, help="images per forward pass")
     pd.add_argument("--overwrite", action="store_true", help="redo images already in OUT_DIR's summary")
-    pd.add_argument("--quiet", action="store_true")
+    pd.add_argument("--quiet", action="store_true", help="no progress bar")
 
-    ex = sub.add_parser("export", help="export a run to ONNX (score and anomaly map) with a JSON sidecar")
-    ex.add_argument("run_dir")
-    ex.add_argument("--format", choices=["onnx"], default="onnx")
+    ex = sub.add_parser("export", help="export a run to ONNX (score and anomaly map) with a JSON sidecar",
+                        description=(
+        "Export a trained run to an ONNX graph (image batch -> score, anomaly map) and a JSON sidecar with the "
+        "preprocessing and the threshold, then check ONNX Runtime against torch. Needs the export extra: "
+        "pip install 'fastflow[export]'."),
+        epilog="example:\n  fastflow export runs/bottle --format onnx")
+    ex.add_argument("run_dir", help="run folder written by fastflow train")
+    ex.add_argument("--format", choices=["onnx"], default="onnx", help="export format")
     ex.add_argument("--output", default=None, help="the .onnx file (default: RUN_DIR/model.onnx)")
-    ex.add_argument("--opset", type=_positive(int), default=18)
-    ex.add_argument("--exporter", choices=["torchscript", "dynamo"], default="torchscript")
+    ex.add_argument("--opset", type=_positive(int), default=18, help="ONNX opset version")
+    ex.add_argument("--exporter", choices=["torchscript", "dynamo"], default="torchscript",
+                    help="torch's ONNX exporter (dynamo needs onnxscript)")
 
-    pr = sub.add_parser("presets", help="list the model presets")
+    pr = sub.add_parser("presets", help="list the model presets", description=(
+        "The model presets (fastflow train --backbone NAME): backbone, input size, feature levels, flow size, "
+        "trainable parameters, training epochs and batch, and whether the backbone weights ship with the package "
+        "(offline) or are downloaded."))
     pr.add_argument("--json", action="store_true", help="machine-readable output")
 
-    d = sub.add_parser("demo", help="train and evaluate on a synthetic set: no data, no network")
-    d.add_argument("--output", default="demo-output")
-    d.add_argument("--epochs", type=int, default=None)
-    d.add_argument("--quiet", action="store_true")
+    d = sub.add_parser("demo", help="train and evaluate on a synthetic set: no data, no network", description=(
+        "Make a small synthetic texture dataset, train on it and evaluate: a check that the installation works, "
+        "with no data and no network."))
+    d.add_argument("--output", default="demo-output", help="folder for the dataset, the run and the metrics")
+    d.add_argument("--epochs", type=int, default=None, help="training epochs (default: the demo's own)")
+    d.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
+
+
+DESCRIPTION = "fastflow: unsupervised anomaly detection and localisation with 2D normalising flows (FastFlow)."
+EPILOG = """\
+the usual way:
+  fastflow train    --data data/mvtec_ad --category bottle --output runs/bottle
+  fastflow evaluate runs/bottle --report
+  fastflow predict  runs/bottle new_images/ --output predictions/
+  fastflow export   runs/bottle --format onnx
+
+fastflow COMMAND --help describes each command. A user mistake (missing path, bad option, unreadable file,
+unusable checkpoint) ends with one line on stderr and exit code 2, never a traceback."""
 
 
 def _version() -> str:

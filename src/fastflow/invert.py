@@ -1,6 +1,6 @@
 """Feature generation with the inverse flow (paper Section 4.5, Figure 4).
 
-    fastflow invert RUN_DIR IMAGE --region x0,y0,x1,y1 --output OUT_DIR [--strength 3] [--level 0]
+    fastflow invert RUN_DIR IMAGE --region x0,y0,x1,y1 --output OUT_DIR [--strength 3] [--level 1]
 
 FastFlow is invertible: the forward flow maps the (normalised) backbone features of an image to a
 latent z that should be standard normal, and the inverse flow maps any z back to features. Figure 4
@@ -167,8 +167,9 @@ def denormalize(image: torch.Tensor, mean, std) -> np.ndarray:
 
 
 def invert_image(run_dir: str, image_path: str, region: tuple[float, float, float, float], output: str,
-                 strength: float = 3.0, level: int = 0, channel: int | None = None, seed: int = 0) -> str:
-    """``fastflow invert``: region in pixels of the image file as given (scaled to the model input)."""
+                 strength: float = 3.0, level: int = 1, channel: int | None = None, seed: int = 0) -> str:
+    """``fastflow invert``: region in pixels of the image file as given (scaled to the model input).
+    ``level`` counts the model's feature levels from 1 (the finest), as ``train --levels`` does."""
     from .data import Preprocess, load_image
     from .evaluate import load_run
 
@@ -180,15 +181,16 @@ def invert_image(run_dir: str, image_path: str, region: tuple[float, float, floa
                          f"(pixels of {image_path}), got {x0:g},{y0:g},{x1:g},{y1:g}")
     model, ckpt = load_run(run_dir)
     pre = Preprocess.from_dict(ckpt["preprocess"])
-    if not 0 <= level < len(model.flows):
-        raise ValueError(f"--level must be in 0..{len(model.flows) - 1} for this model, got {level}")
-    channels = model.feature_shapes[level][0]
+    if not 1 <= level <= len(model.flows):
+        raise ValueError(f"--level must be in 1..{len(model.flows)} for this model (1: the finest), got {level}")
+    index = level - 1  # perturb_and_generate takes the 0-based index
+    channels = model.feature_shapes[index][0]
     if channel is not None and not 0 <= channel < channels:
         raise ValueError(f"--channel must be in 0..{channels - 1} at level {level}, got {channel}")
     in_h, in_w = pre.input_size
     scaled = (x0 * in_w / width, y0 * in_h / height, x1 * in_w / width, y1 * in_h / height)
     tensor = pre(image)
-    gen = perturb_and_generate(model, tensor, scaled, strength, level, seed)
+    gen = perturb_and_generate(model, tensor, scaled, strength, index, seed)
     channel = most_changed_channel(gen) if channel is None else channel
     stem = os.path.splitext(os.path.basename(image_path))[0]
     path = os.path.join(output, f"{stem}-invert-level{level}.png")

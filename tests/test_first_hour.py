@@ -238,3 +238,44 @@ def test_invert_level_counts_from_one_like_train_levels(tiny_run, tmp_path, caps
     assert rc == 2 and "--level must be in 1..3" in err and "1: the finest" in err
     rc, out, err = cli(capsys, "invert", run, image, "--region", "0,0,16,16", "--output", tmp_path, "--level", "3")
     assert rc == 0 and os.listdir(tmp_path) == [f"{image.stem}-invert-level3.png"]
+
+
+# -- 7: the threshold on few images, and calibrate -------------------------------------------------------------
+def test_threshold_on_few_images_warns_and_says_how_many_are_needed(demo, tmp_path, capsys):
+    run = tmp_path / "run"
+    rc, out, err = cli(capsys, "train", "--data", demo.parent, "--category", "texture", "--output", run, *TINY)
+    assert rc == 0, err
+    assert "warning: the threshold rests on 1 normal image(s)" in out and "needs at least 100" in out
+    assert f"fastflow calibrate {run} --normal-dir" in out
+    threshold = torch.load(run / "model.pt", weights_only=True)["threshold"]
+    assert threshold["reachable"] is False and threshold["n_needed"] == 100 and threshold["n_val"] == 1
+    assert threshold["value"] == threshold["val_max"]  # the largest held-out score, as the warning says
+
+
+def test_calibrate_sets_the_threshold_again_from_more_good_images(tiny_run, tmp_path, capsys):
+    run, category = tiny_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    good = Path(category, "train", "good")
+    before = torch.load(copy / "model.pt", weights_only=True)
+    (copy / "model.json").write_text(json.dumps({"format": "fastflow-onnx", "threshold": {"value": 1.0}}))
+    (copy / "model.onnx").write_bytes(b"stand-in")
+    rc, out, err = cli(capsys, "calibrate", copy, "--normal-dir", good, "--false-alarm-rate", "0.25", "--quiet")
+    assert rc == 0, err
+    after = torch.load(copy / "model.pt", weights_only=True)
+    t = after["threshold"]
+    from fastflow.metrics import threshold_at_fpr
+    from fastflow.predict import Predictor
+
+    scores = [r.score for r in Predictor.from_run(run).predict(sorted(map(str, good.iterdir())))]
+    assert t["n_val"] == 16 and t["reachable"] and t["value"] == pytest.approx(threshold_at_fpr(scores, 0.25),
+                                                                                 rel=1e-6)
+    assert sum(s > t["value"] for s in scores) == 4  # a quarter of the 16 good images above it
+    assert t["previous"]["value"] == before["threshold"]["value"] and "model.json" in out
+    assert json.loads((copy / "model.json").read_text())["threshold"]["value"] == t["value"]
+    for key in ("state", "model_config", "preprocess"):  # nothing else changed
+        assert str(after[key]) == str(before[key])
+    assert Predictor.from_run(str(copy)).threshold == t["value"]
+    # too few images for the rate: done, with the warning on stderr
+    rc, out, err = cli(capsys, "calibrate", copy, "--normal-dir", good, "--false-alarm-rate", "0.01", "--quiet")
+    assert rc == 0 and "needs at least 100" in err

@@ -8,6 +8,7 @@
     fastflow predict  RUN_DIR IMAGE_OR_FOLDER... --output OUT_DIR [--threshold T] [--runtime torch|onnx]
     fastflow export   RUN_DIR --format onnx [--output model.onnx]
     fastflow invert   RUN_DIR IMAGE --region x0,y0,x1,y1 --output OUT_DIR [--strength S] [--level L (1: finest)]
+    fastflow calibrate RUN_DIR --normal-dir DIR [--false-alarm-rate R]
     fastflow presets  [--json]
     fastflow demo     [--output DIR]
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from dataclasses import replace
@@ -297,6 +299,8 @@ def _build_parser() -> argparse.ArgumentParser:
         "trainable parameters, training epochs and batch, and whether the backbone weights ship with the package "
         "(offline) or are downloaded."))
     pr.add_argument("--json", action="store_true", help="machine-readable output")
+
+    _add_calibrate_parser(sub)
 
     d = sub.add_parser("demo", help="train and evaluate on a synthetic set: no data, no network", description=(
         "Make a small synthetic texture dataset, train on it and evaluate: a check that the installation works, "
@@ -724,6 +728,38 @@ def cmd_export(args) -> int:
     return 0
 
 
+def _add_calibrate_parser(sub) -> None:
+    c = sub.add_parser("calibrate", help="set a run's decision threshold again from more good images",
+                       description=(
+        "Score a folder of good (normal) images with a trained run and set its decision threshold at the "
+        "requested false-alarm rate, without retraining: model.pt and the sidecar of an ONNX export beside it "
+        "are updated, the previous threshold is kept in the threshold's 'previous'. A rate r needs at least 1/r "
+        "images (100 for 1%)."),
+        epilog="example:\n  fastflow calibrate runs/bottle --normal-dir more_good_images/ --false-alarm-rate 0.01")
+    c.add_argument("run_dir", help="run folder written by fastflow train (or its model.pt)")
+    c.add_argument("--normal-dir", action="append", required=True, metavar="DIR",
+                   help="good images: a folder (recursive), a file or a glob (repeatable)")
+    c.add_argument("--false-alarm-rate", type=float, default=None,
+                   help="share of good images allowed above the threshold (default: the run's, 0.01)")
+    c.add_argument("--batch-size", type=_positive(int), default=16, help="images per forward pass")
+    c.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def cmd_calibrate(args) -> int:
+    from .calibrate import calibrate_run
+
+    new = calibrate_run(args.run_dir, args.normal_dir, args.false_alarm_rate, args.batch_size,
+                        progress=not args.quiet)
+    old = new["previous"].get("value")
+    shown_old = "none" if old is None or not math.isfinite(old) else f"{old:.4f}"
+    updated = ", ".join(["model.pt", *[os.path.basename(p) for p in new.get("sidecars", [])]])
+    print(f"threshold {shown_old} -> {new['value']:.4f} (false-alarm rate {new['false_alarm_rate']:g} on "
+          f"{new['n_val']} good images; median score {new['val_median']:.4f}); updated {updated} in {args.run_dir}")
+    if new.get("warning"):
+        print(f"fastflow calibrate: warning: {new['warning'].replace('RUN_DIR', args.run_dir)}", file=sys.stderr)
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
@@ -732,7 +768,7 @@ def cmd_demo(args) -> int:
 
 
 COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "invert": cmd_invert, "presets": cmd_presets,
-            "demo": cmd_demo, "predict": cmd_predict, "export": cmd_export}
+            "demo": cmd_demo, "predict": cmd_predict, "export": cmd_export, "calibrate": cmd_calibrate}
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:

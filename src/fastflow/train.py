@@ -36,7 +36,6 @@ from .checkpoint import FORMAT, CheckpointError, load_safe, save_atomic
 from .config import ModelConfig, TrainConfig, from_dict, to_dict
 from .data import AnomalyDataset, Preprocess, Sample, check_readable
 from .distributed import SINGLE, Dist
-from .metrics import threshold_at_fpr
 from .model import FastFlow
 
 
@@ -335,6 +334,8 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, samples: list[Sample],
 
     model.load_state_dict(best["state"], strict=False)
     threshold = calibrate_threshold(model, val, train_cfg.false_alarm_rate)
+    if threshold.get("warning"):
+        log(f"warning: {threshold['warning'].replace('RUN_DIR', run_dir)}")
     seconds = time.perf_counter() - t_start
     ranks = {}
     if dist.world > 1:  # what each rank held: its share of the images (and of the feature cache)
@@ -377,7 +378,7 @@ def calibrate_threshold(model: FastFlow, val: FeatureSource | None, false_alarm_
     if val is None:
         return {"value": math.inf, "false_alarm_rate": false_alarm_rate, "n_val": 0,
                 "note": "no validation images: set --threshold when predicting"}
-    scores = _scores(model, val)
-    value = threshold_at_fpr(scores, false_alarm_rate)
-    return {"value": float(value), "false_alarm_rate": false_alarm_rate, "n_val": int(len(scores)),
-            "val_median": float(np.median(scores)), "val_max": float(scores.max())}
+    from .calibrate import threshold_from_scores
+
+    # says when the held-out images are too few for the rate (reachable, n_needed, warning)
+    return threshold_from_scores(_scores(model, val), false_alarm_rate, "held-out training images")

@@ -279,3 +279,52 @@ def test_calibrate_sets_the_threshold_again_from_more_good_images(tiny_run, tmp_
     # too few images for the rate: done, with the warning on stderr
     rc, out, err = cli(capsys, "calibrate", copy, "--normal-dir", good, "--false-alarm-rate", "0.01", "--quiet")
     assert rc == 0 and "needs at least 100" in err
+
+
+# -- 6: presets at once, by arithmetic ---------------------------------------------------------------------------
+def test_presets_prints_in_under_5_s_without_torch(tmp_path):
+    code = ("import sys, time\nt = time.perf_counter()\nfrom fastflow.cli import main\nrc = main(['presets'])\n"
+            "assert rc == 0 and 'torch' not in sys.modules, sorted(m for m in sys.modules if 'torch' in m)[:3]\n"
+            "print(f'SECONDS {time.perf_counter() - t:.3f}')\n")
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env = {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert float(proc.stdout.split("SECONDS ")[1]) < 5.0
+    header, *rows = proc.stdout.splitlines()[:-1]
+    assert "epochs" in header and "batch" in header and "parts" in header and "weights" in header
+    lite0 = next(r for r in rows if r.startswith("efficientnet_lite0"))
+    assert lite0.split()[-4:] == ["20", "8", "aligned", "offline"]
+    assert next(r for r in rows if r.startswith("lite0_unaligned")).split()[-2:] == ["unaligned", "offline"]
+    assert next(r for r in rows if r.startswith("cait")).split()[-4:] == ["500", "32", "aligned", "download"]
+
+
+def test_preset_arithmetic_equals_the_built_networks():
+    from dataclasses import replace
+
+    from fastflow import backbones, flow
+    from fastflow.config import PRESETS, ModelConfig
+    from fastflow.model import FastFlow
+    from fastflow.presets import FACTS, feature_levels, kernel_sizes, parameter_counts
+
+    assert set(FACTS) == set(backbones.BACKBONES)
+    for name, spec in backbones.BACKBONES.items():
+        facts = FACTS[name]
+        assert (facts.kind, facts.levels, facts.offline) == (spec.kind, spec.indices, spec.lite_package is not None)
+    for steps in (1, 8, 20):
+        for kernels in ("3-1", "3-3"):
+            assert kernel_sizes(steps, kernels) == flow.kernel_sizes(steps, kernels)
+    built = {}
+    for name, levels in (("resnet18", (1, 2, 3)), ("efficientnet_lite0", (1, 2, 3)), ("efficientnet_lite0", (4,))):
+        bb = backbones.build_backbone(name, "random", levels)
+        facts = FACTS[name]
+        assert bb.channels == [facts.channels[i] for i in levels] and bb.strides == [facts.strides[i] for i in levels]
+        built[name, levels] = bb
+    configs = [PRESETS["resnet18"].model, PRESETS["efficientnet_lite0"].model, PRESETS["lite0_unaligned"].model,
+               ModelConfig("resnet18", (100, 72), flow_steps=3, hidden_ratio=0.16, kernels="3-1"),
+               ModelConfig("efficientnet_lite0", (90, 130), flow_steps=2, hidden_ratio=1.3, norm_affine=False)]
+    for cfg in configs:
+        levels = cfg.levels or backbones.BACKBONES[cfg.backbone].indices
+        model = FastFlow(replace(cfg), backbone=built[cfg.backbone, tuple(levels)])
+        assert parameter_counts(cfg) == model.parameter_counts(), cfg
+        assert [tuple(lv["shape"]) for lv in feature_levels(cfg)] == model.feature_shapes, cfg

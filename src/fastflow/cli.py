@@ -643,23 +643,10 @@ def cmd_evaluate(args) -> int:
 
 
 def presets_table() -> list[dict]:
-    """Every preset with its shapes and trainable parameter counts (built with random weights)."""
-    from .model import FastFlow
+    """Every preset with its shapes and trainable parameter counts (by arithmetic: presets.py)."""
+    from .presets import presets_table as table
 
-    rows = []
-    for p in PRESETS.values():
-        model = FastFlow(p.model, weights="random")
-        counts = model.parameter_counts()
-        rows.append({
-            "name": p.name, "backbone": p.model.backbone, "input_size": list(p.model.input_size),
-            "levels": [{"channels": c, "stride": s, "shape": list(sh)} for c, s, sh in
-                       zip(model.backbone.channels, model.backbone.strides, model.feature_shapes)],
-            "flow_steps": p.model.flow_steps, "hidden_ratio": p.model.hidden_ratio, "kernels": p.model.kernels,
-            "epochs": p.epochs, "params_flow": counts["flow"], "params_norm": counts["norm"],
-            "params_trainable": counts["trainable"], "params_backbone": counts["backbone"],
-            "reproduces": p.reproduces,
-        })
-    return rows
+    return table()
 
 
 def cmd_presets(args) -> int:
@@ -667,13 +654,13 @@ def cmd_presets(args) -> int:
     if args.json:
         print(json.dumps(rows, indent=1))
         return 0
-    print(f"{'preset':<20}{'backbone':<34}{'size':>6}{'levels (C@stride)':>22}{'steps':>6}{'ratio':>6}"
-          f"{'kern':>5}{'flow':>12}{'norm':>10}{'trainable':>12}")
+    print(f"{'preset':<20}{'backbone':<34}{'size':>5}{'levels (C@stride)':>22}{'steps':>6}{'ratio':>6}"
+          f"{'kern':>5}{'trainable':>12}{'epochs':>7}{'batch':>6}  {'parts':<10}weights")
     for r in rows:
         levels = " ".join(f"{lv['channels']}@{lv['stride']}" for lv in r["levels"])
-        print(f"{r['name']:<20}{r['backbone']:<34}{r['input_size'][0]:>6}{levels:>22}{r['flow_steps']:>6}"
-              f"{r['hidden_ratio']:>6}{r['kernels']:>5}{r['params_flow']:>12,}{r['params_norm']:>10,}"
-              f"{r['params_trainable']:>12,}")
+        print(f"{r['name']:<20}{r['backbone']:<34}{r['input_size'][0]:>5}{levels:>22}{r['flow_steps']:>6}"
+              f"{r['hidden_ratio']:>6}{r['kernels']:>5}{r['params_trainable']:>12,}{r['epochs']:>7}"
+              f"{r['batch_size']:>6}  {'aligned' if r['aligned'] else 'unaligned':<10}{r['weights']}")
     return 0
 
 

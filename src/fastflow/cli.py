@@ -279,6 +279,12 @@ def _build_parser() -> argparse.ArgumentParser:
     pd.add_argument("--onnx", default=None, help="ONNX model for --runtime onnx (default: RUN_DIR/model.onnx)")
     pd.add_argument("--batch-size", type=_positive(int), default=16, help="images per forward pass")
     pd.add_argument("--overwrite", action="store_true", help="redo images already in OUT_DIR's summary")
+    pd.add_argument("--tile", type=_positive(int), default=None, metavar="PIXELS",
+                    help="for frames larger than the training images: score each image in overlapping tiles of "
+                         "this many pixels (about the size of a training image), each resized to the model's input "
+                         "like a whole image, and stitch the maps; the score is the stitched map's maximum "
+                         "(default: the whole image at once)")
+    pd.add_argument("--tile-overlap", type=float, default=0.25, help="fraction of a tile shared with its neighbour")
     pd.add_argument("--quiet", action="store_true", help="no progress bar")
 
     ex = sub.add_parser("export", help="export a run to ONNX (score and anomaly map) with a JSON sidecar",
@@ -679,6 +685,8 @@ def cmd_predict(args) -> int:
     # bad paths fail before the model loads; the output folder's own pictures are never inputs
     inputs = [str(p) for p in collect_inputs(args.inputs, exclude=args.output)]
     predictor = Predictor.from_run(args.run_dir, args.threshold, args.runtime, args.onnx, args.batch_size)
+    if args.tile is not None:
+        predictor = predictor.with_tiles(args.tile, args.tile_overlap)
     summary = predict_to_folder(predictor, inputs, args.output, args.batch_size, args.overwrite,
                                 progress=not args.quiet)
     c = summary["counts"]

@@ -66,10 +66,14 @@ class Predictor:
         preprocess: how images become network inputs (saved with the run / the ONNX sidecar).
         threshold: calibration dict ({"value", "val_median", ...}); ``value`` may be None/inf.
         user_threshold: overrides ``threshold["value"]`` when given.
+        tile: for large frames: the side, in image pixels, of overlapping square tiles each scored as one
+            image (see ``tiled``); None scores the whole image at once (resized to the input size).
+        tile_overlap: the fraction of a tile shared with the next one, in [0, 1).
     """
 
     def __init__(self, infer, preprocess: Preprocess, threshold: dict | None, user_threshold: float | None = None,
-                 batch_size: int = 16, runtime: str = "torch", source: str = ""):
+                 batch_size: int = 16, runtime: str = "torch", source: str = "", *, tile: int | None = None,
+                 tile_overlap: float = 0.25):
         self.infer = infer
         self.preprocess = preprocess
         self.calibration = dict(threshold or {})
@@ -83,11 +87,17 @@ class Predictor:
         self.batch_size = batch_size
         self.runtime = runtime
         self.source = source
+        if tile is not None and tile < 16:
+            raise ValueError(f"tile must be at least 16 pixels, got {tile}")
+        if not 0.0 <= tile_overlap < 1.0:
+            raise ValueError(f"tile overlap must be in [0, 1), got {tile_overlap}")
+        self.tile, self.tile_overlap = tile, tile_overlap
 
     # -- construction ---------------------------------------------------------------------------
     @classmethod
     def from_run(cls, path: str, threshold: float | None = None, runtime: str = "torch",
-                 onnx_path: str | None = None, batch_size: int = 16, num_threads: int | None = None) -> Predictor:
+                 onnx_path: str | None = None, batch_size: int = 16, num_threads: int | None = None, *,
+                 tile: int | None = None, tile_overlap: float = 0.25) -> Predictor:
         """A predictor for the run folder (or model.pt) ``path``; ``runtime="onnx"`` reads ``onnx_path``
         (default RUN_DIR/model.onnx, written by ``fastflow export``) and its JSON sidecar."""
         if runtime not in RUNTIMES:
@@ -97,7 +107,7 @@ class Predictor:
         if runtime == "onnx":
             if onnx_path is None:
                 onnx_path = path if path.endswith(".onnx") else os.path.join(_run_folder(path), "model.onnx")
-            return cls.from_onnx(onnx_path, threshold, batch_size, num_threads)
+            return cls.from_onnx(onnx_path, threshold, batch_size, num_threads).with_tiles(tile, tile_overlap)
         from .evaluate import load_run
 
         model, ckpt = load_run(path)
@@ -109,7 +119,7 @@ class Predictor:
             return out.score.numpy(), out.anomaly_map.numpy()
 
         return cls(infer, Preprocess.from_dict(ckpt["preprocess"]), ckpt.get("threshold"), threshold,
-                   batch_size, "torch", os.path.abspath(path))
+                   batch_size, "torch", os.path.abspath(path), tile=tile, tile_overlap=tile_overlap)
 
     @classmethod
     def from_onnx(cls, onnx_path: str, threshold: float | None = None, batch_size: int = 16,
@@ -147,7 +157,15 @@ class Predictor:
     def with_threshold(self, threshold: float | None) -> Predictor:
         """The same model with another user threshold (None: back to the calibrated one)."""
         return Predictor(self.infer, self.preprocess, self.calibration, threshold, self.batch_size, self.runtime,
-                         self.source)
+                         self.source, tile=self.tile, tile_overlap=self.tile_overlap)
+
+    def with_tiles(self, tile: int | None, overlap: float = 0.25) -> Predictor:
+        """The same model scoring large images in overlapping tiles of ``tile`` pixels (None: whole images)."""
+        return Predictor(self.infer, self.preprocess, self.calibration, self._user_threshold(), self.batch_size,
+                         self.runtime, self.source, tile=tile, tile_overlap=overlap)
+
+    def _user_threshold(self) -> float | None:
+        return self.threshold if self.threshold_source == "user" else None
 
     # -- inference ------------------------------------------------------------------------------
     def normalize_score(self, score: float) -> float:
@@ -173,14 +191,49 @@ class Predictor:
                        batch_size: int | None = None) -> list[Prediction]:
         """(RGB (H, W, 3) uint8 array, path or None) pairs -> predictions, in batches."""
         size = batch_size or self.batch_size
-        results = []
-        for start in range(0, len(loaded), size):
-            chunk = loaded[start:start + size]
+        results: list[Prediction | None] = [None] * len(loaded)
+        whole = []
+        for i, (rgb, path) in enumerate(loaded):
+            if self.tile and max(rgb.shape[:2]) > self.tile:
+                results[i] = self.tiled(rgb, path, size)
+            else:
+                whole.append(i)
+        for start in range(0, len(whole), size):
+            idx = whole[start:start + size]
+            chunk = [loaded[i] for i in idx]
             batch = torch.stack([self.preprocess(rgb) for rgb, _ in chunk]).numpy()
             scores, maps = self.infer(batch)
-            for (rgb, path), score, amap in zip(chunk, scores, maps):
-                results.append(self._result(path, float(score), amap[0], rgb.shape[:2]))
+            for i, (rgb, path), score, amap in zip(idx, chunk, scores, maps):
+                results[i] = self._result(path, float(score), amap[0], rgb.shape[:2])
         return results
+
+    def tiled(self, rgb: np.ndarray, path: str | None = None, batch_size: int | None = None) -> Prediction:
+        """One large image scored in overlapping tiles: each tile (``self.tile`` pixels high, as wide as the
+        input's aspect ratio makes it, ``self.tile_overlap`` of it shared with its neighbours; the last row
+        and column flush with the border) is preprocessed and scored like a whole image, so a small defect
+        keeps the size it had in the training images instead of being squashed with the frame. The tiles'
+        maps, resized back to the tiles, are averaged where tiles overlap; the image score is the maximum of
+        that stitched map, at the image's resolution."""
+        height, width = rgb.shape[:2]
+        in_h, in_w = self.preprocess.input_size
+        th = min(self.tile, height)
+        tw = min(max(16, round(self.tile * in_w / in_h)), width)
+        boxes = [(y, x) for y in _tile_starts(height, th, self.tile_overlap)
+                 for x in _tile_starts(width, tw, self.tile_overlap)]
+        total = np.zeros((height, width), dtype=np.float32)
+        count = np.zeros((height, width), dtype=np.float32)
+        size = batch_size or self.batch_size
+        for start in range(0, len(boxes), size):
+            chunk = boxes[start:start + size]
+            batch = torch.stack([self.preprocess(rgb[y:y + th, x:x + tw]) for y, x in chunk]).numpy()
+            _, maps = self.infer(batch)
+            for (y, x), amap in zip(chunk, maps):
+                total[y:y + th, x:x + tw] += resize_map(amap[0], (th, tw))
+                count[y:y + th, x:x + tw] += 1.0
+        full = total / count
+        score = float(full.max())
+        return Prediction(path, score, self.normalize_score(score), bool(score > self.threshold), full,
+                          full > self.threshold)
 
     def _result(self, path: str | None, score: float, amap: np.ndarray, size: tuple[int, int]) -> Prediction:
         full = resize_map(amap, size)
@@ -194,6 +247,16 @@ class Predictor:
             return None
         m = self.val_median
         return m, 2 * self.threshold - m
+
+
+def _tile_starts(length: int, tile: int, overlap: float) -> list[int]:
+    """Start offsets of tiles of ``tile`` pixels covering ``length`` with at least ``overlap`` shared; the
+    last one ends at the border."""
+    if tile >= length:
+        return [0]
+    step = max(1, int(tile * (1.0 - overlap)))
+    starts = list(range(0, length - tile, step))
+    return starts + [length - tile]
 
 
 def _run_folder(path: str) -> str:

@@ -369,3 +369,53 @@ def test_tile_starts_cover_the_frame_with_overlap():
     assert _tile_starts(100, 128, 0.25) == [0]
     starts = _tile_starts(512, 128, 0.25)
     assert starts[0] == 0 and starts[-1] == 512 - 128 and all(0 < b - a <= 96 for a, b in zip(starts, starts[1:]))
+
+
+# -- 11: an ONNX graph that takes the image as decoded ------------------------------------------------------------
+DEPLOY = """
+import sys
+sys.modules["fastflow"] = None  # the deployment must not need fastflow: importing it would fail here
+import json
+import numpy as np
+import onnxruntime as ort
+from PIL import Image
+
+onnx_path, *images = sys.argv[1:]
+meta = json.load(open(onnx_path[:-len(".onnx")] + ".json"))
+session = ort.InferenceSession(onnx_path, providers=["CPUExecutionProvider"])
+for path in images:
+    rgb = np.asarray(Image.open(path).convert("RGB"))
+    score, amap = session.run(["score", "anomaly_map"], {"image": rgb})
+    print(json.dumps({"path": path, "score": float(score[0]), "anomalous": bool(score[0] > meta["threshold"]["value"]),
+                      "map": list(amap.shape)}))
+"""
+
+
+def test_raw_input_onnx_scores_like_the_predictor_without_fastflow(tiny_run, tmp_path, capsys):
+    from fastflow.predict import Predictor
+
+    run, category = tiny_run
+    rc, out, err = cli(capsys, "export", run, "--format", "onnx", "--raw-input", "--output", tmp_path / "raw.onnx")
+    assert rc == 0, err
+    meta = json.loads((tmp_path / "raw.json").read_text())
+    assert meta["inputs"][0]["dtype"] == "uint8" and meta["inputs"][0]["shape"] == ["height", "width", 3]
+    images = sorted(Path(category, "test").rglob("*.png"))[:3]
+    rng = np.random.default_rng(0)
+    for i, size in enumerate(((301, 217), (97, 450), (1000, 37))):  # odd sizes, both pass orders of Pillow
+        base = Image.open(images[i % len(images)]).convert("RGB")
+        base.resize((size[1], size[0]), Image.Resampling.BICUBIC).save(tmp_path / f"odd{i}.png")
+    Image.fromarray(rng.integers(0, 256, (70, 90), dtype=np.uint8)).save(tmp_path / "grey.png")  # an L image
+    paths = [*map(str, images), *(str(tmp_path / f"odd{i}.png") for i in range(3)), str(tmp_path / "grey.png")]
+    script = tmp_path / "deploy.py"
+    script.write_text(DEPLOY)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path / "raw.onnx"), *paths], capture_output=True,
+                          text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    deployed = [json.loads(line) for line in proc.stdout.splitlines()]
+    predictor = Predictor.from_run(run)
+    for row, reference in zip(deployed, predictor.predict(paths)):
+        # Pillow resizes in fixed point, the graph in float32: a pixel may differ by one grey level
+        assert row["score"] == pytest.approx(reference.score, rel=2e-3, abs=2e-3), row["path"]
+        assert row["map"] == [1, 1, 64, 64]
+    assert len(deployed) == len(paths)

@@ -419,3 +419,58 @@ def test_raw_input_onnx_scores_like_the_predictor_without_fastflow(tiny_run, tmp
         assert row["score"] == pytest.approx(reference.score, rel=2e-3, abs=2e-3), row["path"]
         assert row["map"] == [1, 1, 64, 64]
     assert len(deployed) == len(paths)
+
+
+# -- also expected by users ----------------------------------------------------------------------------------------
+def test_info_shows_configuration_threshold_metrics_and_files(tiny_run, tmp_path, capsys):
+    run, category = tiny_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    rc, out, err = cli(capsys, "info", copy)
+    assert rc == 0, err
+    for words in ("efficientnet_lite0", "input 64x64", "threshold  ", "false-alarm rate 0.01", "held-out training",
+                  "needs at least 100", "model.pt (", "metrics    none yet", "fastflow 0.1.0"):
+        assert words in out, words
+    (copy / "metrics.json").write_text(json.dumps({"image_auroc": 0.9, "pixel_auroc": 0.8, "n_images": 4}))
+    rc, out, err = cli(capsys, "info", copy, "--json")
+    info = json.loads(out)
+    assert info["metrics"]["image_auroc"] == 0.9 and info["threshold"]["n_val"] == 5
+    assert info["model_config"]["input_size"] == [64, 64] and "model.pt" in info["files"]
+    rc, out, err = cli(capsys, "info", tmp_path / "nothing")
+    assert rc == 2 and "checkpoint not found" in err
+
+
+def test_prediction_repr_heatmap_overlay_and_to_dict(tiny_run):
+    import fastflow
+
+    run, category = tiny_run
+    path = str(sorted(Path(category, "test", "good").iterdir())[0])
+    pred = fastflow.Predictor.from_run(run).predict(path)
+    assert isinstance(pred, fastflow.Prediction)
+    text = repr(pred)
+    assert "\n" not in text and len(text) < 300 and "score=" in text and ("normal" in text or "ANOMALOUS" in text)
+    h, w = pred.anomaly_map.shape
+    assert pred.heatmap().shape == (h, w, 3) and pred.heatmap().dtype == np.uint8
+    assert pred.overlay().shape == (h, w, 3)
+    d = pred.to_dict()
+    assert json.loads(json.dumps(d)) == d and d["score"] == pred.score and d["width"] == w
+    assert fastflow.DatasetError.__name__ == "DatasetError"
+    with pytest.raises(fastflow.DatasetError):
+        fastflow.Predictor.from_run(run).predict(str(Path(category).parent / "missing.png"))
+
+
+def test_summary_gives_paths_as_given_not_through_symlinks(tiny_run, tmp_path, capsys):
+    run, category = tiny_run
+    real = tmp_path / "real"
+    _two_images(real, category)
+    (tmp_path / "link").symlink_to(real)
+    rc, out, err = cli(capsys, "predict", run, tmp_path / "link", "--output", tmp_path / "out", "--quiet")
+    assert rc == 0, err
+    rows = json.loads((tmp_path / "out" / "summary.json").read_text())["results"]
+    assert sorted(r["path"] for r in rows) == [str(tmp_path / "link" / f"part{i}.png") for i in range(2)]
+
+
+def test_demo_without_scikit_image_names_the_extra(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "skimage", None)
+    rc, out, err = cli(capsys, "demo", "--output", tmp_path / "demo", "--quiet")
+    assert rc == 2 and "pip install 'fastflow[demo]'" in err and err.count("\n") == 1

@@ -9,6 +9,7 @@
     fastflow export   RUN_DIR --format onnx [--output model.onnx]
     fastflow invert   RUN_DIR IMAGE --region x0,y0,x1,y1 --output OUT_DIR [--strength S] [--level L (1: finest)]
     fastflow calibrate RUN_DIR --normal-dir DIR [--false-alarm-rate R]
+    fastflow info     RUN_DIR [--json]
     fastflow presets  [--json]
     fastflow demo     [--output DIR]
 
@@ -311,6 +312,7 @@ def _build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--json", action="store_true", help="machine-readable output")
 
     _add_calibrate_parser(sub)
+    _add_info_parser(sub)
 
     d = sub.add_parser("demo", help="train and evaluate on a synthetic set: no data, no network", description=(
         "Make a small synthetic texture dataset, train on it and evaluate: a check that the installation works, "
@@ -753,6 +755,24 @@ def _add_calibrate_parser(sub) -> None:
     c.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+def _add_info_parser(sub) -> None:
+    i = sub.add_parser("info", help="what a run folder holds: configuration, threshold, metrics, files",
+                       description=(
+        "Show a trained run: its configuration, the data it was trained on, the threshold and how it was "
+        "calibrated, training and test metrics, the fastflow version that wrote it, and its files."),
+        epilog="example:\n  fastflow info runs/bottle")
+    i.add_argument("run_dir", help="run folder written by fastflow train (or its model.pt)")
+    i.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def cmd_info(args) -> int:
+    from .info import format_info, run_info
+
+    info = run_info(args.run_dir)
+    print(json.dumps(info, indent=1) if args.json else format_info(info))
+    return 0
+
+
 def cmd_calibrate(args) -> int:
     from .calibrate import calibrate_run
 
@@ -776,7 +796,8 @@ def cmd_demo(args) -> int:
 
 
 COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "invert": cmd_invert, "presets": cmd_presets,
-            "demo": cmd_demo, "predict": cmd_predict, "export": cmd_export, "calibrate": cmd_calibrate}
+            "demo": cmd_demo, "predict": cmd_predict, "export": cmd_export, "calibrate": cmd_calibrate,
+            "info": cmd_info}
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:

@@ -56,6 +56,41 @@ class Prediction:
     is_anomalous: bool  # score > threshold
     anomaly_map: np.ndarray  # (H, W) float32
     mask: np.ndarray  # (H, W) bool: anomaly_map > threshold
+    threshold: float = math.inf  # the decision threshold used
+    heatmap_scale: tuple[float, float] | None = None  # (low, high) shared by a run's heatmaps; None: own min/max
+
+    def __repr__(self) -> str:
+        where = self.path if self.path is not None else "array"
+        norm = "nan" if math.isnan(self.normalized_score) else f"{self.normalized_score:.2f}"
+        return (f"Prediction({where!r}, score={self.score:.4f}, normalized={norm}, "
+                f"{'ANOMALOUS' if self.is_anomalous else 'normal'}, map={self.anomaly_map.shape[1]}x"
+                f"{self.anomaly_map.shape[0]}, {int(self.mask.sum())} px over threshold)")
+
+    def heatmap(self) -> np.ndarray:
+        """The anomaly map in colour, (H, W, 3) uint8, on the run's fixed scale (see the module docstring)."""
+        low, high = self.heatmap_scale or (float(self.anomaly_map.min()), float(self.anomaly_map.max()))
+        return colorize(self.anomaly_map, low, high)
+
+    def overlay(self, image=None, alpha: float = OVERLAY_ALPHA) -> np.ndarray:
+        """The heatmap blended over the image, (H, W, 3) uint8; ``image`` (path, array or Pillow image) defaults
+        to the predicted file."""
+        if image is None and self.path is None:
+            raise ValueError("overlay() needs the image for a prediction made from an array: overlay(image)")
+        rgb, _ = load_input(self.path if image is None else image)
+        if rgb.shape[:2] != self.anomaly_map.shape:
+            raise ValueError(f"image is {rgb.shape[1]}x{rgb.shape[0]}, the map {self.anomaly_map.shape[1]}x"
+                             f"{self.anomaly_map.shape[0]}: pass the image that was predicted")
+        return overlay(rgb, self.heatmap(), alpha)
+
+    def to_dict(self) -> dict:
+        """The scalar results, JSON-ready (no arrays; NaN and infinity as None)."""
+        def num(v: float) -> float | None:
+            return v if math.isfinite(v) else None
+
+        return {"path": self.path, "score": num(self.score), "normalized_score": num(self.normalized_score),
+                "is_anomalous": self.is_anomalous, "threshold": num(self.threshold),
+                "height": int(self.anomaly_map.shape[0]), "width": int(self.anomaly_map.shape[1]),
+                "anomalous_pixels": int(self.mask.sum())}
 
 
 class Predictor:
@@ -233,12 +268,12 @@ class Predictor:
         full = total / count
         score = float(full.max())
         return Prediction(path, score, self.normalize_score(score), bool(score > self.threshold), full,
-                          full > self.threshold)
+                          full > self.threshold, self.threshold, self.heatmap_range())
 
     def _result(self, path: str | None, score: float, amap: np.ndarray, size: tuple[int, int]) -> Prediction:
         full = resize_map(amap, size)
         return Prediction(path, score, self.normalize_score(score), bool(score > self.threshold), full,
-                          full > self.threshold)
+                          full > self.threshold, self.threshold, self.heatmap_range())
 
     # -- heatmap scale ----------------------------------------------------------------------------
     def heatmap_range(self) -> tuple[float, float] | None:
@@ -343,11 +378,11 @@ def collect_inputs(args: list[str], exclude: str | None = None) -> list[Path]:
             for m in map(Path, matches):
                 found += [p for p in (_scan(m) if m.is_dir() else ([m] if is_image_file(m) else [])) if keep(p)]
     unique, seen = [], set()
-    for p in found:
-        p = p.resolve()
-        if p not in seen:
-            seen.add(p)
-            unique.append(p)
+    for p in found:  # duplicates found through their real file; kept as given (absolute, links not resolved)
+        real = p.resolve()
+        if real not in seen:
+            seen.add(real)
+            unique.append(Path(os.path.abspath(p)))
     if not unique:
         raise FileNotFoundError(f"no image files in {', '.join(args)} "
                                 f"(extensions: {', '.join(sorted(IMAGE_EXTENSIONS))})")

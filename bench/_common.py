@@ -81,7 +81,7 @@ def other_processes(top: int = 6) -> list[str]:
 def bottle_batch(model, n: int) -> torch.Tensor:
     """n real bottle test images (cycled), preprocessed for ``model`` (resize to its input size)."""
     from fastflow.data.preprocess import load_image
-    from fastflow.train import preprocess_for
+    from fastflow.run import preprocess_for
 
     pre = preprocess_for(model)
     files = sorted((BOTTLE / "test").glob("*/*.png"))
@@ -145,7 +145,7 @@ def torch_runner(model, x: torch.Tensor):
 
 
 def ort_runner(session, x: torch.Tensor):
-    from fastflow.export import INPUT_NAME, OUTPUT_NAMES
+    from fastflow.run import INPUT_NAME, OUTPUT_NAMES
 
     arr = x.numpy()
 

@@ -43,7 +43,8 @@ def main() -> None:
     import onnxruntime as ort
 
     from fastflow.config import get_preset
-    from fastflow.export import OUTPUT_NAMES, ScoreAndMap, _export, check_parity
+    from fastflow.export import ScoreAndMap, _export, check_parity
+    from fastflow.run import OUTPUT_NAMES
     from fastflow.model import FastFlow
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])

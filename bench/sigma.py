@@ -15,7 +15,8 @@ import torch
 
 from fastflow.config import replace
 from fastflow.data import Preprocess, load_samples
-from fastflow.evaluate import evaluate_model, load_run
+from fastflow.evaluate import evaluate_model
+from fastflow.run import load_run
 
 
 def main() -> None:

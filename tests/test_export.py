@@ -126,3 +126,17 @@ def test_vit_backbone_and_blur_export(tmp_path):
     path = str(tmp_path / "vit.onnx")
     _export(ScoreAndMap(model), torch.randn(2, 3, 64, 64), path, 18, "torchscript")
     assert check_parity(path, model, batch=3)["max_abs_diff_map"] < TOL
+
+
+def test_dynamo_exporter_smoke(tmp_path):
+    """The torch.export-based exporter on a tiny model: it traces the reference flow (no version or
+    storage caches left to trip over fake tensors) and ONNX Runtime agrees with torch."""
+    pytest.importorskip("onnxscript")
+    from fastflow.export import ScoreAndMap, _export, check_parity
+    from fastflow.model import FastFlow
+
+    torch.manual_seed(0)
+    model = FastFlow(ModelConfig(input_size=(32, 32), flow_steps=2), weights="random").eval()
+    path = str(tmp_path / "dynamo.onnx")
+    _export(ScoreAndMap(model), torch.randn(2, 3, 32, 32), path, 18, "dynamo")
+    assert check_parity(path, model, batch=3)["max_abs_diff_map"] < TOL

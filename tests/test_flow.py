@@ -1,20 +1,23 @@
-"""The flow's maths: invertibility, log-determinants, and parity with FrEIA's AllInOneBlock."""
+"""The flow's maths: invertibility, log-determinants, and parity with FrEIA's AllInOneBlock.
+
+The exactness tests run on the reference (``AffineCouplingStep`` / ``Flow2D`` as built, plain operations);
+the two faster forms, the hand-written backward (``use_fast_backward``) and the inference form
+(``fused.freeze``), are each tested equal to it.
+"""
+
+import copy
 
 import pytest
 import torch
+from helpers import assert_invertible, randomise
 from torch import nn
 
-from fastflow.flow import AffineCouplingStep, Flow2D, conv_subnet_factory, kernel_sizes
+from fastflow.flow import AffineCouplingStep, Flow2D, conv_subnet_factory, kernel_sizes, use_fast_backward
+from fastflow.fused import for_inference, freeze
 
 
-def randomise(module: nn.Module, seed: int, scale: float = 0.5) -> nn.Module:
-    """Give every parameter random, non-identity values (zero-init subnets would make a trivial flow)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            if p.requires_grad:  # FrEIA keeps its permutation matrix as a frozen Parameter
-                p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * scale)
-    return module
+def is_reference(flow: nn.Module) -> bool:
+    return not any(getattr(m, "fast_backward", False) or getattr(m, "channels_last", False) for m in flow.modules())
 
 
 def tiny_flow(kernels="3-1", steps=4, channels=5) -> Flow2D:
@@ -24,19 +27,15 @@ def tiny_flow(kernels="3-1", steps=4, channels=5) -> Flow2D:
 
 @pytest.mark.parametrize("kernels", ["3-1", "3-3"])
 def test_inverse_of_forward_is_identity_float64(kernels):
-    # float64 round trip through 4 steps with random weights: error ~1e-14, 1e-9 leaves margin.
     flow = tiny_flow(kernels)
-    x = torch.randn(3, 5, 6, 7, dtype=torch.float64)
-    z, ld = flow(x)
-    assert (z - x).abs().max() > 0.1  # the flow is far from the identity
-    x_back, ld_inv = flow.inverse(z)
-    torch.testing.assert_close(x_back, x, atol=1e-9, rtol=0)
-    torch.testing.assert_close(ld + ld_inv, torch.zeros_like(ld), atol=1e-9, rtol=0)
+    assert is_reference(flow)
+    assert_invertible(flow, torch.randn(3, 5, 6, 7, dtype=torch.float64))
 
 
 def test_log_det_matches_autograd_jacobian():
     # Exact slogdet of the full (C*H*W)^2 Jacobian on a tiny input, float64: agree to 1e-8.
     flow = tiny_flow("3-1", steps=3, channels=4)
+    assert is_reference(flow)
     x = torch.randn(2, 4, 3, 3, dtype=torch.float64)
     z, ld = flow(x)
     _, ld_map = flow.forward_map(x)
@@ -81,6 +80,7 @@ def test_parity_with_freia_all_in_one_block():
     with torch.no_grad():
         ours.global_scale.copy_(ref.global_scale)
         ours.global_offset.copy_(ref.global_offset)
+    assert is_reference(ours)
     x = torch.randn(2, channels, 5, 4, dtype=torch.float64)
     (z_ref,), ld_ref = ref([x])
     z, ld = ours(x)
@@ -94,10 +94,7 @@ def test_parity_with_freia_all_in_one_block():
 
 def test_odd_channels_and_non_square_maps():
     flow = tiny_flow("3-3", steps=2, channels=7)
-    x = torch.randn(1, 7, 2, 9, dtype=torch.float64)
-    z, ld_map = flow.forward_map(x)
-    assert z.shape == x.shape and ld_map.shape == (1, 2, 9)
-    torch.testing.assert_close(flow.inverse(z)[0], x, atol=1e-9, rtol=0)
+    assert_invertible(flow, torch.randn(1, 7, 2, 9, dtype=torch.float64))
 
 
 def test_pointwise_conv_is_a_1x1_convolution_with_the_same_parameters():
@@ -118,82 +115,8 @@ def test_pointwise_conv_is_a_1x1_convolution_with_the_same_parameters():
     assert type(tiny_flow("3-1").steps[0].subnet[0]) is nn.Conv2d
 
 
-def test_inference_reuses_the_global_scale_only_while_the_parameter_is_unchanged():
-    step = randomise(AffineCouplingStep(6, conv_subnet_factory(3, 1.0)), seed=4)
-    x = torch.randn(2, 6, 4, 4)
-
-    def with_autograd():  # the uncached path
-        z, ld = step.forward_map(x)
-        return z.detach(), ld.detach()
-
-    with torch.inference_mode():
-        z0, ld0 = step.forward_map(x)
-    torch.testing.assert_close((z0, ld0), with_autograd())
-    with torch.no_grad():
-        step.global_scale.add_(0.7)  # what an optimiser step or load_state_dict does: in place
-    with torch.inference_mode():
-        z1, ld1 = step.forward_map(x)
-    assert not torch.allclose(ld1, ld0)
-    torch.testing.assert_close((z1, ld1), with_autograd())
-    loss = step.forward_map(x)[0].sum()  # with autograd the scale is computed afresh: its gradient flows
-    loss.backward()
-    assert step.global_scale.grad is not None
-
-
-@pytest.mark.parametrize("kernels,batch", [("3-1", 1), ("3-3", 3)])
-def test_fused_inference_path_is_the_same_function(kernels, batch, monkeypatch):
-    from fastflow import flow as flow_module
-
-    torch.manual_seed(0)
-    flow = randomise(Flow2D(7, steps=4, hidden_ratio=1.0, kernels=kernels), seed=5, scale=0.3)
-    x = torch.randn(batch, 7, 5, 9)
-    with torch.no_grad():
-        z_ref, ld_ref = flow.forward_map(x)  # the plain path
-    calls = []
-    fused = flow_module.AffineCouplingStep.forward_fused
-    monkeypatch.setattr(flow_module.AffineCouplingStep, "forward_fused",
-                        lambda self, *a: calls.append(1) or fused(self, *a))
-    for onednn in (True, False):  # oneDNN's fused conv + ReLU, and the conv2d fallback
-        monkeypatch.setattr(flow_module, "_mkldnn_conv_relu_ok", lambda onednn=onednn: onednn)
-        with torch.inference_mode():
-            z, ld = flow.forward_map(x)
-            _, ld_sum = flow(x)
-        torch.testing.assert_close(z, z_ref, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(ld, ld_ref, rtol=1e-5, atol=1e-4)
-        torch.testing.assert_close(ld_sum, ld_ref.flatten(1).sum(1), rtol=1e-5, atol=1e-3)
-    assert len(calls) == 2 * 2 * 4  # both runs, forward_map and forward, every step: the fused path ran
-
-
-def test_fused_constants_follow_every_parameter_change():
-    step = randomise(AffineCouplingStep(6, conv_subnet_factory(3, 1.0)), seed=6, scale=0.3)
-    flow = Flow2D(6, steps=1)
-    flow.steps[0] = step
-    x = torch.randn(2, 6, 4, 4)
-    for name, param in [("conv weight", step.subnet[2].weight), ("offset", step.global_offset),
-                        ("scale", step.global_scale), ("first conv bias", step.subnet[0].bias)]:
-        with torch.inference_mode():
-            before = flow.forward_map(x)
-        with torch.no_grad():
-            param.add_(0.3)  # in place, as an optimiser step or load_state_dict does
-            want = flow.forward_map(x)
-        with torch.inference_mode():
-            got = flow.forward_map(x)
-        assert not (torch.allclose(got[0], before[0]) and torch.allclose(got[1], before[1])), name
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=name)
-
-
-def test_fused_path_of_a_flow_built_in_inference_mode():
-    with torch.inference_mode():  # parameters are inference tensors: no version counter to cache on
-        torch.manual_seed(0)
-        flow = Flow2D(6, steps=2, hidden_ratio=1.0)
-        z, ld = flow.forward_map(torch.randn(1, 6, 3, 3))
-    assert z.shape == (1, 6, 3, 3) and torch.isfinite(ld).all()
-
-
-def test_training_path_gradients_match_autograd_of_the_plain_path():
-    # The training path (autograd on) runs the hand-written backward of _CouplingTail; the plain
-    # operations (no_grad path) differentiated by autograd are the reference. gradcheck in float64
-    # compares the hand-written backward with finite differences, the second check with autograd.
+def test_the_hand_written_backward_is_gradchecked():
+    # gradcheck in float64 compares _CouplingTail's backward with finite differences of its forward.
     from fastflow.flow import _CouplingTail
 
     step = randomise(AffineCouplingStep(5, conv_subnet_factory(3, 1.0)), seed=7, scale=0.4).double()
@@ -204,25 +127,103 @@ def test_training_path_gradients_match_autograd_of_the_plain_path():
     assert torch.autograd.gradcheck(
         lambda *t: _CouplingTail.apply(*t, step.perm, step.perm_inv, step.clamp), (x1, x2, a, g, o))
 
+
+@pytest.mark.parametrize("kernels", ["3-1", "3-3"])
+def test_fast_backward_equals_autograd_of_the_reference(kernels):
+    # float64; the two compute the soft clamp differently (tanh vs 2 sigmoid - 1), so they agree to
+    # rounding (~1e-15), far inside the 1e-6 stated for the fast backward.
+    ref = tiny_flow(kernels, steps=4, channels=5)
+    fast = use_fast_backward(copy.deepcopy(ref))
+    assert is_reference(ref) and not is_reference(fast)
     x = torch.randn(3, 5, 6, 7, dtype=torch.float64, requires_grad=True)
-    z, ld = step.forward_map(x)  # the training path
-    assert z.grad_fn.name().startswith("_CouplingTail")
-    wz, wl = torch.randn_like(z), torch.randn_like(ld)
-    params = [x] + list(step.parameters())
-    got = torch.autograd.grad((z * wz).sum() + (ld * wl).sum(), params)
+    outs = {}
+    for name, flow in (("ref", ref), ("fast", fast)):
+        z, ld = flow.forward_map(x)
+        g = torch.Generator().manual_seed(1)
+        wz, wl = torch.randn(z.shape, generator=g, dtype=z.dtype), torch.randn(ld.shape, generator=g, dtype=ld.dtype)
+        grads = torch.autograd.grad((z * wz).sum() + (ld * wl).sum(), [x] + list(flow.parameters()))
+        outs[name] = (z, ld, grads, z.grad_fn.name())
+    assert "CouplingTail" in outs["fast"][3] and "CouplingTail" not in outs["ref"][3]  # each form really ran
+    torch.testing.assert_close(outs["fast"][:2], outs["ref"][:2], atol=1e-6, rtol=0)
+    for got, want in zip(outs["fast"][2], outs["ref"][2], strict=True):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+    # switching back gives the reference again, and the state dict never changed
+    use_fast_backward(fast, False)
+    assert is_reference(fast) and fast.state_dict().keys() == ref.state_dict().keys()
 
-    def plain(v):  # the plain path's operations (forward_map runs them only without autograd)
-        x1, x2 = torch.split(v, step.split_sizes, dim=1)
-        log_s, shift = step._coupling(x1)
-        y = torch.cat((x1, x2 * torch.exp(log_s) + shift), dim=1)
-        scale = step._scale()
-        return torch.index_select(y * scale + step.global_offset, 1, step.perm), log_s.sum(1) + torch.log(scale).sum()
 
-    zr, ldr = plain(x)
-    torch.testing.assert_close((z, ld), (zr, ldr))
-    want = torch.autograd.grad((zr * wz).sum() + (ldr * wl).sum(), params)
-    for gw, ww in zip(got, want):
-        torch.testing.assert_close(gw, ww, rtol=1e-10, atol=1e-10)
+def test_grad_mode_does_not_pick_the_implementation():
+    flow = tiny_flow("3-1", steps=2, channels=5)
+    x = torch.randn(2, 5, 4, 4, dtype=torch.float64)
+    with torch.inference_mode():
+        z_inf, ld_inf = flow.forward_map(x)
+    z, ld = flow.forward_map(x.requires_grad_())
+    assert "CouplingTail" not in z.grad_fn.name()
+    assert torch.equal(z.detach(), z_inf) and torch.equal(ld.detach(), ld_inf)  # the very same operations
+
+
+@pytest.mark.parametrize("kernels,batch", [("3-1", 1), ("3-3", 3)])
+def test_inference_form_equals_the_reference_float64(kernels, batch):
+    flow = tiny_flow(kernels, steps=4, channels=7)
+    x = torch.randn(batch, 7, 5, 9, dtype=torch.float64)
+    with torch.no_grad():
+        z_ref, ld_ref = flow.forward_map(x)
+    fused = freeze(flow)
+    z, ld = fused.forward_map(x)
+    torch.testing.assert_close(z, z_ref, atol=1e-9, rtol=0)
+    torch.testing.assert_close(ld, ld_ref, atol=1e-9, rtol=0)
+    torch.testing.assert_close(fused(x)[1], ld_ref.flatten(1).sum(1), atol=1e-9, rtol=0)
+    assert all(not p.requires_grad for p in fused.parameters()) and len(list(fused.parameters())) == 0
+
+
+@pytest.mark.parametrize("onednn", [True, False])
+def test_inference_form_float32_with_and_without_onednn(onednn):
+    # float32 (where the oneDNN fused conv + ReLU runs): the reference's rounding, ~1e-6.
+    torch.manual_seed(0)
+    flow = randomise(Flow2D(7, steps=4, hidden_ratio=1.0, kernels="3-3"), seed=5, scale=0.3)
+    x = torch.randn(2, 7, 5, 9)
+    with torch.no_grad():
+        z_ref, ld_ref = flow.forward_map(x)
+    z, ld = freeze(flow, onednn=onednn).forward_map(x)
+    torch.testing.assert_close(z, z_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ld, ld_ref, rtol=1e-5, atol=1e-4)
+
+
+def test_inference_form_is_a_snapshot_not_a_cache():
+    # The folded constants are computed once by freeze: changing the trained flow afterwards (here a
+    # fused Adam step, which bumps no version counter) leaves the frozen form as it was; freezing again
+    # gives the new function. Nothing watches parameter versions.
+    flow = tiny_flow("3-3", steps=2, channels=6).float()
+    x = torch.randn(2, 6, 5, 5)
+    frozen = freeze(flow)
+    before = frozen.forward_map(x)
+    opt = torch.optim.Adam(flow.parameters(), lr=0.05, fused=True)
+    flow(x)[1].sum().backward()
+    opt.step()
+    torch.testing.assert_close(frozen.forward_map(x), before, rtol=0, atol=0)
+    with torch.no_grad():
+        want = flow.forward_map(x)
+    assert not torch.allclose(want[1], before[1])
+    torch.testing.assert_close(freeze(flow).forward_map(x), want, rtol=1e-5, atol=1e-4)
+
+
+def test_for_inference_model_shares_the_backbone_and_leaves_the_model_alone():
+    from fastflow.config import ModelConfig
+    from fastflow.model import FastFlow
+
+    torch.manual_seed(0)
+    model = FastFlow(ModelConfig(input_size=(64, 64), flow_steps=2), weights="random").eval()
+    for flow in model.flows:
+        randomise(flow, seed=2, scale=0.05)
+    fast = for_inference(model)
+    assert fast.backbone is model.backbone and fast.flows is not model.flows
+    assert all(isinstance(f, Flow2D) for f in model.flows) and model.flows[0].steps[0].global_scale.requires_grad
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        want = model(images)
+    got = fast(images)
+    torch.testing.assert_close(got.anomaly_map, want.anomaly_map, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got.loss, want.loss, rtol=1e-4, atol=1e-3)
 
 
 def test_training_convolutions_run_channels_last_with_the_same_result():
@@ -230,6 +231,7 @@ def test_training_convolutions_run_channels_last_with_the_same_result():
 
     torch.manual_seed(0)
     sub = ConvSubnet(6, 8, 3, 1.0)
+    sub.channels_last = True  # what use_fast_backward sets
     x = torch.randn(2, 6, 9, 7, requires_grad=True)
     seen = []
     sub[0].register_forward_pre_hook(lambda m, args: seen.append(args[0].is_contiguous(memory_format=torch.channels_last)))
@@ -241,28 +243,6 @@ def test_training_convolutions_run_channels_last_with_the_same_result():
     gy = torch.randn_like(y)
     torch.testing.assert_close(torch.autograd.grad(y, x, gy)[0], torch.autograd.grad(ref, x, gy)[0],
                                rtol=1e-5, atol=1e-5)
-
-
-def test_inference_after_a_fused_optimiser_step_uses_the_new_parameters():
-    # Adam(fused=True), the trainer's optimiser, updates parameters without bumping their version
-    # counters; the eval() switch before validation must drop the fused path's caches anyway.
-    torch.manual_seed(0)
-    flow = randomise(Flow2D(6, steps=2, hidden_ratio=1.0, kernels="3-3"), seed=8, scale=0.3)
-    x = torch.randn(2, 6, 5, 5)
-    opt = torch.optim.Adam(flow.parameters(), lr=0.05, fused=True)
-    flow.eval()
-    with torch.inference_mode():
-        before = flow.forward_map(x)  # fills the caches
-    flow.train()
-    flow(x)[1].sum().backward()
-    opt.step()
-    flow.eval()
-    with torch.inference_mode():
-        got = flow.forward_map(x)
-    with torch.no_grad():
-        want = flow.forward_map(x)  # the plain path: no cache
-    assert not torch.allclose(got[1], before[1])
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.parametrize("batch", [1, 3])

@@ -10,7 +10,7 @@ from fastflow.cli import main
 from fastflow.config import ModelConfig, TrainConfig
 from fastflow.data import Preprocess, load_image, load_samples
 from fastflow.demo import make_demo_dataset
-from fastflow.evaluate import load_run
+from fastflow.run import load_run
 from fastflow.flow import kernel_sizes
 from fastflow.invert import perturb_and_generate, receptive_radius, region_to_cells
 from fastflow.train import train

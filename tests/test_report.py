@@ -175,3 +175,32 @@ def test_misalign_fills_uncovered_pixels_with_the_images_border_colour():
     image[:, 5:15, 5:15] = 0.8  # ... around a bright part
     moved, _ = apply_affine(image, torch.zeros(1, 20, 20), Affine(0.0, (6, 0), 1.0))
     assert torch.allclose(moved[:, :, :6], torch.full((3, 20, 6), -1.0))  # not a grey 0-filled band
+
+
+def test_plots_leave_the_matplotlib_backend_and_pyplot_alone(tmp_path):
+    # A notebook user's backend must survive a report or an inversion panel: run both in a fresh interpreter
+    # whose backend is "svg" and check it is still "svg" after, with pyplot never imported.
+    code = f"""
+import sys
+import matplotlib
+matplotlib.use("svg")
+import numpy as np, torch
+from fastflow.evaluate import Scored
+from fastflow.invert import Generation, panel
+from fastflow.report import curves_png, histogram_png
+rng = np.random.default_rng(0)
+masks = np.zeros((4, 8, 8), bool); masks[2:, 2:5, 2:5] = True
+scored = Scored(["a", "b", "c", "d"], np.array([0.1, 0.2, 0.8, 0.9]), np.array([0, 0, 1, 1]),
+                rng.random((4, 8, 8)).astype(np.float32), masks, np.ones(4, bool), 0.1)
+curves_png(scored, {{}})
+histogram_png(scored, 0.5)
+f = torch.rand(3, 4, 4)
+panel(np.zeros((32, 32, 3)), Generation(f, f, f[0], f, f[0], f, (1, 2, 1, 2)), (8, 8, 16, 16), 0, {str(tmp_path / "p.png")!r})
+print(matplotlib.get_backend(), "matplotlib.pyplot" in sys.modules)
+"""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in __import__("sys").path if p)}
+    out = subprocess.run([__import__("sys").executable, "-c", code], capture_output=True, text=True, env=env,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["svg", "False"]
+    assert (tmp_path / "p.png").stat().st_size > 1000

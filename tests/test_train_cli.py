@@ -13,7 +13,8 @@ from fastflow.cli import main
 from fastflow.config import ModelConfig, TrainConfig
 from fastflow.data import load_samples
 from fastflow.demo import make_demo_dataset
-from fastflow.evaluate import load_run
+from fastflow.flow import use_fast_backward
+from fastflow.run import load_run
 from fastflow.train import add_feature_noise, split_validation, train
 
 TINY = ["--input-size", "64", "--epochs", "2", "--batch-size", "4", "--quiet"]
@@ -44,14 +45,55 @@ def test_train_writes_a_self_describing_run(run):
     assert len(history["history"]) == 2 and all(np.isfinite(r["train_nll"]) for r in history["history"])
 
 
-def test_checkpoint_round_trip_gives_identical_outputs(run):
-    a, _ = load_run(run)
-    b, _ = load_run(run)
+def _tiny_train(dataset, run_dir, **train_overrides):
+    cfg = TrainConfig(epochs=1, batch_size=4, val_fraction=0.3, **train_overrides)
+    return train(ModelConfig(input_size=(64, 64)), cfg, load_samples("mvtec", dataset, "texture", "train"),
+                 str(run_dir), progress=False, log=lambda *a: None)
+
+
+def test_checkpoint_round_trip_gives_the_trained_model(dataset, tmp_path, monkeypatch):
+    # The model train() selected (caught where it calibrates the threshold) against the one load_run
+    # rebuilds from model.pt: the same parameters and buffers, the same outputs.
+    import copy
+
+    import fastflow.train as train_module
+
+    trained = {}
+    calibrate = train_module.calibrate_threshold
+    monkeypatch.setattr(train_module, "calibrate_threshold",
+                        lambda model, *a: trained.setdefault("model", copy.deepcopy(model)) and calibrate(model, *a))
+    _tiny_train(dataset, tmp_path / "run")
+    loaded, _ = load_run(str(tmp_path / "run"))
+    want = use_fast_backward(trained["model"], False).eval()  # the trainer's fast form -> the reference
+    state, want_state = loaded.state_dict(), want.state_dict()
+    assert state.keys() == want_state.keys()
+    for key in want_state:
+        assert torch.equal(state[key], want_state[key]), key
     x = torch.randn(2, 3, 64, 64)
-    with torch.inference_mode():
-        oa, ob = a(x), b(x)
+    with torch.no_grad():
+        oa, ob = loaded(x), want(x)
     assert torch.equal(oa.anomaly_map, ob.anomaly_map) and torch.equal(oa.score, ob.score)
-    assert any(not torch.equal(p, torch.zeros_like(p)) for p in a.flows.parameters())
+    assert any(not torch.equal(p, torch.zeros_like(p)) for p in loaded.flows.parameters())
+
+
+def test_training_leaves_the_callers_random_state_alone(dataset, tmp_path):
+    torch.manual_seed(123)
+    np.random.seed(123)
+    want = torch.rand(3), np.random.rand(3)
+    torch.manual_seed(123)
+    np.random.seed(123)
+    _tiny_train(dataset, tmp_path / "run", seed=7)
+    got = torch.rand(3), np.random.rand(3)
+    assert torch.equal(got[0], want[0]) and np.array_equal(got[1], want[1])
+
+
+def test_validation_nll_nan_at_every_epoch_is_a_clear_training_error(dataset, tmp_path, monkeypatch):
+    import fastflow.train as train_module
+    from fastflow.train import TrainingError
+
+    monkeypatch.setattr(train_module, "_mean_nll", lambda model, source: float("nan"))
+    with pytest.raises(TrainingError, match="validation NLL was not finite"):
+        _tiny_train(dataset, tmp_path / "run")
 
 
 def test_evaluate_cli_writes_metrics_json(run, dataset, tmp_path, capsys):

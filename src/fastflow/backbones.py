@@ -214,8 +214,9 @@ class FeatureExtractor(nn.Module):
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
         if self.spec.kind == "cnn":
             chunk = self.cpu_micro_batch
-            if (0 < chunk < images.shape[0] and images.device.type == "cpu" and not torch.jit.is_tracing()
-                    and not torch.onnx.is_in_onnx_export() and not torch.compiler.is_compiling()):
+            # the graph checks first: comparing the batch size would pin a dynamic batch axis in torch.export
+            if (not torch.jit.is_tracing() and not torch.onnx.is_in_onnx_export() and not torch.compiler.is_compiling()
+                    and images.device.type == "cpu" and 0 < chunk < images.shape[0]):
                 parts = [self._cnn(part) for part in images.split(chunk)]
                 return [torch.cat(level) for level in zip(*parts)]
             return self._cnn(images)

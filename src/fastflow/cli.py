@@ -185,10 +185,16 @@ def _build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", metavar="RUN_DIR",
                    help="continue an interrupted run from its last checkpoint, with the options it was started "
                         "with; --epochs N extends a finished run to N epochs")
-    t.add_argument("--backbone", default=None, help=f"preset / backbone: {', '.join(PRESETS)}")
+    t.add_argument("--backbone", default=None,
+                   help=f"preset / backbone: auto (the default: chooses among efficientnet_lite0 and lite0_unaligned "
+                        f"on synthetic defects pasted on held-out normal images), {', '.join(PRESETS)}")
     t.add_argument("--weights", default="pretrained",
                    help="backbone weights: pretrained (default), random, or a local .pth state dict")
-    t.add_argument("--epochs", type=int, default=None, help="training epochs (default: the preset's)")
+    t.add_argument("--epochs", type=int, default=None,
+                   help="train exactly N epochs (default: the preset's own length: a step budget for the lite "
+                        "presets, a fixed epoch count for the paper's)")
+    t.add_argument("--steps", type=int, default=None,
+                   help="optimiser-step budget: as many epochs as reach it (at most --epochs when both are given)")
     t.add_argument("--batch-size", type=int, default=None, help="images per optimiser step (default: the preset's)")
     t.add_argument("--lr", type=float, default=None, help="Adam learning rate (default: the preset's, 1e-3)")
     t.add_argument("--weight-decay", type=float, default=None, help="Adam weight decay (default: the preset's, 1e-5)")
@@ -341,8 +347,9 @@ def _version() -> str:
     return f"fastflow {__version__}"
 
 
-def _configs(args) -> tuple[ModelConfig, TrainConfig]:
-    preset = get_preset(args.backbone or "efficientnet_lite0")
+def _configs(args, name: str | None = None) -> tuple[ModelConfig, TrainConfig]:
+    """The preset ``name`` (default: ``--backbone``) with every option the user gave applied to it."""
+    preset = get_preset(name or args.backbone or "efficientnet_lite0")
     m = preset.model
     overrides = {"input_size": args.input_size, "flow_steps": args.flow_steps, "hidden_ratio": args.hidden_ratio,
                  "kernels": args.kernels, "anomaly_map": args.anomaly_map, "smoothing_sigma": args.smoothing_sigma,
@@ -353,7 +360,11 @@ def _configs(args) -> tuple[ModelConfig, TrainConfig]:
     if args.equalize:  # replaces a preset's stretch; with an explicit --autocontrast CUTOFF, ModelConfig refuses both
         explicit = args.autocontrast not in (None, "off")
         m = replace(m, equalize=True, autocontrast=m.autocontrast if explicit else None)
-    t = replace(preset.train, epochs=args.epochs if args.epochs is not None else preset.epochs)
+    t = preset.train
+    if args.epochs is not None:  # an explicit epoch count is exact unless a step budget is given too
+        t = replace(t, epochs=args.epochs, steps=args.steps)
+    elif args.steps is not None:
+        t = replace(t, steps=args.steps)
     overrides = {"batch_size": args.batch_size, "lr": args.lr, "weight_decay": args.weight_decay,
                  "grad_clip": args.grad_clip, "feature_noise": args.feature_noise, "val_fraction": args.val_fraction,
                  "false_alarm_rate": args.false_alarm_rate, "seed": args.seed}
@@ -375,6 +386,7 @@ def cmd_train(args) -> int:
 
 
 def _train(args, dist) -> int:
+    from .auto import CANDIDATES, choose
     from .data import load_samples
     from .distributed import SINGLE
     from .train import train
@@ -407,7 +419,8 @@ def _train(args, dist) -> int:
     if not args.data or not args.category or not args.output:
         raise ValueError("train needs --data, --category and --output (or --resume RUN_DIR); the folder format "
                          "needs only --normal-dir and --output")
-    model_cfg, train_cfg = _configs(args)
+    auto = args.backbone in (None, "auto")
+    model_cfg, train_cfg = _configs(args, CANDIDATES[0] if auto else None)
     categories = _categories(args)
     opts = _data_options(args)
     _clear_run_dirs([args.output if len(categories) == 1 else os.path.join(args.output, c) for c in categories],
@@ -421,13 +434,20 @@ def _train(args, dist) -> int:
         samples = load_samples(args.format, args.data, cat, "train", **opts)
         say = print if cat_dist.is_main else (lambda *a, **k: None)
         where = f" (rank {dist.rank} of {dist.world})" if cat_dist is not dist else ""
+        chosen = {}
+        if auto:  # every rank probes the same way (deterministic), rank 0 alone writes
+            os.makedirs(run_dir, exist_ok=True)
+            name, model_cfg, train_cfg, report = choose([(n, *_configs(args, n)) for n in CANDIDATES], samples,
+                                                        run_dir, weights=args.weights, log=say,
+                                                        probe_tag=f"{dist.rank}" if cat_dist.world > 1 else "")
+            chosen = {"preset": name, "auto": report}
         if cat_dist.is_main:
             os.makedirs(run_dir, exist_ok=True)
             with open(_run_file(run_dir), "w") as f:
                 json.dump({"model_config": to_dict(model_cfg), "train_config": to_dict(train_cfg),
                            "weights": args.weights, "data": {"format": args.format, "root": os.path.abspath(args.data),
-                                                             "category": cat, "options": opts}}, f, indent=1)
-        say(f"[{cat}] training {model_cfg.backbone} on {len(samples)} normal images{where} -> {run_dir}")
+                                                             "category": cat, "options": opts}, **chosen}, f, indent=1)
+        say(f"[{cat}] training {chosen.get('preset') or args.backbone or model_cfg.backbone} on {len(samples)} normal images{where} -> {run_dir}")
         try:
             res = train(model_cfg, train_cfg, samples, run_dir, weights=args.weights,
                         progress=not args.quiet and dist.is_main, dist=cat_dist)
@@ -517,40 +537,48 @@ def _check_resume_options(args) -> None:
 
 
 def _extended(args, model_cfg: ModelConfig, train_cfg: TrainConfig, run_json: str) -> TrainConfig | None:
-    """The training config to resume with: ``--epochs N`` extends the run to N epochs (recorded in
-    run.json). None when the run has already finished all its epochs (a message says how to extend)."""
+    """The training config to resume with: ``--epochs N`` extends the run to exactly N epochs (recorded in
+    run.json; a step budget no longer applies). None when the run has already finished all its epochs (a
+    message says how to extend it)."""
     from .checkpoint import CheckpointError, load_safe
+    from .train import planned_epochs
 
     ckpt_path = os.path.join(args.resume, "checkpoint.pt")
     done = 0
     if os.path.isfile(ckpt_path):
         state = load_safe(ckpt_path)
-        saved_train = {**(state.get("train_config") or {}), "epochs": train_cfg.epochs}
+        saved_train = {**(state.get("train_config") or {}), "epochs": train_cfg.epochs, "steps": train_cfg.steps}
         if state.get("model_config") != to_dict(model_cfg) or saved_train != to_dict(train_cfg):
             raise CheckpointError(f"{ckpt_path}: its config differs from this run's ({run_json}); resume with the "
                                   f"same options, or start a new run folder")
         done = int(state.get("epoch", -1)) + 1
-    if args.epochs is not None and args.epochs != train_cfg.epochs:
+    if args.epochs is not None:
         if args.epochs < done:
             raise ValueError(f"--epochs {args.epochs}: {args.resume} has already run {done} epochs; "
                              f"give more than {done} to extend it")
-        train_cfg = replace(train_cfg, epochs=args.epochs)
+        train_cfg = replace(train_cfg, epochs=args.epochs, steps=None)
         with open(run_json) as f:
             saved = json.load(f)
         saved["train_config"] = to_dict(train_cfg)
         with open(run_json, "w") as f:
             json.dump(saved, f, indent=1)
-    elif done >= train_cfg.epochs and os.path.isfile(os.path.join(args.resume, "model.pt")):
-        print(f"{args.resume} has finished all its {train_cfg.epochs} epochs: nothing to resume; extend it with "
-              f"--resume {args.resume} --epochs N (N > {train_cfg.epochs})")
-        return None
+        return train_cfg
+    model_file = os.path.join(args.resume, "model.pt")
+    if os.path.isfile(model_file):  # finished once: is its (possibly extended) length reached?
+        n_fit = load_safe(model_file).get("n_fit")
+        planned = planned_epochs(train_cfg, int(n_fit)) if n_fit is not None else train_cfg.epochs
+        if done >= planned:
+            print(f"{args.resume} has finished all its {planned} epochs: nothing to resume; extend it with "
+                  f"--resume {args.resume} --epochs N (N > {planned})")
+            return None
     return train_cfg
 
 
 def _evaluate_one(run_dir, fmt, root, category, opts, output, batch_size, quiet, report=False,
                   misalign=False, misalign_seed=0) -> dict:
     from .data import Preprocess, load_samples
-    from .evaluate import evaluate_model, format_table, load_run
+    from .evaluate import evaluate_model, format_table
+    from .run import load_run
 
     model, ckpt = load_run(run_dir)
     samples = load_samples(fmt, root, category, "test", **opts)
@@ -667,12 +695,13 @@ def cmd_presets(args) -> int:
         print(json.dumps(rows, indent=1))
         return 0
     print(f"{'preset':<20}{'backbone':<34}{'size':>5}{'levels (C@stride)':>22}{'steps':>6}{'ratio':>6}"
-          f"{'kern':>5}{'trainable':>12}{'epochs':>7}{'batch':>6}  {'parts':<10}weights")
+          f"{'kern':>5}{'trainable':>12}  {'training':<11}{'batch':>5}  {'parts':<10}weights")
     for r in rows:
         levels = " ".join(f"{lv['channels']}@{lv['stride']}" for lv in r["levels"])
+        length = f"{r['train_steps']} steps" if r.get("train_steps") else f"{r['epochs']} epochs"
         print(f"{r['name']:<20}{r['backbone']:<34}{r['input_size'][0]:>5}{levels:>22}{r['flow_steps']:>6}"
-              f"{r['hidden_ratio']:>6}{r['kernels']:>5}{r['params_trainable']:>12,}{r['epochs']:>7}"
-              f"{r['batch_size']:>6}  {'aligned' if r['aligned'] else 'unaligned':<10}{r['weights']}")
+              f"{r['hidden_ratio']:>6}{r['kernels']:>5}{r['params_trainable']:>12,}  {length:<11}"
+              f"{r['batch_size']:>5}  {'aligned' if r['aligned'] else 'unaligned':<10}{r['weights']}")
     return 0
 
 
@@ -718,7 +747,8 @@ def _report_failures(summary: dict, shown: int = 10) -> int:
 
 
 def cmd_export(args) -> int:
-    from .export import export_onnx, sidecar_path
+    from .export import export_onnx
+    from .run import sidecar_path
 
     if args.raw_input:
         from .raw_input import export_raw_onnx

@@ -90,7 +90,8 @@ def make_demo_dataset(root: str, n_train: int = 60, n_test_good: int = 15, n_tes
 
 def run_demo(output: str, epochs: int | None = None, progress: bool = True, log=print) -> dict:
     from .data import Preprocess, load_samples
-    from .evaluate import evaluate_model, format_table, load_run
+    from .evaluate import evaluate_model, format_table
+    from .run import load_run
     from .train import train
 
     t0 = time.perf_counter()
@@ -101,7 +102,7 @@ def run_demo(output: str, epochs: int | None = None, progress: bool = True, log=
     # The blur sigma is in pixels at the input size: keep it the same fraction of the image at the crop size.
     sigma = preset.model.smoothing_sigma * CROP / preset.model.input_size[0]
     model_cfg = replace(preset.model, input_size=(CROP, CROP), smoothing_sigma=sigma)
-    train_cfg = replace(preset.train, epochs=epochs or DEMO_EPOCHS)
+    train_cfg = replace(preset.train, epochs=epochs or DEMO_EPOCHS, steps=None)  # a fixed, short length
     run_dir = os.path.join(output, "run")
     res = train(model_cfg, train_cfg, load_samples("mvtec", data_root, cat, "train"), run_dir, progress=progress,
                 log=log)

@@ -15,8 +15,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from .checkpoint import load_safe
 from .data import AnomalyDataset, Sample
+from .fused import for_inference
 from .metrics import evaluate_arrays
 from .model import FastFlow
 
@@ -36,7 +36,7 @@ class Scored:
 
 @torch.inference_mode()
 def score_dataset(model: FastFlow, dataset: AnomalyDataset, batch_size: int = 32, progress: bool = False) -> Scored:
-    model.eval()
+    model = for_inference(model)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
     if progress:
         from tqdm.auto import tqdm
@@ -76,17 +76,6 @@ def evaluate_model(model: FastFlow, samples: list[Sample], preprocess, batch_siz
                    threshold: float | None = None, progress: bool = False) -> tuple[dict, Scored]:
     scored = score_dataset(model, AnomalyDataset(samples, preprocess), batch_size, progress)
     return metrics_for(scored, threshold), scored
-
-
-def load_run(run_dir: str) -> tuple[FastFlow, dict]:
-    """(model, checkpoint dict) of a run folder (or a model.pt path)."""
-    import os
-
-    from .train import model_from_checkpoint
-
-    path = run_dir if run_dir.endswith(".pt") else os.path.join(run_dir, "model.pt")
-    ckpt = load_safe(path)
-    return model_from_checkpoint(ckpt), ckpt
 
 
 def format_table(rows: dict[str, dict]) -> str:

@@ -17,6 +17,10 @@ Exporter: the TorchScript-based ``torch.onnx.export(dynamo=False)`` by default. 
 exporter (``--exporter dynamo``, needs the ``onnxscript`` package, in the ``export`` extra) gives the
 same graph outputs (max difference ~1e-6 measured) but took ~30 s per export instead of ~4 s on a
 2-core CPU. Every export ends with a parity check of ONNX Runtime against torch.
+
+The graph is traced from the reference flow (flow.py), not from the inference form (fused.py): that form
+writes into slices of preallocated buffers and calls a private oneDNN op, neither of which exports, and
+ONNX Runtime folds the constant products itself.
 """
 
 from __future__ import annotations
@@ -32,9 +36,8 @@ from torch import nn
 
 from . import __version__
 from .model import FastFlow
+from .run import INPUT_NAME, ONNX_FILE, OUTPUT_NAMES, load_run, run_folder, sidecar_path
 
-INPUT_NAME = "image"
-OUTPUT_NAMES = ("score", "anomaly_map")
 DEFAULT_OPSET = 18
 EXPORTERS = ("torchscript", "dynamo")
 PARITY_TOL = 1e-4  # rtol and atol of the post-export check; float32 graphs agree to ~1e-6 in practice
@@ -71,11 +74,6 @@ def require_export_extra() -> None:
                           f"pip install 'fastflow[export]' (or pip install {' '.join(missing)})")
 
 
-def sidecar_path(onnx_path: str) -> str:
-    """``dir/model.onnx`` -> ``dir/model.json``."""
-    return os.path.splitext(onnx_path)[0] + ".json"
-
-
 def json_threshold(threshold: dict | None) -> dict:
     """The checkpoint's threshold info with non-finite numbers as null (strict JSON)."""
     out = {}
@@ -90,14 +88,12 @@ def json_threshold(threshold: dict | None) -> dict:
 def export_onnx(run_dir: str, output: str | None = None, opset: int = DEFAULT_OPSET,
                 exporter: str = "torchscript", check: bool = True) -> dict:
     """Export the run at ``run_dir`` to ``output`` (default RUN_DIR/model.onnx); returns the sidecar dict."""
-    from .evaluate import load_run
-
     if exporter not in EXPORTERS:
         raise ValueError(f"exporter must be one of {', '.join(EXPORTERS)}, got {exporter!r}")
     require_export_extra()
     model, ckpt = load_run(run_dir)
     if output is None:
-        output = os.path.join(run_dir if os.path.isdir(run_dir) else os.path.dirname(run_dir), "model.onnx")
+        output = os.path.join(run_folder(run_dir), ONNX_FILE)
     if not output.endswith(".onnx"):
         raise ValueError(f"--output must be a .onnx file name, got {output!r}")
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)

@@ -12,7 +12,7 @@ gathierry/FastFlow use):
 
     x1, x2   = split(x)                        # channels: C - C//2 and C//2
     a        = 0.1 * subnet(x1)                # (B, 2 * C//2, H, W)
-    s        = clamp * tanh(a[:, :C//2])       # soft-clamped log-scale (computed via a sigmoid: faster)
+    s        = clamp * tanh(a[:, :C//2])       # soft-clamped log-scale
     y2       = x2 * exp(s) + a[:, C//2:]
     y        = concat(x1, y2)
     z        = (y * g + o)[:, perm]            # global affine, then fixed permutation
@@ -22,10 +22,13 @@ gathierry/FastFlow use):
 
 The permutation is a buffer applied as an index gather (no 1x1 convolution).
 
-Three implementations of the same step, each tested against the others: the plain tensor operations
-(``forward_map`` without autograd; what tracing and ONNX export see), the training path (with autograd:
-the part after the subnet is ``_CouplingTail``, whose backward is written by hand) and the fused
-inference path (under ``torch.inference_mode``: ``AffineCouplingStep.forward_fused``).
+``AffineCouplingStep`` / ``Flow2D`` are the reference: plain tensor operations, differentiated by
+autograd; the exactness tests (FrEIA parity, Jacobian, round trip) run on them, and ONNX export traces
+them. Two faster forms of the same function sit beside it, each chosen explicitly and tested against it:
+  * ``use_fast_backward(module)`` switches the steps to ``_CouplingTail``, the same forward with a
+    hand-written backward (the trainer switches it on);
+  * ``fastflow.fused.freeze(flow)`` returns the inference form, with the constants folded once into
+    buffers (predict, evaluate and validation use it).
 
 Contract of every invertible module here:
     forward(x)  -> (z, log_det)        log_det: (B,), sum of the per-location map
@@ -35,7 +38,6 @@ Contract of every invertible module here:
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Callable, NamedTuple
 
@@ -63,14 +65,6 @@ def _permute_channels(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
     return torch.index_select(x.reshape(b * c, -1), 0, rows).view(x.shape)
 
 
-def _version_key(*params: torch.Tensor) -> tuple | None:
-    """What identifies the current values of ``params`` for a cache (version counter, storage, dtype,
-    device of each); None for inference tensors (parameters made under inference mode have no version)."""
-    if any(p.is_inference() for p in params):
-        return None
-    return tuple((p._version, p.data_ptr(), p.dtype, p.device) for p in params)
-
-
 class PointwiseConv2d(nn.Conv2d):
     """A 1x1 convolution computed as one matrix product over the flattened positions.
 
@@ -92,9 +86,11 @@ class ConvSubnet(nn.Sequential):
     ``hidden`` channels are ``int(in_channels * hidden_ratio)`` (as in the reference code).
     Explicit integer padding (not ``padding="same"``) keeps ONNX export simple; 1x1 kernels run as
     ``PointwiseConv2d``. In training on the CPU the kxk convolutions run on a channels_last copy of the
-    input (the result is returned contiguous): oneDNN's forward + backward of the lite0 preset's 3x3
-    convolutions at batch 8 took 28 ms as NCHW and 18 ms channels_last, copies included (bench/README.md).
+    input (the result is returned contiguous) when ``channels_last`` is set (``use_fast_backward``): oneDNN's
+    forward + backward of 3x3 convolutions is faster in that layout, copies included (bench/README.md).
     """
+
+    channels_last = False
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, hidden_ratio: float):
         hidden = max(1, int(in_channels * hidden_ratio))
@@ -107,59 +103,16 @@ class ConvSubnet(nn.Sequential):
         super().__init__(convs[0], nn.ReLU(), convs[1])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (self[0].kernel_size[0] > 1 and x.device.type == "cpu" and torch.is_grad_enabled()
-                and not torch.jit.is_tracing()):
+        if self.channels_last and self[0].kernel_size[0] > 1 and x.device.type == "cpu":
             return super().forward(x.contiguous(memory_format=torch.channels_last)).contiguous()
         return super().forward(x)
 
 
-@functools.lru_cache(maxsize=None)
-def _mkldnn_conv_relu_ok() -> bool:
-    """Whether oneDNN's fused convolution + ReLU (``torch.ops.mkldnn._convolution_pointwise``, the kernel
-    PyTorch's own compiler emits on the CPU) exists here and agrees with ``conv2d`` + ReLU on a random case."""
-    try:
-        op = torch.ops.mkldnn._convolution_pointwise
-        gen = torch.Generator().manual_seed(0)
-        x, w, b = (torch.randn(*s, generator=gen) for s in ((2, 5, 7, 6), (4, 5, 3, 3), (4,)))
-        with torch.inference_mode():
-            got = op(x, w, b, [1, 1], [1, 1], [1, 1], 1, "relu", [], "")
-            want = torch.relu(F.conv2d(x, w, b, padding=1))
-        return bool(torch.allclose(got, want, rtol=1e-4, atol=1e-5))
-    except Exception:  # not built with oneDNN, or a PyTorch without the op
-        return False
-
-
-def _conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, relu: bool) -> torch.Tensor:
-    """A subnet convolution (1x1 or kxk, stride 1, 'same' zero padding) at inference, optionally with ReLU."""
-    k = weight.shape[-1]
-    if k == 1:
-        y = _pointwise(x, weight, bias)
-    elif x.device.type == "cpu" and x.dtype == torch.float32 and _mkldnn_conv_relu_ok():
-        pad = [k // 2, k // 2]
-        return torch.ops.mkldnn._convolution_pointwise(x, weight, bias, pad, [1, 1], [1, 1], 1,
-                                                       "relu" if relu else "none", [], "")
-    else:
-        y = F.conv2d(x, weight, bias, padding=k // 2)
-    return y.relu_() if relu else y
-
-
-class _Folded(NamedTuple):
-    """A coupling step's constants for the fused inference path (see ``AffineCouplingStep.forward_fused``)."""
-
-    w1: torch.Tensor
-    b1: torch.Tensor
-    w2: torch.Tensor  # rows: 0.2 * log-scale rows; 0.1 * g2 * shift rows
-    b2: torch.Tensor  # 0.2 * log-scale bias; 0.1 * g2 * shift bias + o2
-    k2: torch.Tensor  # log g2 - clamp, (1, C2, 1, 1)
-    g1: torch.Tensor  # global scale of the first half, (1, C1, 1, 1)
-    o1: torch.Tensor  # global offset of the first half
-    log_det_const: float  # sum_c log g - clamp * C2: the per-location log-det apart from 2 clamp sum sigma
-
-
 class _CouplingTail(torch.autograd.Function):
-    """What follows the subnet in a coupling step, with a hand-written backward (training only).
+    """What follows the subnet in a coupling step, with a hand-written backward (``use_fast_backward``).
 
-    Forward, the same function as ``AffineCouplingStep.forward_map`` after ``a = subnet(x1)``:
+    Forward, the same function as the reference ``AffineCouplingStep.forward_map`` after ``a = subnet(x1)``
+    (clamp tanh(0.1 a) written as clamp (2 sigmoid(0.2 a) - 1): PyTorch's CPU sigmoid is faster):
         sig = sigmoid(0.2 a_s)             e = exp(log_s),  log_s = clamp (2 sig - 1)
         u   = x2 e + 0.1 a_t               y = (x1 g1 + o1, u g2 + o2)       z = y[:, perm]
         log|det| map (less sum_c log g) = sum_c log_s
@@ -169,8 +122,7 @@ class _CouplingTail(torch.autograd.Function):
         dg = sum_{b,h,w} (gy1 x1, gy2 u)   do = sum_{b,h,w} gy
     The forward has as many tensor operations as the plain path; the backward takes 15 where autograd's
     chain takes over 20, among them a scatter for the permutation and a zero-filled buffer for every
-    slice. Training steps of the lite0 preset: 12% faster (bench/README.md); checked against autograd
-    by ``gradcheck`` in the tests.
+    slice (bench/README.md has what it buys); tested against autograd of the reference.
     """
 
     @staticmethod
@@ -248,108 +200,33 @@ class AffineCouplingStep(nn.Module):
         self.register_buffer("perm", permutation.clone())
         self.register_buffer("perm_inv", torch.argsort(permutation))
 
+    fast_backward = False  # use_fast_backward: run the part after the subnet as _CouplingTail
+
     def _scale(self) -> torch.Tensor:
         return 0.1 * F.softplus(self.global_scale, beta=0.5)
 
-    def train(self, mode: bool = True) -> "AffineCouplingStep":
-        """Also drops the inference caches (global scale, folded constants). They follow in-place changes
-        through the parameters' version counters, but a fused optimiser step (``Adam(fused=True)``) updates
-        parameters without bumping them; every ``train()`` / ``eval()`` switch starts afresh."""
-        self._cached_key = self._folded_key = None
-        return super().train(mode)
-
-    def _scale_and_log_det(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The global scale and its log-determinant per location, sum_c log g. Without autograd (inference)
-        they are computed once per parameter value and reused: four operations fewer per step."""
-        p = self.global_scale
-        key = None if torch.is_grad_enabled() and p.requires_grad else _version_key(p)
-        if key is None:
-            scale = self._scale()
-            return scale, torch.log(scale).sum()
-        if getattr(self, "_cached_key", None) != key:
-            with torch.inference_mode(False), torch.no_grad():  # normal tensors: usable under autograd later
-                scale = self._scale()
-                self._cached = (scale, torch.log(scale).sum())
-            self._cached_key = key
-        return self._cached
-
     def _coupling(self, x1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The subnet's log-scale (soft-clamped) and shift for the second half: each (B, C//2, H, W)."""
         a = self.subnet(x1)
         c2 = self.split_sizes[1]
-        # clamp * tanh(0.1 a), written as clamp * (2 sigmoid(0.2 a) - 1): the same function (to 2e-7), but
-        # PyTorch's CPU tanh is 2-5x slower than its sigmoid (67 vs 39 us at lite0's stride 4, batch 1).
-        log_s = torch.sigmoid(0.2 * a[:, :c2]) * (2.0 * self.clamp) - self.clamp
-        return log_s, 0.1 * a[:, c2:]
+        return self.clamp * torch.tanh(0.1 * a[:, :c2]), 0.1 * a[:, c2:]
 
     def forward_map(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x: (B, C, H, W) -> z: (B, C, H, W), per-location log|det|: (B, H, W).
-
-        With autograd on (training) the part after the subnet runs as ``_CouplingTail``, with its
-        hand-written backward; otherwise (no_grad, tracing for export) as plain tensor operations."""
+        """x: (B, C, H, W) -> z: (B, C, H, W), per-location log|det|: (B, H, W)."""
         x1, x2 = torch.split(x, self.split_sizes, dim=1)
-        if torch.is_grad_enabled() and not torch.jit.is_tracing():
-            scale, log_det_scale = self._scale_and_log_det()
+        scale = self._scale()
+        if self.fast_backward:
             z, log_det_map = _CouplingTail.apply(x1, x2, self.subnet(x1), scale, self.global_offset,
                                                  self.perm, self.perm_inv, self.clamp)
-            return z, log_det_map + log_det_scale
+            return z, log_det_map + torch.log(scale).sum()
         log_s, shift = self._coupling(x1)
         y = torch.cat((x1, x2 * torch.exp(log_s) + shift), dim=1)
-        scale, log_det_scale = self._scale_and_log_det()
         z = torch.index_select(y * scale + self.global_offset, 1, self.perm)  # 3x faster than y[:, perm]
-        log_det_map = log_s.sum(dim=1) + log_det_scale
-        return z, log_det_map
+        return z, log_s.sum(dim=1) + torch.log(scale).sum()
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         z, log_det_map = self.forward_map(x)
         return z, log_det_map.flatten(1).sum(dim=1)
-
-    # -- the fused inference path -------------------------------------------------------------------
-    # The same function as forward_map, in 11 tensor operations instead of 19: the 0.1 / 0.2 factors and
-    # the second half's global affine are folded into the subnet's last layer (exact: a convolution's bias
-    # is added at every position, border included), exp(log_s) * g2 becomes exp(2 clamp sigma + log g2 -
-    # clamp), the halves are written straight into one buffer (no concat), ReLU is fused into oneDNN's
-    # convolution, and the log-det map accumulates 2 clamp sum sigma in place (its constant once per flow).
-    def fusable(self) -> bool:
-        return isinstance(self.subnet, ConvSubnet)
-
-    def _fold(self) -> _Folded:
-        conv1, conv2 = self.subnet[0], self.subnet[2]
-        c1, c2 = self.split_sizes
-        g = self._scale().reshape(-1)
-        o = self.global_offset.reshape(-1)
-        w2, b2 = conv2.weight, conv2.bias
-        g2 = g[c1:].reshape(-1, 1, 1, 1)
-        w2f = torch.cat((0.2 * w2[:c2], 0.1 * g2 * w2[c2:])).contiguous()
-        b2f = torch.cat((0.2 * b2[:c2], 0.1 * g[c1:] * b2[c2:] + o[c1:]))
-        return _Folded(conv1.weight, conv1.bias, w2f, b2f, (torch.log(g[c1:]) - self.clamp).view(1, -1, 1, 1),
-                       g[:c1].view(1, -1, 1, 1), o[:c1].view(1, -1, 1, 1),
-                       float(torch.log(g).double().sum()) - self.clamp * c2)
-
-    def _folded(self) -> _Folded:
-        """The folded constants, recomputed only when a parameter changed (version or storage)."""
-        conv1, conv2 = self.subnet[0], self.subnet[2]
-        key = _version_key(conv1.weight, conv1.bias, conv2.weight, conv2.bias, self.global_scale, self.global_offset)
-        if key is None:
-            return self._fold()
-        if getattr(self, "_folded_key", None) != key:
-            self._folded_cache = self._fold()
-            self._folded_key = key
-        return self._folded_cache
-
-    def forward_fused(self, x: torch.Tensor, log_det: torch.Tensor) -> tuple[torch.Tensor, float]:
-        """Inference only (no autograd): z, and ``log_det`` (B, H, W) updated in place with this step's
-        per-location log|det| less the returned constant."""
-        f = self._folded()
-        c1, c2 = self.split_sizes
-        x1, x2 = torch.split(x, self.split_sizes, dim=1)
-        a = _conv(_conv(x1, f.w1, f.b1, relu=True), f.w2, f.b2, relu=False)
-        sig = torch.sigmoid(a[:, :c2])
-        two_clamp = 2.0 * self.clamp
-        y = torch.empty_like(x)
-        torch.addcmul(f.o1, x1, f.g1, out=y[:, :c1])  # first half: global affine only
-        torch.addcmul(a[:, c2:], x2, torch.add(f.k2, sig, alpha=two_clamp).exp_(), out=y[:, c1:])
-        log_det.add_(sig.sum(dim=1), alpha=two_clamp)
-        return _permute_channels(y, self.perm), f.log_det_const
 
     def inverse_map(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """z: (B, C, H, W) -> x, per-location log|det| of the inverse: (B, H, W)."""
@@ -364,6 +241,18 @@ class AffineCouplingStep(nn.Module):
     def inverse(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x, log_det_map = self.inverse_map(z)
         return x, log_det_map.flatten(1).sum(dim=1)
+
+
+def use_fast_backward(module: nn.Module, on: bool = True) -> nn.Module:
+    """Switch every coupling step inside ``module`` to the hand-written backward (``_CouplingTail``) and
+    its 3x3 subnet convolutions to channels_last on the CPU (``on=False``: back to the reference). The
+    same function and gradients to float rounding; the state dict is unchanged. Returns ``module``."""
+    for m in module.modules():
+        if isinstance(m, AffineCouplingStep):
+            m.fast_backward = on
+        elif isinstance(m, ConvSubnet):
+            m.channels_last = on
+    return module
 
 
 def kernel_sizes(steps: int, kernels: str) -> list[int]:
@@ -397,18 +286,8 @@ class Flow2D(nn.Module):
         )
 
     def forward_map(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x: (B, C, H, W) -> z: (B, C, H, W), log|det| map (B, H, W).
-
-        Under ``torch.inference_mode`` the steps run their fused inference path (the same function to
-        float rounding; bench/README.md has what it buys); traced or exported graphs use the plain one."""
+        """x: (B, C, H, W) -> z: (B, C, H, W), log|det| map (B, H, W)."""
         log_det = x.new_zeros(x.shape[0], x.shape[2], x.shape[3])
-        if (torch.is_inference_mode_enabled() and not torch.jit.is_tracing()
-                and all(step.fusable() for step in self.steps)):
-            const = 0.0
-            for step in self.steps:
-                x, c = step.forward_fused(x, log_det)
-                const += c
-            return x, log_det.add_(const)
         for step in self.steps:
             x, ld = step.forward_map(x)
             log_det = log_det + ld

@@ -122,10 +122,8 @@ def panel(image_rgb: np.ndarray, gen: Generation, region: tuple[float, float, fl
           path: str, title: str = "") -> str:
     """Write the Figure 4 panel: input (region boxed), feature channel, probability map, polluted
     probability map, regenerated feature channel. image_rgb: (H, W, 3) float in [0, 1] at input size."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
     from matplotlib.patches import Rectangle
 
     if not 0 <= channel < gen.features.shape[0]:
@@ -133,7 +131,9 @@ def panel(image_rgb: np.ndarray, gen: Generation, region: tuple[float, float, fl
     r0, r1, c0, c1 = gen.cells
     feat, regen = gen.features[channel].numpy(), gen.regenerated[channel].numpy()
     lo, hi = float(min(feat.min(), regen.min())), float(max(feat.max(), regen.max()))
-    fig, axes = plt.subplots(1, 5, figsize=(16, 3.6), constrained_layout=True)
+    fig = Figure(figsize=(16, 3.6), layout="constrained")  # no pyplot: no global backend or figure state
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, 5)
     x0, y0, x1, y1 = region
     axes[0].imshow(image_rgb)
     axes[0].add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor="yellow", linewidth=2))
@@ -155,7 +155,6 @@ def panel(image_rgb: np.ndarray, gen: Generation, region: tuple[float, float, fl
         fig.suptitle(title)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return path
 
 
@@ -171,7 +170,7 @@ def invert_image(run_dir: str, image_path: str, region: tuple[float, float, floa
     """``fastflow invert``: region in pixels of the image file as given (scaled to the model input).
     ``level`` counts the model's feature levels from 1 (the finest), as ``train --levels`` does."""
     from .data import Preprocess, load_image
-    from .evaluate import load_run
+    from .run import load_run
 
     image = load_image(image_path)
     width, height = image.size

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .backbones import FeatureExtractor, build_backbone
@@ -58,69 +59,61 @@ class FastFlowOutput:
 def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     """Separable Gaussian blur of (B, 1, H, W) with reflect padding (truncated at 4 sigma).
 
-    Computed as ``M_H @ x @ M_W^T`` with the blur's (H, H) and (W, W) operator matrices (built once per
-    size and sigma, ``blur_operator``): the same numbers as the padded convolution to float rounding, and on
-    the CPU 4-5x faster than ``conv2d`` with a one-channel 65-tap kernel (sigma 8, 256 px: 1.6 ms per
-    image as convolutions)."""
+    Computed as ``M_H @ x @ M_W^T`` with the blur's (H, H) and (W, W) operator matrices (``blur_matrix``):
+    the same numbers as the padded convolution to float rounding, and on the CPU several times faster than
+    ``conv2d`` with a one-channel many-tap kernel (bench/README.md)."""
     h, w = int(x.shape[2]), int(x.shape[3])  # a constant of the graph when traced (exports are fixed-size)
-    mh = blur_operator(h, float(sigma), x.dtype, x.device)
-    mw = mh if w == h else blur_operator(w, float(sigma), x.dtype, x.device)
+    mh = _as_tensor(blur_matrix(h, float(sigma)), x)
+    mw = mh if w == h else _as_tensor(blur_matrix(w, float(sigma)), x)
     return torch.matmul(torch.matmul(mh, x), mw.t())
 
 
-@functools.lru_cache(maxsize=32)
-def blur_operator(n: int, sigma: float, dtype: torch.dtype = torch.float32,
-                  device: torch.device | str = "cpu") -> torch.Tensor:
-    """(n, n) matrix M with ``M @ v`` = v blurred along its length: reflect padding by ``min(4 sigma, n - 1)``,
-    then a Gaussian kernel truncated to the padding and renormalised (the definition of the blur).
-    Built in NumPy, so that tracing and ONNX export see a constant."""
+def _as_tensor(m: np.ndarray, like: torch.Tensor) -> torch.Tensor:
+    """A cached NumPy operator as a tensor of ``like``'s dtype and device (a constant of a traced graph)."""
+    return torch.tensor(m, dtype=like.dtype, device=like.device)
+
+
+def _frozen(m: torch.Tensor) -> np.ndarray:
+    out = m.numpy()
+    out.setflags(write=False)  # cached and shared: nobody may change it in place
+    return out
+
+
+# The operators below are cached as read-only float64 NumPy arrays (small: n x n), never as tensors, so no
+# device memory is held for the life of the process; each call converts to the input's dtype and device.
+@functools.lru_cache(maxsize=64)
+def blur_matrix(n: int, sigma: float) -> np.ndarray:
+    """(n, n) float64 matrix M with ``M @ v`` = v blurred along its length: reflect padding by
+    ``min(4 sigma, n - 1)``, then a Gaussian kernel truncated to the padding and renormalised. Built by
+    applying exactly that padded convolution to the identity, so it equals the definition by construction."""
     radius = max(1, int(4 * sigma + 0.5))
     pad = min(radius, n - 1)
-    offsets = np.arange(-pad, pad + 1)
-    k = np.exp(-0.5 * (offsets / sigma) ** 2)
-    k = k / k.sum()
-    out = np.arange(n)[:, None]
-    src = out + offsets[None, :]
-    src = np.where(src < 0, -src, src)  # reflect (pad <= n - 1: one reflection suffices)
-    src = np.where(src > n - 1, 2 * (n - 1) - src, src)
-    m = np.zeros((n, n))
-    np.add.at(m, (np.broadcast_to(out, src.shape), src), np.broadcast_to(k, src.shape))
-    with torch.inference_mode(False):  # cached: a normal tensor, usable later under autograd too
-        return torch.tensor(m, dtype=dtype, device=device)
-
-
-def linear_upsample_matrix(n_in: int, n_out: int) -> np.ndarray:
-    """(n_out, n_in) matrix of 1-D linear interpolation as ``F.interpolate(mode="bilinear",
-    align_corners=False)`` does it along one axis (source index ``(i + 0.5) n_in / n_out - 0.5``, clamped)."""
-    src = np.maximum((np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5, 0.0)
-    i0 = np.minimum(np.floor(src).astype(int), n_in - 1)
-    i1 = np.minimum(i0 + 1, n_in - 1)
-    frac = src - i0
-    m = np.zeros((n_out, n_in))
-    np.add.at(m, (np.arange(n_out), i0), 1.0 - frac)
-    np.add.at(m, (np.arange(n_out), i1), frac)
-    return m
+    k = torch.exp(-0.5 * (torch.arange(-pad, pad + 1, dtype=torch.float64) / sigma) ** 2)
+    eye = torch.eye(n, dtype=torch.float64).unsqueeze(1)  # n signals e_j of length n: (n, 1, n)
+    with torch.no_grad():
+        blurred = F.conv1d(F.pad(eye, (pad, pad), mode="reflect"), (k / k.sum()).view(1, 1, -1))
+    return _frozen(blurred[:, 0].t())  # column j = blur(e_j)
 
 
 @functools.lru_cache(maxsize=64)
-def upsample_blur_operator(n_in: int, n_out: int, sigma: float, dtype: torch.dtype = torch.float32,
-                           device: torch.device | str = "cpu") -> torch.Tensor:
-    """(n_out, n_in) matrix: linear upsampling from n_in to n_out, then the blur of ``blur_operator`` (sigma 0:
-    none). A constant of the graph when traced."""
-    m = linear_upsample_matrix(n_in, n_out)
+def upsample_blur_matrix(n_in: int, n_out: int, sigma: float) -> np.ndarray:
+    """(n_out, n_in) float64 matrix: linear upsampling from n_in to n_out as ``F.interpolate(mode="bilinear",
+    align_corners=False)`` does it along one axis (built by applying it to the identity), then the blur of
+    ``blur_matrix`` (sigma 0: none)."""
+    eye = torch.eye(n_in, dtype=torch.float64).unsqueeze(1)  # (n_in, 1, n_in)
+    with torch.no_grad():
+        up = F.interpolate(eye, size=n_out, mode="linear", align_corners=False)[:, 0].t()  # (n_out, n_in)
+    m = up.numpy()
     if sigma > 0:
-        m = blur_operator(n_out, sigma, torch.float64).numpy() @ m
-    with torch.inference_mode(False):
-        return torch.tensor(m, dtype=dtype, device=device)
+        m = blur_matrix(n_out, sigma) @ m
+    return _frozen(torch.from_numpy(np.ascontiguousarray(m)))
 
 
 @functools.lru_cache(maxsize=64)
-def _right_operator(levels: tuple[tuple[int, float], ...], n_out: int, sigma: float, dtype: torch.dtype,
-                    device: torch.device | str) -> torch.Tensor:
+def _right_matrix(levels: tuple[tuple[int, float], ...], n_out: int, sigma: float) -> np.ndarray:
     """The column operators of all levels stacked, each scaled by its level's weight: (sum_l w_l, n_out)."""
-    parts = [upsample_blur_operator(w, n_out, sigma, torch.float64).t() * weight for w, weight in levels]
-    with torch.inference_mode(False):
-        return torch.cat(parts).to(dtype=dtype, device=device)
+    return _frozen(torch.from_numpy(np.concatenate(
+        [upsample_blur_matrix(w, n_out, sigma).T * weight for w, weight in levels])))
 
 
 class FastFlow(nn.Module):
@@ -149,6 +142,21 @@ class FastFlow(nn.Module):
             Flow2D(c, config.flow_steps, config.hidden_ratio, config.kernels, config.clamp)
             for c, _, _ in shapes
         )
+        self._map_matrices(config.input_size, shapes)  # built now, so that tracing and torch.export see constants
+
+    def _level_weight(self, channels: int) -> float:
+        """A level's factor in the map: 1 (reference map), or 1 / (2 C) (log-likelihood, nats per channel)."""
+        return 1.0 if self.config.anomaly_map == "reference" else 0.5 / channels
+
+    def _map_matrices(self, size: tuple[int, int], shapes: list[tuple[int, int, int]]
+                      ) -> tuple[list[np.ndarray], np.ndarray]:
+        """The anomaly map's operators (see ``anomaly_map``) from levels of ``shapes`` (C_i, H_i, W_i) to output
+        ``size``: per level A_l, and the stacked weighted B_l. Cached per size as NumPy arrays (module level)."""
+        sigma = float(self.config.smoothing_sigma)
+        lefts = [upsample_blur_matrix(h, int(size[0]), sigma) for _, h, _ in shapes]
+        right = _right_matrix(tuple((w, self._level_weight(c) / len(shapes)) for c, _, w in shapes),
+                              int(size[1]), sigma)
+        return lefts, right
 
     # -- training-mode bookkeeping: the backbone is always frozen and in eval mode ------------------
     def train(self, mode: bool = True) -> "FastFlow":
@@ -187,6 +195,8 @@ class FastFlow(nn.Module):
             log_dets.append(log_det_map)
         # Per-image NLL (constant 0.5*log(2pi) dropped), summed over levels; loss = batch mean.
         nll = sum((0.5 * z.pow(2).flatten(1).sum(1) - ld.flatten(1).sum(1)) for z, ld in zip(zs, log_dets))
+        if self.config.norm_logdet and self.config.norm_affine:  # the affine y = w * x_hat + b: log|det| = sum log|w|
+            nll = nll - sum(n.weight.abs().log().sum() for n in self.norms if getattr(n, "weight", None) is not None)
         dims = sum(z[0].numel() for z in zs)
         loss = nll.mean()
         nll_per_dim = loss / dims + 0.5 * LOG_2PI
@@ -203,23 +213,19 @@ class FastFlow(nn.Module):
 
         Upsampling, averaging and the blur are all linear, so they run as one product per axis and level:
         ``sum_l A_l X_l B_l^T`` with ``A_l = M_H U_l`` (blur after upsampling, built once per size,
-        ``upsample_blur_operator``) and the level weights folded into ``B_l``. The same numbers as
+        ``upsample_blur_matrix``) and the level weights folded into ``B_l``. The same numbers as
         ``F.interpolate`` + mean + ``gaussian_blur`` to float rounding, with a quarter of the multiply-adds
         (lite0 at 256 px: 8.7 M per image against 34 M for blurring the full-size map) and 3x faster
         (bench/README.md)."""
-        h_out, w_out = int(size[0]), int(size[1])
-        sigma = float(self.config.smoothing_sigma)
-        lefts, rights = [], []
-        for z, ld in zip(zs, log_dets):
+        left_ops, right_op = self._map_matrices(size, [tuple(int(n) for n in z.shape[1:]) for z in zs])
+        lefts = []
+        for z, ld, left in zip(zs, log_dets, left_ops):
             if self.config.anomaly_map == "reference":
-                level, weight = -torch.exp(-0.5 * z.pow(2).mean(dim=1)), 1.0
+                level = -torch.exp(-0.5 * z.pow(2).mean(dim=1))
             else:  # nll per dim = (0.5 sum_C z^2 - log|det|) / C + 0.5 log(2 pi); the constant is added at the end
-                level, weight = torch.sub(z.pow(2).sum(dim=1), ld, alpha=2.0), 0.5 / z.shape[1]
-            h, w = int(level.shape[1]), int(level.shape[2])
-            lefts.append(torch.matmul(upsample_blur_operator(h, h_out, sigma, level.dtype, level.device), level))
-            rights.append((w, weight / len(zs)))
-        amap = torch.matmul(torch.cat(lefts, dim=2), _right_operator(tuple(rights), w_out, sigma, lefts[0].dtype,
-                                                                     lefts[0].device))
+                level = torch.sub(z.pow(2).sum(dim=1), ld, alpha=2.0)  # times _level_weight (in right_op)
+            lefts.append(torch.matmul(_as_tensor(left, level), level))
+        amap = torch.matmul(torch.cat(lefts, dim=2), _as_tensor(right_op, lefts[0]))
         if self.config.anomaly_map != "reference":
             amap = amap + 0.5 * LOG_2PI
         return amap.unsqueeze(1)

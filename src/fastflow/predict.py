@@ -40,6 +40,8 @@ from PIL import Image
 from .data import IMAGE_EXTENSIONS, DatasetError, Preprocess, load_image
 from .data.files import is_image_file
 from .data.preprocess import to_rgb
+from .fused import for_inference
+from .run import INPUT_NAME, ONNX_FILE, OUTPUT_NAMES, load_run, run_folder, sidecar_path
 
 RUNTIMES = ("torch", "onnx")
 COLORMAP = "jet"
@@ -141,12 +143,10 @@ class Predictor:
             raise ValueError(f"threshold must be a finite number, got {threshold}")
         if runtime == "onnx":
             if onnx_path is None:
-                onnx_path = path if path.endswith(".onnx") else os.path.join(_run_folder(path), "model.onnx")
+                onnx_path = path if path.endswith(".onnx") else os.path.join(run_folder(path), ONNX_FILE)
             return cls.from_onnx(onnx_path, threshold, batch_size, num_threads).with_tiles(tile, tile_overlap)
-        from .evaluate import load_run
-
         model, ckpt = load_run(path)
-        model.eval()
+        model = for_inference(model)
 
         @torch.inference_mode()
         def infer(batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -160,8 +160,6 @@ class Predictor:
     def from_onnx(cls, onnx_path: str, threshold: float | None = None, batch_size: int = 16,
                   num_threads: int | None = None) -> Predictor:
         """A predictor running ``onnx_path`` in ONNX Runtime, preprocessing as its sidecar says."""
-        from .export import INPUT_NAME, OUTPUT_NAMES, sidecar_path
-
         meta_path = sidecar_path(onnx_path)
         if not os.path.isfile(onnx_path) or not os.path.isfile(meta_path):
             raise FileNotFoundError(f"ONNX model {onnx_path!r} or its sidecar {meta_path!r} not found; create them "
@@ -292,10 +290,6 @@ def _tile_starts(length: int, tile: int, overlap: float) -> list[int]:
     step = max(1, int(tile * (1.0 - overlap)))
     starts = list(range(0, length - tile, step))
     return starts + [length - tile]
-
-
-def _run_folder(path: str) -> str:
-    return os.path.dirname(path) if path.endswith(".pt") else path
 
 
 def load_input(item) -> tuple[np.ndarray, str | None]:

@@ -97,7 +97,8 @@ def presets_table() -> list[dict]:
             "name": p.name, "backbone": p.model.backbone, "input_size": list(p.model.input_size),
             "levels": feature_levels(p.model),
             "flow_steps": p.model.flow_steps, "hidden_ratio": p.model.hidden_ratio, "kernels": p.model.kernels,
-            "epochs": p.epochs, "batch_size": p.train.batch_size,
+            "epochs": p.epochs, "train_steps": p.train.steps,  # a step budget (epochs: its cap), or None
+            "batch_size": p.train.batch_size,
             "aligned": p.model.norm_affine,  # the per-location LayerNorm affine assumes aligned parts
             "weights": "offline" if FACTS[p.model.backbone].offline else "download",
             "params_flow": counts["flow"], "params_norm": counts["norm"],

@@ -32,7 +32,8 @@ import torch
 from torch import nn
 
 from . import __version__
-from .export import OUTPUT_NAMES, ExportError, json_threshold, require_export_extra, sidecar_path
+from .export import ExportError, json_threshold, require_export_extra
+from .run import OUTPUT_NAMES, load_run, run_folder, sidecar_path
 
 INPUT_NAME = "image"
 
@@ -86,8 +87,6 @@ class RawImageModel(nn.Module):
 def export_raw_onnx(run_dir: str, output: str | None = None, opset: int = 18, check: bool = True) -> dict:
     """Export the run at ``run_dir`` as a graph from a uint8 image of any size (default
     RUN_DIR/model_raw.onnx, sidecar model_raw.json); returns the sidecar dict."""
-    from .evaluate import load_run
-
     require_export_extra()
     model, ckpt = load_run(run_dir)
     pre = ckpt["preprocess"]
@@ -97,7 +96,7 @@ def export_raw_onnx(run_dir: str, output: str | None = None, opset: int = 18, ch
     if pre.get("resize", "bilinear") != "bilinear":
         raise ExportError(f"--raw-input reproduces Pillow's bilinear resize only; this model uses {pre['resize']!r}")
     if output is None:
-        output = os.path.join(run_dir if os.path.isdir(run_dir) else os.path.dirname(run_dir), "model_raw.onnx")
+        output = os.path.join(run_folder(run_dir), "model_raw.onnx")
     if not output.endswith(".onnx"):
         raise ValueError(f"--output must be a .onnx file name, got {output!r}")
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)

@@ -57,12 +57,19 @@ def _png(image: Image.Image | np.ndarray) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def _figure_png(fig) -> str:
-    import matplotlib.pyplot as plt
+def _figure(**kwargs):
+    """A matplotlib Figure drawn by the Agg canvas, without pyplot: no global backend or figure state."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
+    fig = Figure(layout="constrained", **kwargs)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _figure_png(fig) -> str:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=80)
-    plt.close(fig)
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
@@ -123,15 +130,12 @@ def _num(metrics: dict, key: str) -> float:
 
 def curves_png(scored: Scored, metrics: dict) -> str:
     """Image ROC, pixel ROC and PRO curves side by side."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from sklearn.metrics import roc_curve
 
     from .metrics import pro_curve
 
-    fig, axes = plt.subplots(1, 3, figsize=(13, 4.2), constrained_layout=True)
+    fig = _figure(figsize=(13, 4.2))
+    axes = fig.subplots(1, 3)
     labels = scored.labels.astype(bool)
     drawn = [False, False, False]
     if labels.any() and not labels.all():
@@ -160,12 +164,8 @@ def curves_png(scored: Scored, metrics: dict) -> str:
 
 def histogram_png(scored: Scored, threshold: float | None) -> str:
     """Image-score histograms of normal and anomalous images, threshold marked."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 3.6), constrained_layout=True)
+    fig = _figure(figsize=(8, 3.6))
+    ax = fig.subplots()
     labels = scored.labels.astype(bool)
     bins = np.histogram_bin_edges(scored.scores, bins=min(40, max(10, len(scored.scores) // 3)))
     ax.hist(scored.scores[~labels], bins=bins, alpha=0.6, color="tab:blue", label=f"normal ({(~labels).sum()})")

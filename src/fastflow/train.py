@@ -31,23 +31,27 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from . import __version__
-from .checkpoint import FORMAT, CheckpointError, load_safe, save_atomic
-from .config import ModelConfig, TrainConfig, from_dict, to_dict
-from .data import AnomalyDataset, Preprocess, Sample, check_readable
+from .checkpoint import CheckpointError, load_safe, save_atomic
+from .config import ModelConfig, TrainConfig, to_dict
+from .data import AnomalyDataset, Sample, check_readable
 from .distributed import SINGLE, Dist
+from .flow import use_fast_backward
+from .fused import for_inference
 from .model import FastFlow
+from .run import build_checkpoint, preprocess_for, trainable_state
 
 
 class TrainingError(RuntimeError):
     """Training cannot go on (non-finite loss, ...); the message says where and what to do."""
 
 
-def preprocess_for(model: FastFlow) -> Preprocess:
-    """The preprocessing a model expects: size and contrast from its config, normalisation from its backbone
-    (timm's data config)."""
-    return Preprocess(model.config.input_size, model.backbone.mean, model.backbone.std,
-                      autocontrast=model.config.autocontrast, equalize=model.config.equalize)
+def planned_epochs(train_cfg: TrainConfig, n_fit: int) -> int:
+    """Epochs a run trains: ``train_cfg.epochs``, or with a step budget (``train_cfg.steps``) enough epochs
+    of ceil(n_fit / batch_size) optimiser steps each to reach it, at most ``train_cfg.epochs``."""
+    if train_cfg.steps is None:
+        return train_cfg.epochs
+    per_epoch = max(1, math.ceil(n_fit / train_cfg.batch_size))
+    return max(1, min(train_cfg.epochs, math.ceil(train_cfg.steps / per_epoch)))
 
 
 def split_validation(samples: list[Sample], fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
@@ -149,13 +153,9 @@ def add_feature_noise(feats: list[torch.Tensor], sigma: float, keys: list[int]) 
     return out
 
 
-def _trainable_state(model: FastFlow) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.state_dict().items() if not k.startswith("backbone.")}
-
-
 @torch.inference_mode()
 def _mean_nll(model: FastFlow, source: FeatureSource) -> float:
-    model.eval()
+    model = for_inference(model)  # the current parameters, folded once for this pass
     total, count = 0.0, 0
     for feats in source.batches(0, 0, shuffle=False):
         out = model.forward_features(feats, with_map=False)
@@ -170,52 +170,11 @@ def _mean_nll(model: FastFlow, source: FeatureSource) -> float:
 @torch.inference_mode()
 def _scores(model: FastFlow, source: FeatureSource) -> np.ndarray:
     """Image scores of every image of ``source`` (gathered from all ranks when sharded)."""
-    model.eval()
+    model = for_inference(model)
     size = model.config.input_size
     parts = [model.forward_features(f, size).score.cpu().numpy() for f in source.batches(0, 0, False)]
     parts = [p for rank_parts in source.dist.gather_objects(parts) for p in rank_parts]
     return np.concatenate(parts)
-
-
-def build_checkpoint(model: FastFlow, train_cfg: TrainConfig, weights: str, threshold: dict | None,
-                     extra: dict | None = None) -> dict:
-    pre = preprocess_for(model)
-    ckpt = {
-        "format": FORMAT,
-        "version": __version__,
-        "model_config": to_dict(model.config),
-        "train_config": to_dict(train_cfg),
-        "preprocess": pre.to_dict(),
-        "backbone_weights": weights if weights == "pretrained" else "embedded",
-        "state": _trainable_state(model),
-        "threshold": threshold,
-    }
-    if weights != "pretrained":
-        ckpt["backbone_state"] = {k: v.clone() for k, v in model.backbone.state_dict().items()}
-    if extra:
-        ckpt.update(extra)
-    return ckpt
-
-
-def model_from_checkpoint(ckpt: dict) -> FastFlow:
-    """Rebuild a FastFlow model from a loaded checkpoint dict."""
-    try:
-        cfg = from_dict(ModelConfig, ckpt["model_config"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"checkpoint's model config does not match this version: {e}") from e
-    embedded = ckpt.get("backbone_weights") == "embedded"
-    model = FastFlow(cfg, weights="random" if embedded else "pretrained")
-    try:
-        if embedded:
-            model.backbone.load_state_dict(ckpt["backbone_state"], strict=True)
-        missing, unexpected = model.load_state_dict(ckpt["state"], strict=False)
-    except (KeyError, RuntimeError) as e:
-        raise CheckpointError(f"checkpoint weights do not match its config: {str(e).splitlines()[0]}") from e
-    missing = [k for k in missing if not k.startswith("backbone.")]
-    if missing or unexpected:
-        raise CheckpointError(f"checkpoint weights do not match its config (missing {missing[:3]}, "
-                              f"unexpected {unexpected[:3]})")
-    return model.eval()
 
 
 def train(model_cfg: ModelConfig, train_cfg: TrainConfig, samples: list[Sample], run_dir: str,
@@ -225,13 +184,27 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, samples: list[Sample],
 
     ``dist``: this process's place in a torchrun job (``distributed.init_from_env()``); every rank
     calls ``train`` with the same arguments, rank 0 logs and writes the files.
+
+    Training seeds the random generators with ``train_cfg.seed`` (the initialisation and augmentation
+    draw from them) inside a fork: the caller's torch and NumPy random states are as they were after.
     """
+    cuda = [dist.device.index or 0] if dist.device.type == "cuda" else []
+    numpy_state = np.random.get_state()
+    try:
+        with torch.random.fork_rng(devices=cuda):
+            return _train(model_cfg, train_cfg, samples, run_dir, weights, resume, progress, log, dist)
+    finally:
+        np.random.set_state(numpy_state)
+
+
+def _train(model_cfg: ModelConfig, train_cfg: TrainConfig, samples: list[Sample], run_dir: str,
+           weights: str, resume: bool, progress: bool, log, dist: Dist) -> TrainResult:
     if not samples:
         raise TrainingError("no normal training images: nothing to learn from")
     check_readable(samples)  # every unreadable file at once, before any training
     torch.manual_seed(train_cfg.seed)
     np.random.seed(train_cfg.seed)
-    model = FastFlow(model_cfg, weights=weights).to(dist.device)
+    model = use_fast_backward(FastFlow(model_cfg, weights=weights).to(dist.device))
     pre = preprocess_for(model)
     fit_samples, val_samples = split_validation(samples, train_cfg.val_fraction, train_cfg.seed)
     os.makedirs(run_dir, exist_ok=True)
@@ -258,6 +231,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, samples: list[Sample],
     # fused: one kernel for the whole update instead of a dozen per parameter list (5% of a lite0 step of 8)
     opt = torch.optim.Adam(params, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay,
                            fused=dist.device.type in ("cpu", "cuda"))
+    epochs = planned_epochs(train_cfg, len(fit_samples))
     start_epoch, history = 0, []
     best = {"epoch": -1, "val_nll": math.inf, "state": None}
     ckpt_path = os.path.join(run_dir, "checkpoint.pt")
@@ -268,8 +242,9 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, samples: list[Sample],
         log(f"no checkpoint in {run_dir} yet (stopped during the first epoch): starting from epoch 1")
     elif resume:
         state = load_safe(ckpt_path)
-        same_train = {**(state.get("train_config") or {}), "epochs": train_cfg.epochs} == to_dict(train_cfg)
-        if state.get("model_config") != to_dict(model_cfg) or not same_train:  # more epochs extend a run
+        length = {"epochs": train_cfg.epochs, "steps": train_cfg.steps}  # a longer run extends this one
+        same_train = {**(state.get("train_config") or {}), **length} == to_dict(train_cfg)
+        if state.get("model_config") != to_dict(model_cfg) or not same_train:
             raise CheckpointError(f"{ckpt_path}: its config differs from this run's; resume with the same "
                                   f"options, or start a new run folder")
         try:
@@ -282,14 +257,14 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, samples: list[Sample],
         except (KeyError, ValueError, RuntimeError, TypeError) as e:
             raise CheckpointError(f"{ckpt_path} is not a complete training checkpoint ({type(e).__name__}: {e}); "
                                   f"start a new run folder") from e
-        log(f"resuming {run_dir} at epoch {start_epoch + 1}/{train_cfg.epochs}")
+        log(f"resuming {run_dir} at epoch {start_epoch + 1}/{epochs}")
 
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=train_cfg.epochs, initial=start_epoch, desc="train", unit="epoch", dynamic_ncols=True)
-    for epoch in range(start_epoch, train_cfg.epochs):
+        bar = tqdm(total=epochs, initial=start_epoch, desc="train", unit="epoch", dynamic_ncols=True)
+    for epoch in range(start_epoch, epochs):
         t0 = time.perf_counter()
         model.train()
         total, count = 0.0, 0
@@ -315,9 +290,9 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, samples: list[Sample],
         if val is not None:
             row["val_nll"] = _mean_nll(model, val)
             if row["val_nll"] < best["val_nll"]:
-                best = {"epoch": epoch, "val_nll": row["val_nll"], "state": _trainable_state(model)}
+                best = {"epoch": epoch, "val_nll": row["val_nll"], "state": trainable_state(model)}
         else:
-            best = {"epoch": epoch, "val_nll": math.inf, "state": _trainable_state(model)}
+            best = {"epoch": epoch, "val_nll": math.inf, "state": trainable_state(model)}
         history.append(row)
         extra = {"rng_states": dist.gather_objects(torch.get_rng_state())} if dist.world > 1 else {}
         if dist.is_main:
@@ -332,6 +307,11 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, samples: list[Sample],
     if bar is not None:
         bar.close()
 
+    if best["state"] is None:  # every epoch's validation NLL was NaN: nothing can be selected
+        raise TrainingError(
+            f"the validation NLL was not finite at any epoch (last: {history[-1].get('val_nll') if history else None}), "
+            f"so no epoch can be selected; the last epoch's state is in {ckpt_path}. Lower the learning rate "
+            f"(--lr), clip the gradient (--grad-clip 1), or check the training images for corrupt ones")
     model.load_state_dict(best["state"], strict=False)
     threshold = calibrate_threshold(model, val, train_cfg.false_alarm_rate)
     if threshold.get("warning"):

@@ -1,0 +1,196 @@
+"""Recipe exploration on cached features (an experiment tool, not the product path).
+
+    .venv/bin/python bench/explore.py --category bottle --levels 1,2,3 --budget 1200 --every 300
+    .venv/bin/python bench/explore.py --format mtd --data ../shared/data/magnetic_tile --category magnetic_tile \\
+        --levels 4 --no-affine --ratio 2 --kernels 3-3 --noise 0
+
+Splits the training images exactly as ``fastflow train`` does (10% held out, seed 0), caches the lite0
+features of levels 1-4 of the fit set, the held-out normals, synthetic defects pasted on the held-out
+normals (data/synthetic.py, two per image) and the test split, trains the flows of one recipe with the
+trainer's optimiser and feature noise for a budget of optimiser steps, and every ``--every`` steps
+prints one JSON line: the held-out NLL, the synthetic-defect image / pixel AUROC (what a choice without
+defective images can see) and the test split's image / pixel AUROC (what a user would get; reported,
+never used inside). AUPRO on the test split at the end (``--aupro``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+
+import numpy as np
+import torch
+
+from fastflow.config import ModelConfig
+from fastflow.data import AnomalyDataset, Preprocess, load_samples
+from fastflow.data.synthetic import defect_set
+from fastflow.metrics import image_auroc, pixel_aupro, pixel_auroc
+from fastflow.model import FastFlow
+from fastflow.train import add_feature_noise, extract_features, split_validation
+
+ALL_LEVELS = (1, 2, 3, 4)
+
+
+class _Shapes(torch.nn.Module):
+    """A stand-in backbone that only reports feature shapes (the features are cached)."""
+
+    def __init__(self, real, keep: list[int]):
+        super().__init__()
+        self.needs_norm, self.mean, self.std = real.needs_norm, real.mean, real.std
+        self._shapes = [real.feature_shapes((a.size, a.size))[i] for i in keep]
+        self.num_parameters = 0
+
+    def feature_shapes(self, input_size):
+        return self._shapes
+
+
+def _extract(model, images: list[np.ndarray], pre) -> list[torch.Tensor]:
+    x = torch.stack([pre.normalize(torch.from_numpy(im).permute(2, 0, 1)) for im in images])
+    with torch.inference_mode():
+        return [torch.cat(parts) for parts in zip(*[model.extract(x[i:i + 32]) for i in range(0, len(x), 32)])]
+
+
+def features(a) -> dict:
+    """Cached features of fit / val / test (and the val images at input size), plus the synthetic set,
+    cached apart under a hash of data/synthetic.py so a changed generator recomputes only that."""
+    import hashlib
+
+    import fastflow.data.synthetic as synthetic
+    path = f"/tmp/explore_{a.category}_{a.size}_s{a.split_seed}.pt"
+    model = FastFlow(ModelConfig(input_size=(a.size, a.size), levels=ALL_LEVELS))
+    pre = Preprocess((a.size, a.size), model.backbone.mean, model.backbone.std)
+    if os.path.exists(path):
+        d = torch.load(path, weights_only=False)
+        if "val_images" not in d:  # caches from before the images were kept
+            train = load_samples(a.format, a.data, a.category, "train")
+            d["val_images"] = [img for img, _ in AnomalyDataset(split_validation(train, 0.1, a.split_seed)[1], pre)._decoded]
+            torch.save(d, path)
+    else:
+        t0 = time.time()
+        train = load_samples(a.format, a.data, a.category, "train")
+        test = load_samples(a.format, a.data, a.category, "test")
+        fit_s, val_s = split_validation(train, 0.1, a.split_seed)
+        dval = AnomalyDataset(val_s, pre)
+        dte = AnomalyDataset(test, pre)
+        d = {"fit": extract_features(model, AnomalyDataset(fit_s, pre), 32), "val": extract_features(model, dval, 32),
+             "val_images": [img for img, _ in dval._decoded],
+             "test": extract_features(model, dte, 32),
+             "test_masks": torch.stack([dte[i]["mask"][0] > 0.5 for i in range(len(dte))]),
+             "test_labels": torch.tensor([s.label for s in test]),
+             "test_has_mask": torch.tensor([bool(s.has_mask) for s in test])}
+        torch.save(d, path)
+        print(json.dumps({"features_s": round(time.time() - t0, 1), "n_fit": len(fit_s), "n_val": len(val_s),
+                          "n_test": len(test)}), flush=True)
+    key = hashlib.sha1(open(synthetic.__file__, "rb").read()).hexdigest()[:8]
+    spath = f"/tmp/explore_syn_{a.category}_{a.size}_s{a.split_seed}_{key}.pt"
+    if os.path.exists(spath):
+        d.update(torch.load(spath, weights_only=False))
+    else:
+        images, masks, _ = synthetic.defect_set(d["val_images"], seed=1234, per_image=2)
+        syn = {"syn": _extract(model, images, pre), "syn_masks": torch.from_numpy(np.stack(masks))}
+        torch.save(syn, spath)
+        d.update(syn)
+    return d
+
+
+def scores_and_maps(model, feats, bs=32):
+    model.eval()
+    s, m = [], []
+    with torch.inference_mode():
+        for i in range(0, feats[0].shape[0], bs):
+            out = model.forward_features([f[i:i + bs] for f in feats], model.config.input_size)
+            s.append(out.score.numpy())
+            m.append(out.anomaly_map[:, 0].numpy())
+    return np.concatenate(s), np.concatenate(m)
+
+
+def nll(model, feats):
+    model.eval()
+    with torch.inference_mode():
+        return float(np.mean([model.forward_features([f[i:i + 32] for f in feats], with_map=False).nll_per_dim.item()
+                              for i in range(0, feats[0].shape[0], 32)]))
+
+
+def main():
+    global a
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--format", default="mvtec")
+    ap.add_argument("--data", default="/work/shared/data/mvtec_ad")
+    ap.add_argument("--category", default="bottle")
+    ap.add_argument("--size", type=int, default=256)
+    ap.add_argument("--split-seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--levels", default="1,2,3")
+    ap.add_argument("--no-affine", action="store_true")
+    ap.add_argument("--ln-logdet", action="store_true")
+    ap.add_argument("--ratio", type=float, default=0.5)
+    ap.add_argument("--kernels", default="3-1")
+    ap.add_argument("--flow-steps", type=int, default=8)
+    ap.add_argument("--noise", type=float, default=0.2)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--bs", type=int, default=8)
+    ap.add_argument("--sigma", type=float, default=8.0)
+    ap.add_argument("--budget", type=int, default=1200, help="optimiser steps")
+    ap.add_argument("--every", type=int, default=300)
+    ap.add_argument("--aupro", action="store_true")
+    ap.add_argument("--tag", default="")
+    a = ap.parse_args()
+    torch.set_num_threads(2)
+    d = features(a)
+    keep = [ALL_LEVELS.index(int(x)) for x in a.levels.split(",")]
+    pick = lambda feats: [feats[i] for i in keep]
+    from fastflow.backbones import build_backbone
+    real = build_backbone("efficientnet_lite0", "random", ALL_LEVELS)
+    cfg = ModelConfig(input_size=(a.size, a.size), levels=tuple(int(x) for x in a.levels.split(",")),
+                      hidden_ratio=a.ratio, kernels=a.kernels, flow_steps=a.flow_steps, norm_affine=not a.no_affine, norm_logdet=a.ln_logdet,
+                      smoothing_sigma=a.sigma)
+    torch.manual_seed(a.seed)
+    model = FastFlow(cfg, backbone=_Shapes(real, keep))
+    opt = torch.optim.Adam(model.trainable_parameters(), lr=a.lr, weight_decay=1e-5, fused=True)
+    fit, val, syn, test = pick(d["fit"]), pick(d["val"]), pick(d["syn"]), pick(d["test"])
+    n = fit[0].shape[0]
+    labels = d["test_labels"].numpy()
+    masked = d["test_has_mask"].numpy()
+    n_val = val[0].shape[0]
+    step, epoch, t0 = 0, 0, time.time()
+    best = (math.inf, None)
+    while step < a.budget:
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(a.seed * 100003 + epoch))
+        for s in range(0, n, a.bs):
+            idx = order[s:s + a.bs]
+            feats = [f[idx] for f in fit]
+            if a.noise > 0:
+                feats = add_feature_noise(feats, a.noise, [(a.seed * 1000003 + epoch) * 1000003 + int(i) for i in idx])
+            model.train()
+            out = model.forward_features(feats, with_map=False)
+            opt.zero_grad(set_to_none=True)
+            out.loss.backward()
+            opt.step()
+            step += 1
+            if step % a.every == 0 or step == a.budget:
+                row = {"tag": a.tag, "step": step, "epoch": round(step * a.bs / n, 1), "train_s": round(time.time() - t0, 1),
+                       "val_nll": round(nll(model, val), 4)}
+                vs, vm = scores_and_maps(model, val)
+                ss, sm = scores_and_maps(model, syn)
+                row["syn_img"] = round(image_auroc(np.r_[vs, ss], np.r_[np.zeros(n_val), np.ones(len(ss))]), 4)
+                row["syn_pix"] = round(pixel_auroc(np.r_[vm, sm], np.r_[np.zeros_like(vm, bool), d["syn_masks"].numpy()]), 4)
+                ts, tm = scores_and_maps(model, test)
+                row["test_img"] = round(image_auroc(ts, labels), 4)
+                if masked.all() and d["test_masks"].any():
+                    row["test_pix"] = round(pixel_auroc(tm, d["test_masks"].numpy()), 4)
+                    if a.aupro and step == a.budget:
+                        row["test_aupro"] = round(pixel_aupro(tm, d["test_masks"].numpy()), 4)
+                thr = np.sort(vs)[min(len(vs) - 1, int(np.ceil(0.99 * len(vs))) - 1)]
+                row["test_good_fa"] = round(float((ts[labels == 0] > thr).mean()), 3)
+                print(json.dumps(row), flush=True)
+                t0 = time.time() - row["train_s"]
+            if step >= a.budget:
+                break
+        epoch += 1
+
+
+if __name__ == "__main__":
+    main()

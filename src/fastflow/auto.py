@@ -1,0 +1,141 @@
+"""Choosing a configuration without defective images: what ``fastflow train`` does with no ``--backbone``.
+
+    fastflow train --data ROOT --category NAME --output RUN_DIR      # = --backbone auto
+
+No single recipe serves aligned objects (a bottle seen from above: each place of the image has its
+own normal look) and unaligned surfaces (tiles, textures: any place looks like any other). So the
+default trains a short probe of each candidate preset (``CANDIDATES``) on the normal training
+images, pastes synthetic defects (data/synthetic.py) onto the held-out normal images, and keeps the
+candidate that tells them apart best: the mean of its image AUROC (held-out normals against their
+defective copies) and its pixel AUROC (on the pasted masks). Only normal images are read; the test
+split is never touched (after SWSA, "Model Selection of Anomaly Detectors in the Absence of Labeled
+Validation Data", arXiv 2310.10461). The chosen preset is then trained in full, exactly as if it had
+been named with ``--backbone``; the choice and every candidate's figures are printed and saved in
+``run.json`` (key ``auto``).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import time
+from dataclasses import replace
+
+import numpy as np
+import torch
+
+from .checkpoint import load_safe
+from .config import ModelConfig, TrainConfig, get_preset
+from .data import Sample
+from .data.preprocess import load_image
+from .data.synthetic import defect_set
+from .metrics import image_auroc, pixel_auroc
+from .fused import for_inference
+from .run import model_from_checkpoint, preprocess_for
+from .train import planned_epochs, split_validation, train
+
+# The candidates, in order of preference (the first wins a tie): the aligned-object recipe and the
+# unaligned-surface recipe (config.py says how each was measured).
+CANDIDATES = ("efficientnet_lite0", "lite0_unaligned")
+PROBE_FRACTION = 0.2  # each probe trains this share of its preset's step budget (bottle: 160 steps)
+DEFECTS_PER_IMAGE = 2
+
+
+def synthetic_validation(val_samples: list[Sample], seed: int) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
+    """Held-out normal images at their own size, and ``DEFECTS_PER_IMAGE`` defective copies of each with
+    their masks: (normals, defectives, masks), all (H, W[, 3]) arrays, deterministic by ``seed``."""
+    normals = [np.asarray(load_image(s.path)) if s.array is None else s.array for s in val_samples]
+    defective, masks, _ = defect_set(normals, seed=seed, per_image=DEFECTS_PER_IMAGE)
+    return normals, defective, masks
+
+
+@torch.inference_mode()
+def synthetic_score(model, normals: list[np.ndarray], defective: list[np.ndarray], masks: list[np.ndarray],
+                    batch_size: int = 16) -> dict:
+    """How well ``model`` separates ``defective`` from ``normals``: image AUROC, pixel AUROC (on the
+    masks, at input size) and their mean ``score``."""
+    pre = preprocess_for(model)
+    model = for_inference(model)  # the frozen inference form (fused.py)
+    images = normals + defective
+    scores, maps = [], []
+    for i in range(0, len(images), batch_size):
+        x = torch.stack([pre(im) for im in images[i:i + batch_size]])
+        out = model(x.to(next(model.parameters()).device))
+        scores.append(out.score.float().cpu().numpy())
+        maps.append(out.anomaly_map[:, 0].float().cpu().numpy())
+    scores, maps = np.concatenate(scores), np.concatenate(maps)
+    h, w = model.config.input_size
+    truth = [np.zeros((h, w), dtype=bool)] * len(normals)
+    truth += [_resize_mask(m, (w, h)) for m in masks]
+    labels = np.r_[np.zeros(len(normals)), np.ones(len(defective))]
+    img, pix = image_auroc(scores, labels), pixel_auroc(maps, np.stack(truth))
+    return {"image_auroc": img, "pixel_auroc": pix, "score": (img + pix) / 2}
+
+
+def _resize_mask(mask: np.ndarray, size_wh: tuple[int, int]) -> np.ndarray:
+    from PIL import Image
+
+    if mask.shape == (size_wh[1], size_wh[0]):
+        return mask
+    return np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize(size_wh, Image.Resampling.NEAREST)) > 0
+
+
+def candidate_configs(overrides_model: dict | None = None, overrides_train: dict | None = None,
+                      names: tuple[str, ...] = CANDIDATES) -> list[tuple[str, ModelConfig, TrainConfig]]:
+    """Each candidate preset with the user's explicit overrides applied to it."""
+    out = []
+    for name in names:
+        preset = get_preset(name)
+        out.append((name, replace(preset.model, **(overrides_model or {})),
+                    replace(preset.train, **(overrides_train or {}))))
+    return out
+
+
+def choose(candidates: list[tuple[str, ModelConfig, TrainConfig]], samples: list[Sample], work_dir: str,
+           weights: str = "pretrained", log=print, probe_tag: str = "") -> tuple[str, ModelConfig, TrainConfig, dict]:
+    """Probe every candidate on ``samples`` (normal images only) and return the best one:
+    (name, model config, train config, report). ``report`` holds each candidate's synthetic-defect
+    figures, the probe length and time, and the reason for the choice; it goes into run.json.
+    Probes are trained in ``work_dir/.auto-probe{probe_tag}-NAME`` (one process each) and removed."""
+    seed = candidates[0][2].seed
+    _, val_samples = split_validation(samples, candidates[0][2].val_fraction, seed)
+    if len(val_samples) < 2:
+        name, m, t = candidates[0]
+        return name, m, t, {"chosen": name, "why": f"only {len(val_samples)} held-out image(s): no choice possible, "
+                                                   f"kept the first candidate", "candidates": {}}
+    t0 = time.perf_counter()
+    normals, defective, masks = synthetic_validation(val_samples, seed)
+    results = {}
+    for name, model_cfg, train_cfg in candidates:
+        probe_dir = os.path.join(work_dir, f".auto-probe{probe_tag}-{name}")
+        probe = probe_config(train_cfg, len(samples) - len(val_samples))
+        t1 = time.perf_counter()
+        train(model_cfg, probe, samples, probe_dir, weights=weights, progress=False, log=lambda *a, **k: None)
+        model = model_from_checkpoint(load_safe(os.path.join(probe_dir, "model.pt")))
+        shutil.rmtree(probe_dir, ignore_errors=True)
+        results[name] = {**synthetic_score(model, normals, defective, masks), "probe_epochs": probe.epochs,
+                         "probe_seconds": round(time.perf_counter() - t1, 1)}
+        log(f"auto: {name}: synthetic defects image AUROC {results[name]['image_auroc']:.3f}, pixel AUROC "
+            f"{results[name]['pixel_auroc']:.3f} (probe of {probe.epochs} epochs, {results[name]['probe_seconds']} s)")
+    ranked = sorted(results, key=lambda n: -_finite(results[n]["score"]))  # stable: ties keep the order given
+    name = ranked[0]
+    why = (f"best mean of image and pixel AUROC on {len(defective)} synthetic defects pasted on {len(normals)} "
+           f"held-out normal images: {results[name]['score']:.3f}"
+           + "".join(f" vs {results[n]['score']:.3f} ({n})" for n in ranked[1:]))
+    log(f"auto: chose {name}: {why}")
+    _, model_cfg, train_cfg = next(c for c in candidates if c[0] == name)
+    report = {"chosen": name, "why": why, "candidates": results, "n_normal": len(normals),
+              "n_synthetic": len(defective), "seconds": round(time.perf_counter() - t0, 1)}
+    return name, model_cfg, train_cfg, report
+
+
+def probe_config(train_cfg: TrainConfig, n_fit: int) -> TrainConfig:
+    """The probe's training config: ``PROBE_FRACTION`` of the run's optimiser steps, as a fixed epoch count."""
+    per_epoch = max(1, math.ceil(n_fit / train_cfg.batch_size))
+    full = planned_epochs(train_cfg, n_fit) * per_epoch
+    return replace(train_cfg, epochs=max(1, math.ceil(PROBE_FRACTION * full / per_epoch)), steps=None)
+
+
+def _finite(x: float) -> float:
+    return x if math.isfinite(x) else -math.inf

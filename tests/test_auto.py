@@ -1,0 +1,145 @@
+"""Synthetic defects, the training-length rule and the automatic choice of a configuration (issue 17)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fastflow.config import TrainConfig
+from fastflow.data.synthetic import KINDS, add_defect, defect_set
+from fastflow.train import planned_epochs
+
+
+def _texture(seed: int, size: int = 96) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    base = rng.integers(60, 190, size=(size // 8, size // 8, 3)).repeat(8, 0).repeat(8, 1)
+    return np.clip(base + rng.integers(-10, 11, size=base.shape), 0, 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_defect_mask_is_exactly_the_changed_pixels(kind):
+    image = _texture(0)
+    for seed in range(5):
+        bad, mask = add_defect(image, np.random.default_rng(seed), kind)
+        assert bad.shape == image.shape and bad.dtype == np.uint8 and mask.shape == image.shape[:2]
+        changed = (bad != image).any(axis=2)
+        np.testing.assert_array_equal(mask, changed)  # every changed pixel is in the mask and nothing else
+        assert 4 <= mask.sum() < 0.5 * mask.size  # a defect, not the whole image
+        assert not np.shares_memory(bad, image)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_grey_images_get_grey_defects(kind):
+    grey = _texture(2)[..., :1].repeat(3, axis=2)
+    for seed in range(3):
+        bad, _ = add_defect(grey, np.random.default_rng(seed), kind)
+        assert (bad[..., 0] == bad[..., 1]).all() and (bad[..., 1] == bad[..., 2]).all()
+
+
+def test_defects_are_deterministic_by_seed_and_differ_between_seeds():
+    images = [_texture(i) for i in range(4)]
+    a_imgs, a_masks, a_kinds = defect_set(images, seed=3, per_image=2)
+    b_imgs, b_masks, b_kinds = defect_set(images, seed=3, per_image=2)
+    c_imgs, _, _ = defect_set(images, seed=4, per_image=2)
+    assert a_kinds == b_kinds and sorted(set(a_kinds)) == sorted(KINDS)  # every kind, in turn
+    for x, y, m, n in zip(a_imgs, b_imgs, a_masks, b_masks):
+        np.testing.assert_array_equal(x, y)
+        np.testing.assert_array_equal(m, n)
+    assert any(not np.array_equal(x, z) for x, z in zip(a_imgs, c_imgs))
+    head, _, _ = defect_set(images[:3], seed=3, per_image=2)  # images added at the end change nothing before
+    for x, y in zip(head, a_imgs):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_defect_sizes_scale_with_the_image():
+    small, large = _texture(1, 64), np.repeat(np.repeat(_texture(1, 64), 4, 0), 4, 1)
+    for kind in ("spot", "cutpaste"):
+        _, m_small = add_defect(small, np.random.default_rng(7), kind)
+        _, m_large = add_defect(large, np.random.default_rng(7), kind)
+        ratio = m_large.sum() / m_small.sum()
+        assert 6 < ratio < 26, (kind, ratio)  # about 16x the pixels at 4x the side
+
+
+def test_add_defect_rejects_bad_input():
+    with pytest.raises(ValueError, match="uint8"):
+        add_defect(np.zeros((32, 32, 3), np.float32), np.random.default_rng(0))
+    with pytest.raises(ValueError, match="unknown defect kind"):
+        add_defect(_texture(0), np.random.default_rng(0), "dent")
+
+
+@pytest.mark.parametrize("n_fit, batch, steps, max_epochs, expected", [
+    (188, 8, None, 20, 20),       # no budget: the epoch count
+    (188, 8, 1000, 200, 42),      # 24 steps an epoch -> ceil(1000 / 24)
+    (40, 8, 1000, 200, 200),      # 5 steps an epoch: capped by epochs
+    (684, 8, 1000, 200, 12),      # 86 steps an epoch
+    (3, 8, 10, 200, 10),          # a single partial batch is one step
+])
+def test_planned_epochs_reaches_the_step_budget(n_fit, batch, steps, max_epochs, expected):
+    cfg = TrainConfig(epochs=max_epochs, batch_size=batch, steps=steps)
+    epochs = planned_epochs(cfg, n_fit)
+    assert epochs == expected
+    per_epoch = -(-n_fit // batch)
+    if steps is not None and epochs < max_epochs:
+        assert (epochs - 1) * per_epoch < steps <= epochs * per_epoch  # the fewest epochs that reach it
+
+
+def test_step_budget_validation():
+    with pytest.raises(ValueError, match="steps must be >= 1"):
+        TrainConfig(steps=0)
+
+
+# -- the automatic choice ---------------------------------------------------------------------------
+def _write_set(root, name: str, images: list[np.ndarray]) -> str:
+    from PIL import Image
+
+    folder = root / name / "train" / "good"
+    folder.mkdir(parents=True)
+    for i, im in enumerate(images):
+        Image.fromarray(im).save(folder / f"{i:03d}.png")
+    return str(root)
+
+
+def _flat_parts(n: int, rng) -> list[np.ndarray]:
+    """A flat-coloured part with faint sensor noise (64 px)."""
+    base = np.array([150, 110, 90], np.int16)
+    return [np.clip(base + rng.integers(-3, 4, size=(64, 64, 3)), 0, 255).astype(np.uint8) for _ in range(n)]
+
+
+def _colour_cast_parts(n: int, rng) -> list[np.ndarray]:
+    """One photographed object under a different colour cast in every image (per-channel gain and offset)."""
+    from PIL import Image
+    from skimage.data import coffee
+
+    base = np.asarray(Image.fromarray(coffee()).resize((64, 64), Image.Resampling.BILINEAR)).astype(np.float64)
+    return [np.clip(base * rng.uniform(0.25, 1.0, size=3) + rng.uniform(0, 60, size=3), 0, 255).astype(np.uint8)
+            for _ in range(n)]
+
+
+@pytest.mark.parametrize("kind, expected", [("flat", "plain"), ("colour_cast", "equalized")])
+def test_auto_choice_picks_the_configuration_each_set_needs(tmp_path, kind, expected):
+    """Two tiny sets built to need different configurations, from normal images only. Per-channel histogram
+    equalisation removes a per-image colour cast exactly (a monotone curve per channel), which the
+    LayerNorm over all channels together cannot, so on the colour-cast set it is needed; on a flat part it
+    stretches the faint sensor noise to full range and buries small defects, so there it is harmful."""
+    from dataclasses import replace
+
+    from fastflow.auto import choose
+    from fastflow.config import get_preset
+    from fastflow.data import load_samples
+
+    rng = np.random.default_rng(0)
+    images = _flat_parts(24, rng) if kind == "flat" else _colour_cast_parts(24, rng)
+    samples = load_samples("mvtec", _write_set(tmp_path / "data", kind, images), kind, "train")
+    preset = get_preset("efficientnet_lite0")
+    model = replace(preset.model, input_size=(64, 64))
+    train_cfg = replace(preset.train, epochs=12, steps=None, batch_size=4, val_fraction=0.25)
+    candidates = [("plain", model, train_cfg), ("equalized", replace(model, equalize=True), train_cfg)]
+    logged = []
+    name, model_cfg, _, report = choose(candidates, samples, str(tmp_path / "run"), log=logged.append)
+    scores = {n: round(r["score"], 3) for n, r in report["candidates"].items()}
+    assert name == expected, scores
+    assert scores[expected] > max(s for n, s in scores.items() if n != expected) + 0.02, scores  # a clear margin
+    assert report["chosen"] == expected and model_cfg == dict((n, m) for n, m, _ in candidates)[expected]
+    assert report["n_normal"] == 6 and report["n_synthetic"] == 12  # 25% of 24 held out, two defects each
+    assert any(line.startswith(f"auto: chose {expected}") for line in logged)
+    assert not list((tmp_path / "run").glob(".auto-probe*"))  # probes cleaned up

@@ -23,7 +23,7 @@ from PIL import Image
 from fastflow.cli import main
 from fastflow.demo import make_demo_dataset
 
-TINY = ["--input-size", "64", "--epochs", "1", "--batch-size", "4", "--flow-steps", "2", "--quiet"]
+TINY = ["--backbone", "efficientnet_lite0", "--input-size", "64", "--epochs", "1", "--batch-size", "4", "--flow-steps", "2", "--quiet"]
 
 
 def cli(capsys, *args) -> tuple[int, str, str]:

@@ -51,6 +51,7 @@ def save_atomic(obj: dict[str, Any], path: str) -> None:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a checkpoint is as readable as any new file
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -58,10 +59,31 @@ def save_atomic(obj: dict[str, Any], path: str) -> None:
         raise
 
 
+def _umask() -> int:
+    """The process's file-creation mask (read by setting it, then restoring it at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+# How a torch.save file begins: a zip archive (torch >= 1.6), or a raw pickle (protocol 2+, legacy format).
+_TORCH_MAGIC = (b"PK\x03\x04", b"\x80")
+
+
+def _looks_like_torch_file(path: str) -> bool:
+    with open(path, "rb") as f:
+        head = f.read(4)
+    return any(head.startswith(m) for m in _TORCH_MAGIC)
+
+
 def load_safe(path: str) -> dict[str, Any]:
     """Load a checkpoint with the restricted (weights-only) unpickler; clear errors for bad files."""
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint not found: {path!r} (expected a run folder with model.pt)")
+    if not _looks_like_torch_file(path):  # text, an image, an empty file: not a pickle an attacker crafted
+        size = os.path.getsize(path)
+        raise CheckpointError(f"{path}: not a fastflow checkpoint ({'empty file' if size == 0 else 'not a torch.save file'}"
+                              f"); point to the model.pt that fastflow train wrote, or retrain")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:

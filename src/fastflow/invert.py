@@ -1,6 +1,6 @@
 """Feature generation with the inverse flow (paper Section 4.5, Figure 4).
 
-    fastflow invert RUN_DIR IMAGE --region x0,y0,x1,y1 --output OUT_DIR [--strength 3] [--level 0]
+    fastflow invert RUN_DIR IMAGE --region x0,y0,x1,y1 --output OUT_DIR [--strength 3] [--level 1]
 
 FastFlow is invertible: the forward flow maps the (normalised) backbone features of an image to a
 latent z that should be standard normal, and the inverse flow maps any z back to features. Figure 4
@@ -166,9 +166,10 @@ def denormalize(image: torch.Tensor, mean, std) -> np.ndarray:
 
 
 def invert_image(run_dir: str, image_path: str, region: tuple[float, float, float, float], output: str,
-                 strength: float = 3.0, level: int = 0, channel: int | None = None, seed: int = 0,
+                 strength: float = 3.0, level: int = 1, channel: int | None = None, seed: int = 0,
                  device="auto", precision: str = "fp32") -> str:
     """``fastflow invert``: region in pixels of the image file as given (scaled to the model input).
+    ``level`` counts the model's feature levels from 1 (the finest), as ``train --levels`` does.
     ``device`` / ``precision`` (device.py): where the backbone and flows run; the panel is drawn from CPU copies."""
     from .data import Preprocess, load_image
     from .device import autocast, check_precision, resolve_device
@@ -186,16 +187,17 @@ def invert_image(run_dir: str, image_path: str, region: tuple[float, float, floa
     model, ckpt = load_run(run_dir)
     model.to(target)
     pre = Preprocess.from_dict(ckpt["preprocess"])
-    if not 0 <= level < len(model.flows):
-        raise ValueError(f"--level must be in 0..{len(model.flows) - 1} for this model, got {level}")
-    channels = model.feature_shapes[level][0]
+    if not 1 <= level <= len(model.flows):
+        raise ValueError(f"--level must be in 1..{len(model.flows)} for this model (1: the finest), got {level}")
+    index = level - 1  # perturb_and_generate takes the 0-based index
+    channels = model.feature_shapes[index][0]
     if channel is not None and not 0 <= channel < channels:
         raise ValueError(f"--channel must be in 0..{channels - 1} at level {level}, got {channel}")
     in_h, in_w = pre.input_size
     scaled = (x0 * in_w / width, y0 * in_h / height, x1 * in_w / width, y1 * in_h / height)
     tensor = pre(image)
     with autocast(target, precision):
-        gen = perturb_and_generate(model, tensor.to(target), scaled, strength, level, seed)
+        gen = perturb_and_generate(model, tensor.to(target), scaled, strength, index, seed)
     gen = Generation(*(t.float().cpu() if isinstance(t, torch.Tensor) else t for t in
                        (gen.features, gen.z, gen.prob_map, gen.perturbed_z, gen.perturbed_prob_map, gen.regenerated,
                         gen.cells)))

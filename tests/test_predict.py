@@ -141,3 +141,16 @@ def test_cli_predict_user_errors(run, tmp_path, capsys):
     assert main(["predict", run[0], image, "--output", str(tmp_path / "o"), "--runtime", "onnx",
                  "--onnx", str(tmp_path / "m.onnx")]) == 2
     assert "fastflow export" in capsys.readouterr().err
+
+
+def test_a_nan_score_is_reported_anomalous_with_a_warning():
+    from fastflow.data import Preprocess
+
+    def infer(batch):  # a model whose output is NaN for this batch
+        b, _, h, w = batch.shape
+        return np.full(b, np.nan, np.float32), np.full((b, 1, h, w), np.nan, np.float32)
+
+    pred = Predictor(infer, Preprocess((32, 32), (0.5,) * 3, (0.5,) * 3), {"value": 1.0, "val_median": 0.5})
+    with pytest.warns(RuntimeWarning, match="NaN"):
+        result = pred.predict(np.zeros((40, 50, 3), np.uint8))
+    assert math.isnan(result.score) and result.is_anomalous is True and result.mask.all()

@@ -292,3 +292,33 @@ def test_top_level_predictor_api(run):
     result = fastflow.Predictor.from_run(run).predict(image)
     assert result.anomaly_map.shape == (50, 70) and isinstance(result.is_anomalous, bool)
     assert np.isfinite(result.score)
+
+
+def test_fastflow_debug_shows_the_traceback_of_a_user_error(tmp_path, capsys, monkeypatch):
+    args = ["evaluate", str(tmp_path / "no-such-run"), "--data", str(tmp_path), "--category", "x"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    monkeypatch.setenv("FASTFLOW_DEBUG", "1")
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err and err.strip().splitlines()[-1].startswith("fastflow evaluate")
+
+
+def test_an_internal_value_error_is_not_disguised_as_a_user_error(monkeypatch):
+    import fastflow.cli as cli
+
+    def broken(args):
+        np.zeros(-1)  # a ValueError raised inside NumPy: a bug, not the user's mistake
+
+    monkeypatch.setitem(cli.COMMANDS, "presets", broken)
+    with pytest.raises(ValueError, match="negative"):
+        main(["presets"])
+
+    def user_mistake(args):
+        from fastflow.flow import kernel_sizes
+
+        kernel_sizes(2, "5-5")  # a ValueError raised by fastflow's own code, with its message: a user error
+
+    monkeypatch.setitem(cli.COMMANDS, "presets", user_mistake)
+    assert main(["presets"]) == 2

@@ -29,6 +29,7 @@ import json
 import math
 import os
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,7 +56,7 @@ class Prediction:
     path: str | None  # None for arrays
     score: float  # raw image score: max of the model's anomaly map (at the network input size)
     normalized_score: float  # (score - val_median) / (threshold - val_median); the threshold is 1.0
-    is_anomalous: bool  # score > threshold
+    is_anomalous: bool  # score > threshold (a NaN score counts as anomalous, with a warning)
     anomaly_map: np.ndarray  # (H, W) float32
     mask: np.ndarray  # (H, W) bool: anomaly_map > threshold
 
@@ -182,8 +183,12 @@ class Predictor:
 
     def _result(self, path: str | None, score: float, amap: np.ndarray, size: tuple[int, int]) -> Prediction:
         full = resize_map(amap, size)
-        return Prediction(path, score, self.normalize_score(score), bool(score > self.threshold), full,
-                          full > self.threshold)
+        anomalous, mask = score > self.threshold, full > self.threshold
+        if math.isnan(score):  # the model cannot vouch for this image: never call it normal
+            warnings.warn(f"{path or 'image'}: the anomaly score is NaN (non-finite features or model output); "
+                          f"reported as anomalous", RuntimeWarning, stacklevel=3)
+            anomalous, mask = True, mask | np.isnan(full)
+        return Prediction(path, score, self.normalize_score(score), bool(anomalous), full, mask)
 
     # -- heatmap scale ----------------------------------------------------------------------------
     def heatmap_range(self) -> tuple[float, float] | None:

@@ -39,7 +39,7 @@ Contract of every invertible module here:
 from __future__ import annotations
 
 import math
-from typing import Callable, NamedTuple
+from typing import Callable
 
 import torch
 import torch.nn.functional as F

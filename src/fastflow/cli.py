@@ -518,13 +518,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return COMMANDS[args.command](args)
-    except Exception as e:
-        if not _is_user_error(e):
-            raise
-        if os.environ.get("FASTFLOW_DEBUG", "") not in ("", "0"):
-            traceback.print_exc()
-        print(f"fastflow {args.command}: error: {e}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print(f"fastflow {args.command}: interrupted", file=sys.stderr)
         return 130
@@ -534,6 +527,13 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(devnull, sys.stdout.fileno())
         os.close(devnull)
         return 141  # 128 + SIGPIPE, what a shell tool killed by a broken pipe reports
+    except Exception as e:
+        if not _is_user_error(e):
+            raise
+        if os.environ.get("FASTFLOW_DEBUG", "") not in ("", "0"):
+            traceback.print_exc()
+        print(f"fastflow {args.command}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

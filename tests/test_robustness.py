@@ -417,6 +417,22 @@ def test_input_size_the_backbone_cannot_take(monkeypatch):
         (192, 14, 14)]
 
 
+def test_a_probe_failure_that_is_not_about_the_size_is_not_blamed_on_it(monkeypatch):
+    # Out of memory, a device error, a broken backbone: the error as it is, no "--input-size" advice.
+    fe = backbones.build_backbone("resnet18", "random", (1, 2, 3))
+
+    def broken(images):
+        raise RuntimeError("CUDA error: device-side assert triggered")
+
+    monkeypatch.setattr(fe, "forward", broken)
+    with pytest.raises(RuntimeError, match="device-side assert") as info:
+        fe.feature_shapes((64, 64))
+    assert "input-size" not in str(info.value)
+    monkeypatch.setattr(fe, "forward", lambda images: (_ for _ in ()).throw(torch.OutOfMemoryError("out of memory")))
+    with pytest.raises(torch.OutOfMemoryError):
+        fe.feature_shapes((64, 64))
+
+
 # -- checkpoints ------------------------------------------------------------------------------------
 class _RunsCode:
     """Unpickling this calls os.system: creates the marker file if the loader executes code."""

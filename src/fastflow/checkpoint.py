@@ -22,7 +22,7 @@ import os
 import pickle
 import tempfile
 import zipfile
-from typing import Any
+from typing import IO, Any, Callable
 
 import torch
 
@@ -36,19 +36,15 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used; the message says why and what to do."""
 
 
-def save_atomic(obj: dict[str, Any], path: str) -> None:
-    """torch.save to a temporary file beside ``path``, fsync, then atomically replace ``path``.
-    Tensors are written as CPU tensors whatever device they are on (``load_safe`` maps to the CPU too),
-    so a checkpoint saved on a GPU loads on any machine."""
-    from .device import to_cpu
-
-    obj = to_cpu(obj)
+def atomic_write(path: str, write: Callable[[IO], None], binary: bool = False) -> None:
+    """``write(f)`` into a temporary file beside ``path`` (``.tmp-*`` plus path's extension), fsync, then
+    atomically replace ``path``: a reader, or a run killed at any moment, sees the old file or the new one."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.splitext(path)[1], dir=folder)
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+        with (os.fdopen(fd, "wb") if binary else os.fdopen(fd, "w", newline="")) as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a checkpoint is as readable as any new file
@@ -57,6 +53,15 @@ def save_atomic(obj: dict[str, Any], path: str) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def save_atomic(obj: dict[str, Any], path: str) -> None:
+    """torch.save ``obj`` to ``path`` atomically (``atomic_write``). Tensors are written as CPU tensors
+    whatever device they are on (``load_safe`` maps to the CPU too), so a checkpoint saved on a GPU loads on
+    any machine."""
+    from .device import to_cpu
+
+    atomic_write(path, lambda f: torch.save(to_cpu(obj), f), binary=True)
 
 
 def _umask() -> int:

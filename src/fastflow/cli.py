@@ -26,6 +26,7 @@ import json
 import math
 import os
 import sys
+import traceback
 from dataclasses import replace
 
 from .config import PRESETS, ModelConfig, TrainConfig, check_levels, from_dict, get_preset, to_dict
@@ -877,11 +878,28 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from .export import ExportError
     from .train import TrainingError
 
-    return (DatasetError, BackboneError, CheckpointError, TrainingError, ExportError, ValueError, FileNotFoundError,
+    return (DatasetError, BackboneError, CheckpointError, TrainingError, ExportError, FileNotFoundError,
             NotADirectoryError, PermissionError)
 
 
+def _is_user_error(e: BaseException) -> bool:
+    """Errors about what the user gave (reported in one line): fastflow's own error classes and file errors,
+    and a ValueError raised by fastflow's own code (its messages say what was received and what to do). A
+    ValueError raised inside a library (torch, NumPy, ...) is an internal error: it keeps its traceback."""
+    if isinstance(e, _user_errors()):
+        return True
+    if not isinstance(e, ValueError):
+        return False
+    tb = e.__traceback__
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    package = os.path.dirname(os.path.abspath(__file__))
+    return os.path.abspath(tb.tb_frame.f_code.co_filename).startswith(package + os.sep)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """The ``fastflow`` command. A user error is one line on stderr (exit 2); ``FASTFLOW_DEBUG=1`` in the
+    environment prints its traceback too. Internal errors are raised with their traceback."""
     if "torch" not in sys.modules:  # read by OpenMP when torch loads it: see device.py
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     parser = _build_parser()
@@ -892,9 +910,6 @@ def main(argv: list[str] | None = None) -> int:
 
             args.threads = set_threads(args.threads)  # the count in use: ONNX Runtime sessions get it too
         return COMMANDS[args.command](args)
-    except _user_errors() as e:
-        print(f"fastflow {args.command}: error: {e}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print(f"fastflow {args.command}: interrupted", file=sys.stderr)
         return 130
@@ -904,6 +919,13 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(devnull, sys.stdout.fileno())
         os.close(devnull)
         return 141  # 128 + SIGPIPE, what a shell tool killed by a broken pipe reports
+    except Exception as e:
+        if not _is_user_error(e):
+            raise
+        if os.environ.get("FASTFLOW_DEBUG", "") not in ("", "0"):
+            traceback.print_exc()
+        print(f"fastflow {args.command}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

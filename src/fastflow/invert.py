@@ -121,7 +121,7 @@ def most_changed_channel(gen: Generation) -> int:
 def panel(image_rgb: np.ndarray, gen: Generation, region: tuple[float, float, float, float], channel: int,
           path: str, title: str = "") -> str:
     """Write the Figure 4 panel: input (region boxed), feature channel, probability map, polluted
-    probability map, regenerated feature channel. image_rgb: (H, W, 3) float in [0, 1] at input size."""
+    probability map, regenerated feature channel. image_rgb: (H, W, 3) uint8 (or float in [0, 1]) at input size."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.patches import Rectangle
@@ -158,13 +158,6 @@ def panel(image_rgb: np.ndarray, gen: Generation, region: tuple[float, float, fl
     return path
 
 
-def denormalize(image: torch.Tensor, mean, std) -> np.ndarray:
-    """(3, H, W) normalised tensor -> (H, W, 3) float array in [0, 1]."""
-    mean = torch.as_tensor(mean, dtype=image.dtype).view(3, 1, 1)
-    std = torch.as_tensor(std, dtype=image.dtype).view(3, 1, 1)
-    return (image * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()
-
-
 def invert_image(run_dir: str, image_path: str, region: tuple[float, float, float, float], output: str,
                  strength: float = 3.0, level: int = 1, channel: int | None = None, seed: int = 0,
                  device="auto", precision: str = "fp32") -> str:
@@ -174,6 +167,7 @@ def invert_image(run_dir: str, image_path: str, region: tuple[float, float, floa
     from .data import Preprocess, load_image
     from .device import autocast, check_precision, resolve_device
     from .run import load_run
+    from .visualize import denormalize
 
     target = resolve_device(device)
     check_precision(precision, target)

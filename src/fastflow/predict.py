@@ -29,6 +29,7 @@ import json
 import math
 import os
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,15 +38,15 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from .checkpoint import atomic_write
 from .data import IMAGE_EXTENSIONS, DatasetError, Preprocess, load_image
 from .data.files import is_image_file
 from .data.preprocess import to_rgb
 from .fused import for_inference
 from .run import INPUT_NAME, ONNX_FILE, OUTPUT_NAMES, load_run, run_folder, sidecar_path
+from .visualize import COLORMAP, OVERLAY_ALPHA, colorize, overlay
 
 RUNTIMES = ("torch", "onnx")
-COLORMAP = "jet"
-OVERLAY_ALPHA = 0.5  # heatmap weight in the overlay
 
 
 @dataclass
@@ -55,7 +56,7 @@ class Prediction:
     path: str | None  # None for arrays
     score: float  # raw image score: max of the model's anomaly map (at the network input size)
     normalized_score: float  # (score - val_median) / (threshold - val_median); the threshold is 1.0
-    is_anomalous: bool  # score > threshold
+    is_anomalous: bool  # score > threshold (a NaN score counts as anomalous, with a warning)
     anomaly_map: np.ndarray  # (H, W) float32
     mask: np.ndarray  # (H, W) bool: anomaly_map > threshold
     threshold: float = math.inf  # the decision threshold used
@@ -290,8 +291,13 @@ class Predictor:
 
     def _result(self, path: str | None, score: float, amap: np.ndarray, size: tuple[int, int]) -> Prediction:
         full = resize_map(amap, size)
-        return Prediction(path, score, self.normalize_score(score), bool(score > self.threshold), full,
-                          full > self.threshold, self.threshold, self.heatmap_range())
+        anomalous, mask = score > self.threshold, full > self.threshold
+        if math.isnan(score):  # the model cannot vouch for this image: never call it normal
+            warnings.warn(f"{path or 'image'}: the anomaly score is NaN (non-finite features or model output); "
+                          f"reported as anomalous", RuntimeWarning, stacklevel=3)
+            anomalous, mask = True, mask | np.isnan(full)
+        return Prediction(path, score, self.normalize_score(score), bool(anomalous), full, mask, self.threshold,
+                          self.heatmap_range())
 
     # -- heatmap scale ----------------------------------------------------------------------------
     def heatmap_range(self) -> tuple[float, float] | None:
@@ -361,31 +367,6 @@ def resize_map(amap: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 
 # -- pictures ---------------------------------------------------------------------------------------
-def colorize(amap: np.ndarray, low: float, high: float, cmap: str = COLORMAP) -> np.ndarray:
-    """(H, W) map -> (H, W, 3) uint8 colours; values clipped to [low, high]."""
-    import matplotlib
-
-    colours = matplotlib.colormaps[cmap]
-    out = np.empty((*amap.shape, 3), dtype=np.uint8)
-    for rows in _row_blocks(amap.shape):  # float64 RGBA per block only: bounded memory for huge images
-        scaled = np.clip((amap[rows] - low) / max(high - low, 1e-12), 0.0, 1.0)
-        out[rows] = (colours(scaled)[..., :3] * 255).round().astype(np.uint8)
-    return out
-
-
-def overlay(rgb: np.ndarray, heat: np.ndarray, alpha: float = OVERLAY_ALPHA) -> np.ndarray:
-    out = np.empty_like(rgb, dtype=np.uint8)
-    for rows in _row_blocks(rgb.shape[:2]):
-        out[rows] = (rgb[rows].astype(np.float32) * (1 - alpha) + heat[rows].astype(np.float32) * alpha).round()
-    return out
-
-
-def _row_blocks(shape: tuple[int, ...], pixels: int = 1 << 22) -> list[slice]:
-    """Row slices of about ``pixels`` pixels each (at least one row)."""
-    step = max(1, pixels // max(shape[1], 1))
-    return [slice(r, r + step) for r in range(0, shape[0], step)]
-
-
 # -- inputs and output names -----------------------------------------------------------------------
 def collect_inputs(args: list[str], exclude: str | None = None) -> list[Path]:
     """Files, folders (recursive; image extensions only, hidden files and folders skipped) and glob
@@ -600,7 +581,7 @@ def _write_summary(out_dir: str, header: dict, records: dict[str, dict], skipped
                                     "anomalous": sum(bool(r["is_anomalous"]) for r in ok),
                                     "skipped_this_run": skipped},
                "results": results}
-    _atomic_write(os.path.join(out_dir, "summary.json"), lambda f: json.dump(summary, f, indent=1))
+    atomic_write(os.path.join(out_dir, "summary.json"), lambda f: json.dump(summary, f, indent=1))
 
     def write_csv(f):
         writer = csv.DictWriter(f, fieldnames=SUMMARY_FIELDS, extrasaction="ignore")
@@ -608,12 +589,5 @@ def _write_summary(out_dir: str, header: dict, records: dict[str, dict], skipped
         for r in results:
             writer.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in SUMMARY_FIELDS})
 
-    _atomic_write(os.path.join(out_dir, "summary.csv"), write_csv)
+    atomic_write(os.path.join(out_dir, "summary.csv"), write_csv)
     return summary
-
-
-def _atomic_write(path: str, write) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", newline="") as f:
-        write(f)
-    os.replace(tmp, path)

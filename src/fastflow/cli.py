@@ -7,6 +7,7 @@
     fastflow evaluate RUN_DIR --data ROOT --category NAME [--output metrics.json] [--report] [--misalign]
     fastflow predict  RUN_DIR IMAGE_OR_FOLDER... --output OUT_DIR [--threshold T] [--runtime torch|onnx]
     fastflow export   RUN_DIR --format onnx [--output model.onnx]
+    fastflow serve    RUN_DIR [--host 127.0.0.1] [--port 8000] [--runtime torch|onnx]   (web page and JSON API)
     fastflow invert   RUN_DIR IMAGE --region x0,y0,x1,y1 --output OUT_DIR [--strength S] [--level L]
     fastflow presets  [--json]
     fastflow demo     [--output DIR]
@@ -217,6 +218,8 @@ def _build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--opset", type=_positive(int), default=18)
     ex.add_argument("--exporter", choices=["torchscript", "dynamo"], default="torchscript")
 
+    _add_serve_parser(sub)
+
     pr = sub.add_parser("presets", help="list the model presets")
     pr.add_argument("--json", action="store_true", help="machine-readable output")
 
@@ -225,6 +228,25 @@ def _build_parser() -> argparse.ArgumentParser:
     d.add_argument("--epochs", type=int, default=None)
     d.add_argument("--quiet", action="store_true")
     return parser
+
+
+def _add_serve_parser(sub) -> None:
+    sv = sub.add_parser("serve", help="serve a run over HTTP: a JSON API with batching and a web page (needs "
+                                      "the serve extra)")
+    sv.add_argument("run_dir")
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine "
+                                                        "only; 0.0.0.0 for every interface)")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--max-batch", type=_positive(int), default=16,
+                    help="most images from concurrent requests run as one batch (default 16)")
+    sv.add_argument("--batch-window-ms", type=float, default=10.0,
+                    help="how long the first waiting image waits for others to join its batch (default 10)")
+    sv.add_argument("--max-upload-mb", type=_positive(float), default=32.0,
+                    help="largest request body; larger uploads get 413 (default 32)")
+    sv.add_argument("--threshold", type=float, default=None, help="decision threshold (default: the run's calibrated)")
+    sv.add_argument("--runtime", choices=["torch", "onnx"], default="torch",
+                    help="onnx: serve RUN_DIR/model.onnx (from `fastflow export`; int8 models too)")
+    sv.add_argument("--onnx", default=None, help="ONNX model for --runtime onnx (default: RUN_DIR/model.onnx)")
 
 
 def _version() -> str:
@@ -471,6 +493,18 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    try:
+        from .serve import serve_run
+    except ImportError as e:  # the optional extra is not installed: one line naming it
+        raise ValueError(str(e)) from None
+    if args.batch_window_ms < 0:
+        raise ValueError(f"--batch-window-ms must be >= 0, got {args.batch_window_ms}")
+    serve_run(args.run_dir, args.host, args.port, args.max_batch, args.batch_window_ms, args.max_upload_mb,
+              args.runtime, args.onnx, args.threshold)
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
@@ -479,7 +513,7 @@ def cmd_demo(args) -> int:
 
 
 COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "invert": cmd_invert, "presets": cmd_presets,
-            "demo": cmd_demo, "predict": cmd_predict, "export": cmd_export}
+            "demo": cmd_demo, "predict": cmd_predict, "export": cmd_export, "serve": cmd_serve}
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:

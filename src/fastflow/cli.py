@@ -6,7 +6,7 @@
     torchrun --nproc_per_node N -m fastflow train ...   (several processes; see distributed.py)
     fastflow evaluate RUN_DIR --data ROOT --category NAME [--output metrics.json] [--report] [--misalign]
     fastflow predict  RUN_DIR IMAGE_OR_FOLDER... --output OUT_DIR [--threshold T] [--runtime torch|onnx]
-    fastflow export   RUN_DIR --format onnx [--output model.onnx]
+    fastflow export   RUN_DIR --format onnx [--output model.onnx] [--quantize int8 --calibration DIR]
     fastflow serve    RUN_DIR [--host 127.0.0.1] [--port 8000] [--runtime torch|onnx]   (web page and JSON API)
     fastflow invert   RUN_DIR IMAGE --region x0,y0,x1,y1 --output OUT_DIR [--strength S] [--level L]
     fastflow presets  [--json]
@@ -217,6 +217,13 @@ def _build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--output", default=None, help="the .onnx file (default: RUN_DIR/model.onnx)")
     ex.add_argument("--opset", type=_positive(int), default=18)
     ex.add_argument("--exporter", choices=["torchscript", "dynamo"], default="torchscript")
+    ex.add_argument("--quantize", choices=["int8"], default=None,
+                    help="int8: ONNX Runtime static quantisation for the CPU, calibrated on --calibration "
+                         "(default output RUN_DIR/model-int8.onnx)")
+    ex.add_argument("--calibration", default=None, metavar="DIR",
+                    help="folder of normal images for --quantize (e.g. the category's train/good)")
+    ex.add_argument("--calibration-images", type=_positive(int), default=64,
+                    help="at most this many calibration images, evenly spaced (default 64)")
 
     _add_serve_parser(sub)
 
@@ -482,6 +489,8 @@ def cmd_predict(args) -> int:
 
 
 def cmd_export(args) -> int:
+    if args.quantize or args.calibration:
+        return _export_int8(args)
     from .export import export_onnx, sidecar_path
 
     meta = export_onnx(args.run_dir, args.output, args.opset, args.exporter)
@@ -490,6 +499,25 @@ def cmd_export(args) -> int:
     print(f"ONNX model -> {out} (sidecar {sidecar_path(out)}); ONNX Runtime matches torch to "
           f"{max(par['max_abs_diff_score'], par['max_abs_diff_map']):.1e} "
           f"({par['max_rel_diff_map']:.1e} of the map's largest value, on random test images)")
+    return 0
+
+
+def _export_int8(args) -> int:
+    from .export import sidecar_path
+    from .quantize import export_int8
+
+    if not args.quantize or not args.calibration:
+        raise ValueError("--quantize int8 and --calibration DIR go together: give both (DIR: a folder of normal "
+                         "images, e.g. the category's train/good)")
+    meta = export_int8(args.run_dir, args.calibration, args.output, args.calibration_images, opset=args.opset,
+                       exporter=args.exporter)
+    out = args.output or os.path.join(args.run_dir, meta["onnx_file"])
+    q = meta["quantization"]
+    agree = q["vs_float32_on_calibration_images"]
+    corr = "n/a" if agree["score_pearson"] is None else f"{agree['score_pearson']:.4f}"
+    print(f"int8 ONNX model -> {out} (sidecar {sidecar_path(out)}); {q['quantized']}; calibrated on "
+          f"{q['calibration']['images']} image(s); vs float32 on them: score correlation {corr}, largest map "
+          f"difference {agree['max_map_diff_over_map_range']:.1%} of the map's range")
     return 0
 
 

@@ -54,10 +54,40 @@ def calibration_batches(folder: str, preprocess, images: int = DEFAULT_IMAGES,
     return batches, paths
 
 
+METHODS = ("minmax", "percentile", "entropy")  # ONNX Runtime's calibration methods for activation ranges
+
+
 def export_int8(run_dir: str, calibration: str, output: str | None = None, images: int = DEFAULT_IMAGES,
-                scope: str = "all", per_channel: bool = True, opset: int = 18, exporter: str = "torchscript") -> dict:
+                scope: str = "all", per_channel: bool = True, method: str = "minmax", opset: int = 18,
+                exporter: str = "torchscript") -> dict:
     """Export the run to an int8 ONNX model (default RUN_DIR/model-int8.onnx) calibrated on the normal images in
     ``calibration``; returns the sidecar dict (also written beside the model)."""
+    _check(calibration, images, scope, method)
+    folder = run_dir if os.path.isdir(run_dir) else os.path.dirname(run_dir)
+    output = output or os.path.join(folder, "model-int8.onnx")
+    if not output.endswith(".onnx"):
+        raise ValueError(f"--output must be a .onnx file name, got {output!r}")
+    with tempfile.TemporaryDirectory(prefix="fastflow-int8-") as tmp:
+        fp32 = os.path.join(tmp, "model.onnx")
+        export_onnx(run_dir, fp32, opset, exporter)
+        return quantize_onnx(fp32, calibration, output, images, scope, per_channel, method)
+
+
+def _check(calibration: str, images: int, scope: str, method: str) -> None:
+    if scope not in SCOPES:
+        raise ValueError(f"scope must be one of {', '.join(SCOPES)}, got {scope!r}")
+    if method not in METHODS:
+        raise ValueError(f"calibration method must be one of {', '.join(METHODS)}, got {method!r}")
+    if images < 1:
+        raise ValueError(f"--calibration-images must be >= 1, got {images}")
+    if not os.path.isdir(calibration):
+        raise FileNotFoundError(f"--calibration {calibration!r} is not a folder; give a folder of normal images, "
+                                f"e.g. the category's train/good")
+
+
+def quantize_onnx(fp32: str, calibration: str, output: str, images: int = DEFAULT_IMAGES, scope: str = "all",
+                  per_channel: bool = True, method: str = "minmax") -> dict:
+    """The float32 model ``fp32`` (from ``export_onnx``, with its sidecar) -> int8 ``output`` and its sidecar."""
     try:
         import onnx
         import onnxruntime as ort
@@ -68,31 +98,20 @@ def export_int8(run_dir: str, calibration: str, output: str | None = None, image
         raise ExportError("--quantize int8 needs onnx and onnxruntime: pip install 'fastflow[export]'") from e
     from .data import Preprocess
 
-    if scope not in SCOPES:
-        raise ValueError(f"scope must be one of {', '.join(SCOPES)}, got {scope!r}")
-    if images < 1:
-        raise ValueError(f"--calibration-images must be >= 1, got {images}")
-    if not os.path.isdir(calibration):
-        raise FileNotFoundError(f"--calibration {calibration!r} is not a folder; give a folder of normal images, "
-                                f"e.g. the category's train/good")
-    folder = run_dir if os.path.isdir(run_dir) else os.path.dirname(run_dir)
-    output = output or os.path.join(folder, "model-int8.onnx")
-    if not output.endswith(".onnx"):
-        raise ValueError(f"--output must be a .onnx file name, got {output!r}")
+    _check(calibration, images, scope, method)
+    with open(sidecar_path(fp32)) as f:
+        meta = json.load(f)
+    pre = dict(meta["preprocess"])
+    pre.pop("steps", None)
+    batches, paths = calibration_batches(calibration, Preprocess.from_dict(pre), images)
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-
     with tempfile.TemporaryDirectory(prefix="fastflow-int8-") as tmp:
-        fp32 = os.path.join(tmp, "model.onnx")
-        meta = export_onnx(run_dir, fp32, opset, exporter)
-        pre = dict(meta["preprocess"])
-        pre.pop("steps", None)
-        batches, paths = calibration_batches(calibration, Preprocess.from_dict(pre), images)
         prepared = os.path.join(tmp, "prepared.onnx")
         quant_pre_process(fp32, prepared, skip_symbolic_shape=True)
         convs = [n.name for n in onnx.load(prepared).graph.node
                  if n.op_type == "Conv" and n.name.startswith(SCOPES[scope])]
         if not convs:
-            raise ExportError(f"no convolution to quantise in {run_dir} (scope {scope!r}); export without --quantize")
+            raise ExportError(f"no convolution to quantise in {fp32} (scope {scope!r}); export without --quantize")
 
         class Reader(CalibrationDataReader):
             def __init__(self):
@@ -101,18 +120,19 @@ def export_int8(run_dir: str, calibration: str, output: str | None = None, image
             def get_next(self):
                 return next(self.items, None)
 
+        calibrate = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
+                     "entropy": CalibrationMethod.Entropy}[method]
         quantize_static(prepared, output, Reader(), quant_format=QuantFormat.QDQ, op_types_to_quantize=["Conv"],
                         nodes_to_quantize=convs, per_channel=per_channel, activation_type=QuantType.QUInt8,
-                        weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
+                        weight_type=QuantType.QInt8, calibrate_method=calibrate,
                         calibration_providers=["CPUExecutionProvider"])
-        agreement = _agreement(ort, fp32, output, batches)
-
+    agreement = _agreement(ort, fp32, output, batches)
     meta.update({
         "onnx_file": os.path.basename(output),
         "quantization": {
             "dtype": "int8", "tool": f"onnxruntime {ort.__version__} quantize_static", "format": "QDQ",
             "weights": "int8, symmetric" + (", per output channel" if per_channel else ", per tensor"),
-            "activations": "uint8, asymmetric, per tensor", "calibration_method": "MinMax",
+            "activations": "uint8, asymmetric, per tensor", "calibration_method": method,
             "quantized": f"{len(convs)} Conv nodes ({scope}: {', '.join(SCOPES[scope])}); the rest float32",
             "calibration": {"folder": os.path.abspath(calibration), "images": len(paths)},
             "vs_float32_on_calibration_images": agreement,

@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/int8.py --run RUN_DIR [--data ../shared/data/mvtec_ad] [--category bottle]
         [--calibration DIR] [--calibration-images 64] [--batch 32] [--runs 5] [--threads 2] [--limit N]
-        [--scope all|backbone] [--method minmax|percentile|entropy] [--output bench/results/int8.json]
+        [--scope deep|all|backbone] [--method minmax|percentile|entropy] [--output bench/results/int8.json]
 
 RUN_DIR: a trained run of the category (``fastflow train ... --output RUN_DIR``). Both models are
 exported fresh into a temporary folder with fastflow's own code: float32 (``fastflow export``) and int8
@@ -61,7 +61,7 @@ def main() -> None:
     from fastflow.export import export_onnx
     from fastflow.metrics import evaluate_arrays
     from fastflow.predict import Predictor
-    from fastflow.quantize import METHODS, SCOPES, quantize_onnx
+    from fastflow.quantize import DEFAULT_SCOPE, METHODS, SCOPES, quantize_onnx
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--run", required=True, help="a trained run of --category")
@@ -73,7 +73,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--limit", type=int, default=None, help="test images used (evenly spaced; default all)")
-    ap.add_argument("--scope", choices=list(SCOPES), default="all", help="which convolutions are quantised")
+    ap.add_argument("--scope", choices=list(SCOPES), default=DEFAULT_SCOPE, help="which convolutions are quantised")
     ap.add_argument("--method", choices=list(METHODS), default="minmax", help="activation range calibration")
     ap.add_argument("--output", default=None)
     args = ap.parse_args()

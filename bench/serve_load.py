@@ -114,6 +114,9 @@ def main() -> None:
             t.start()
         for t in warm:
             t.join()
+        for c in conns:  # fresh connections for the load: an idle one may have hit the server's keep-alive timeout
+            c.close()
+        conns = [http.client.HTTPConnection("127.0.0.1", port, timeout=120) for _ in range(args.clients)]
         rss_start = rss_mib(proc.pid)
         health0 = json.loads(_get(port, "/health"))["batching"]
 

@@ -450,4 +450,5 @@ def serve_run(run_dir: str, host: str = "127.0.0.1", port: int = 8000, max_batch
                                                                                                      "model.pt")
     app = create_app(predictor, describe(predictor, model_path, folder), max_batch, batch_window_ms, max_upload_mb)
     print(f"serving {model_path} ({runtime}) on http://{host}:{port}/  (API docs: /docs; Ctrl+C stops)", flush=True)
-    uvicorn.run(app, host=host, port=port, log_level=log_level)
+    # Keep-alive 30 s instead of uvicorn's 5: a client posting an image every few seconds keeps its connection.
+    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_keep_alive=30)

@@ -224,6 +224,11 @@ def _build_parser() -> argparse.ArgumentParser:
                     help="folder of normal images for --quantize (e.g. the category's train/good)")
     ex.add_argument("--calibration-images", type=_positive(int), default=64,
                     help="at most this many calibration images, evenly spaced (default 64)")
+    ex.add_argument("--quantize-scope", choices=["deep", "all", "backbone"], default="deep",
+                    help="convolutions made int8: deep (default: all but the finest feature level's, which stay "
+                         "float32 for accuracy), all, or the backbone's only")
+    ex.add_argument("--calibration-method", choices=["minmax", "percentile", "entropy"], default="minmax",
+                    help="how activation ranges are set from the calibration images (default minmax)")
 
     _add_serve_parser(sub)
 
@@ -509,8 +514,8 @@ def _export_int8(args) -> int:
     if not args.quantize or not args.calibration:
         raise ValueError("--quantize int8 and --calibration DIR go together: give both (DIR: a folder of normal "
                          "images, e.g. the category's train/good)")
-    meta = export_int8(args.run_dir, args.calibration, args.output, args.calibration_images, opset=args.opset,
-                       exporter=args.exporter)
+    meta = export_int8(args.run_dir, args.calibration, args.output, args.calibration_images, args.quantize_scope,
+                       method=args.calibration_method, opset=args.opset, exporter=args.exporter)
     out = args.output or os.path.join(args.run_dir, meta["onnx_file"])
     q = meta["quantization"]
     agree = q["vs_float32_on_calibration_images"]

@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/serve_load.py --run RUN_DIR [--clients 16] [--duration 60] [--runtime torch|onnx]
         [--onnx MODEL.onnx] [--images ../shared/data/mvtec_ad/bottle/test] [--max-batch 16] [--batch-window-ms 10]
-        [--output bench/results/serve_load.json]
+        [--limit-images N] [--predict-rounds 2] [--output bench/results/serve_load.json]
 
 What runs: ``python -m fastflow serve RUN_DIR`` in a child process on a free port of 127.0.0.1 (the
 real server, uvicorn and all). Once it answers, one warm-up request per client, then ``--clients``
@@ -91,10 +91,13 @@ def main() -> None:
     ap.add_argument("--images", default=str(BOTTLE_TEST), help="folder of images (recursive)")
     ap.add_argument("--max-batch", type=int, default=16)
     ap.add_argument("--batch-window-ms", type=float, default=10.0)
+    ap.add_argument("--limit-images", type=int, default=None, help="use only the first N images (quick checks)")
+    ap.add_argument("--predict-rounds", type=int, default=2, help="timed passes of predict over the images")
     ap.add_argument("--output", default=None)
     args = ap.parse_args()
 
     paths = sorted(p for p in Path(args.images).rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp"))
+    paths = paths[:args.limit_images] if args.limit_images else paths
     if not paths:
         raise SystemExit(f"no images under {args.images}")
     bodies = [body_for(p.name, p.read_bytes()) for p in paths]
@@ -175,7 +178,7 @@ def main() -> None:
     predictor = Predictor.from_run(args.run, runtime=args.runtime, onnx_path=args.onnx, batch_size=args.max_batch)
     predictor.predict([str(p) for p in paths[:args.max_batch]])  # warm-up
     rounds = []
-    for _ in range(2):
+    for _ in range(args.predict_rounds):
         t0 = time.perf_counter()
         predictor.predict([str(p) for p in paths])
         rounds.append(len(paths) / (time.perf_counter() - t0))

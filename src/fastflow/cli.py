@@ -390,11 +390,16 @@ unusable checkpoint) ends with one line on stderr and exit code 2, never a trace
 
 def _add_serve_parser(sub) -> None:
     sv = sub.add_parser("serve", help="serve a run over HTTP: a JSON API with batching and a web page (needs "
-                                      "the serve extra)")
-    sv.add_argument("run_dir")
+                                      "the serve extra)", description=(
+        "Serve a trained run over HTTP: POST /predict scores images (JSON, or one PNG picture), GET /health and "
+        "GET /info describe the server and the run, /docs documents the API, and / is a web page where a person "
+        "can drop images and see each one's overlay, score and decision. Requests from concurrent clients are "
+        "scored together in batches. Needs the serve extra: pip install 'fastflow[serve]'."),
+        epilog="example:\n  fastflow serve runs/bottle --port 8000")
+    sv.add_argument("run_dir", help="run folder written by fastflow train (or its model.pt)")
     sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine "
                                                         "only; 0.0.0.0 for every interface)")
-    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--port", type=int, default=8000, help="TCP port to listen on")
     sv.add_argument("--max-batch", type=_positive(int), default=16,
                     help="most images from concurrent requests run as one batch (default 16)")
     sv.add_argument("--batch-window-ms", type=float, default=10.0,
@@ -892,6 +897,7 @@ def cmd_calibrate(args) -> int:
           f"{new['n_val']} good images; median score {new['val_median']:.4f}); updated {updated} in {args.run_dir}")
     if new.get("warning"):
         print(f"fastflow calibrate: warning: {new['warning'].replace('RUN_DIR', args.run_dir)}", file=sys.stderr)
+    return 0
 
 
 def _export_int8(args) -> int:

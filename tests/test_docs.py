@@ -23,7 +23,7 @@ CORE_VERBS = {"train", "evaluate", "predict", "export"}  # the quick start's: th
 def _code(text: str) -> list[str]:
     """Every line of code in a Markdown text: fenced and indented block lines, and inline code spans."""
     out, fenced = [], False
-    for line in text.splitlines():
+    for line in text.replace("\\\n", " ").splitlines():  # shell line continuations joined
         if line.lstrip().startswith("```"):
             fenced = not fenced
         elif fenced or line.startswith("    "):
@@ -117,6 +117,9 @@ def test_scan_reads_command_positions_only():
         "```",
         "Prose with `fastflow predict run x --output o` inline, `fastflow[export]`, `python -m fastflow`, and",
         "`fastflow.data.synthetic`, and `fastflow --help`.",
+        "    fastflow export run --format onnx \\",
+        "                    --output m.onnx",
     ])
     assert [(v, o) for v, o, _ in _commands(text)] == [
-        ("train", ["--data", "--json"]), ("evaluate", ["--report"]), ("info", []), ("predict", ["--output"])]
+        ("train", ["--data", "--json"]), ("evaluate", ["--report"]), ("info", []), ("predict", ["--output"]),
+        ("export", ["--format", "--output"])]

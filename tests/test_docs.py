@@ -123,3 +123,25 @@ def test_scan_reads_command_positions_only():
     assert [(v, o) for v, o, _ in _commands(text)] == [
         ("train", ["--data", "--json"]), ("evaluate", ["--report"]), ("info", []), ("predict", ["--output"]),
         ("export", ["--format", "--output"])]
+
+
+def _anchors(markdown: str) -> set[str]:
+    """GitHub's anchors for a Markdown file's headings (lower case, punctuation dropped, spaces to hyphens)."""
+    heads = re.findall(r"^#+\s+(.*?)\s*$", re.sub(r"```.*?```", "", markdown, flags=re.S), flags=re.M)
+    return {re.sub(r"[^\w\- ]", "", h.lower()).replace(" ", "-") for h in heads}
+
+
+def test_readme_links_resolve():
+    """Every relative link of the README names a file of the repository, and a heading there when it has #."""
+    root = README.parent
+    broken = []
+    for target in re.findall(r"\]\(([^)\s]+)\)", _readme()):
+        if re.match(r"[a-z]+:", target):
+            continue  # http(s): not checked offline
+        path, _, anchor = target.partition("#")
+        file = root / path if path else README
+        if not file.exists():
+            broken.append(f"{target} (no file {path})")
+        elif anchor and anchor not in _anchors(file.read_text(encoding="utf-8")):
+            broken.append(f"{target} (no heading #{anchor} in {path or 'README.md'})")
+    assert not broken, "README.md links that lead nowhere: " + "; ".join(broken)

@@ -137,6 +137,11 @@ def onnx_session(model, threads: int = 2, spinning: bool = False, path: str | No
 
 
 def torch_runner(model, x: torch.Tensor):
+    """Our torch inference as the Predictor runs it: the inference form (fused.for_inference)."""
+    from fastflow.fused import for_inference
+
+    model = for_inference(model)
+
     def run():
         with torch.inference_mode():
             out = model(x)

@@ -41,6 +41,7 @@ def _median_ms(fn, reps: int, warmup: int = 2) -> float:
 
 def measure(preset_name: str, batch: int, reps: int, threads: int, device: str) -> dict:
     from fastflow.config import get_preset
+    from fastflow.fused import for_inference
     from fastflow.model import FastFlow
 
     torch.set_num_threads(threads)
@@ -49,6 +50,7 @@ def measure(preset_name: str, batch: int, reps: int, threads: int, device: str) 
     weights = "pretrained" if preset.model.backbone.startswith("efficientnet_lite") else "random"
     model = FastFlow(preset.model, weights=weights).eval().to(device)
     counts = model.parameter_counts()
+    model = for_inference(model)  # what Predictor and evaluate run
     h, w = preset.model.input_size
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 

@@ -156,7 +156,6 @@ def main():
     masked = d["test_has_mask"].numpy()
     n_val = val[0].shape[0]
     step, epoch, t0 = 0, 0, time.time()
-    best = (math.inf, None)
     while step < a.budget:
         order = torch.randperm(n, generator=torch.Generator().manual_seed(a.seed * 100003 + epoch))
         for s in range(0, n, a.bs):

@@ -44,7 +44,7 @@ def main() -> None:
                     "3-1_r1.0": {"kernels": "3-1", "hidden_ratio": 1.0}}
         for name, over in variants.items():
             m = C.lite0_model(backbone=base.backbone, **over)
-            # Counted on the plain path (no_grad, not inference_mode): the fused inference path runs its 3x3
+            # Counted on the reference flow (m, not fused.for_inference(m)): the inference form runs its 3x3
             # convolutions as oneDNN ops that the flop counter does not see; the arithmetic is the same.
             with torch.inference_mode(False), torch.no_grad():
                 plain = [f.clone() for f in feats]

@@ -11,8 +11,8 @@ Each training group is trained with exactly the command a user types (plus ``--s
     magnetic_tile   Magnetic Tile Defects, the split of shared/data/README.md    (group mtd)
     bottle_synth    bottle's 20 test/good images and a pasted-defect copy of each (group bottle)
     mtd_synth       Magnetic Tile's 191 test/good images and a pasted copy of each (group mtd)
-    brick, grass, moon  scikit-image textures: 96 training crops from the top 70% of the picture, 24 good
-                    and 24 pasted-defect test crops from the bottom 30% (groups of their own)
+    brick, grass, moon  scikit-image textures: 96 training crops, 24 good and 24 pasted-defect test crops,
+                    all random 192 px crops and quarter turns of the same picture (groups of their own)
 
 Pasted defects come from src/fastflow/data/synthetic.py with a fixed seed (the same sets every run);
 test images never enter training. PatchCore-lite0 (anomalib 2.7.0 in bench/.venv-anomalib, see
@@ -111,35 +111,31 @@ def prepare(work: Path) -> None:
 
 
 def _texture_set(name: str, out: Path, crop: int = 192, n_train: int = 96, n_test: int = 24) -> None:
+    """Crops of one scikit-image texture at random places and quarter turns, all drawn alike (as different
+    photographs of one material would be): training crops, good test crops, and test crops with a pasted
+    defect. Test crops are other draws than the training crops (they may overlap them on the picture)."""
     import skimage.data
+
+    from fastflow.data.synthetic import add_defect
 
     picture = getattr(skimage.data, name)()
     picture = np.repeat(picture[..., None], 3, axis=2) if picture.ndim == 2 else picture[..., :3]
     h, w = picture.shape[:2]
-    split = int(0.7 * h)
     rng = np.random.default_rng((SYNTH_SEED, len(name)))
 
-    def crops(y_lo: int, y_hi: int, n: int) -> list[np.ndarray]:
-        out_ = []
-        for _ in range(n):
-            y, x = int(rng.integers(y_lo, y_hi - crop + 1)), int(rng.integers(0, w - crop + 1))
-            out_.append(np.ascontiguousarray(np.rot90(picture[y:y + crop, x:x + crop], int(rng.integers(4)))))
-        return out_
+    def draw() -> np.ndarray:
+        y, x = int(rng.integers(0, h - crop + 1)), int(rng.integers(0, w - crop + 1))
+        return np.ascontiguousarray(np.rot90(picture[y:y + crop, x:x + crop], int(rng.integers(4))))
 
-    for folder, images in (("train/good", crops(0, split, n_train)), ("test/good", crops(split - crop // 2, h, n_test))):
+    sets = {"train/good": [draw() for _ in range(n_train)], "test/good": [draw() for _ in range(n_test)]}
+    bad = [add_defect(draw(), np.random.default_rng((SYNTH_SEED, 1000 + i))) for i in range(n_test)]
+    sets["test/synthetic"] = [b for b, _ in bad]
+    sets["ground_truth/synthetic"] = [m.astype(np.uint8) * 255 for _, m in bad]
+    for folder, images in sets.items():
         (out / folder).mkdir(parents=True, exist_ok=True)
         for i, im in enumerate(images):
-            Image.fromarray(im).save(out / folder / f"{i:03d}.png")
-    goods = sorted(str(p) for p in (out / "test" / "good").glob("*.png"))
-    from fastflow.data.synthetic import add_defect
-
-    (out / "test" / "synthetic").mkdir(parents=True, exist_ok=True)
-    (out / "ground_truth" / "synthetic").mkdir(parents=True, exist_ok=True)
-    for i, path in enumerate(goods):  # defects on crops of their own, not on the good test crops
-        image = crops(split - crop // 2, h, 1)[0]
-        bad, mask = add_defect(image, np.random.default_rng((SYNTH_SEED, 1000 + i)))
-        Image.fromarray(bad).save(out / "test" / "synthetic" / f"{i:03d}.png")
-        Image.fromarray(mask.astype(np.uint8) * 255).save(out / "ground_truth" / "synthetic" / f"{i:03d}_mask.png")
+            suffix = "_mask" if folder.startswith("ground_truth") else ""
+            Image.fromarray(im).save(out / folder / f"{i:03d}{suffix}.png")
 
 
 # -- running ----------------------------------------------------------------------------------------

@@ -72,7 +72,7 @@ def test_region_maps_to_overlapping_cells():
 def test_cli_invert_writes_the_panel(run, tmp_path, capsys):
     out = tmp_path / "panel"
     rc = main(["invert", run["dir"], run["image_path"], "--region", "40,40,100,100", "--output", str(out),
-               "--strength", "2", "--level", "0", "--channel", "3"])
+               "--strength", "2", "--level", "1", "--channel", "3"])
     assert rc == 0
     (png,) = os.listdir(out)
     with Image.open(out / png) as im:

@@ -183,3 +183,23 @@ def test_map_operators_equal_upsample_mean_and_blur(kind, sigma, size):
     got = model.anomaly_map(zs, lds, size)
     assert got.shape == (2, 1, *size)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_map_operators_are_cached_as_read_only_numpy_arrays_not_device_tensors():
+    # Module-level caches hold float64 NumPy matrices (no tensor per device for the life of the process);
+    # each call converts them to the input's dtype and device.
+    import numpy as np
+
+    from fastflow import model as model_module
+
+    for m in (model_module.blur_matrix(9, 2.0), model_module.upsample_blur_matrix(4, 9, 2.0),
+              model_module._right_matrix(((4, 0.5), (2, 0.5)), 9, 2.0)):
+        assert isinstance(m, np.ndarray) and m.dtype == np.float64 and not m.flags.writeable
+    x = torch.randn(1, 1, 9, 9, dtype=torch.float64)
+    assert gaussian_blur_dtype(x) == torch.float64
+
+
+def gaussian_blur_dtype(x):
+    from fastflow.model import gaussian_blur
+
+    return gaussian_blur(x, 2.0).dtype

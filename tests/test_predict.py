@@ -100,8 +100,8 @@ def test_cli_predict_reports_bad_files_and_skips_done_images(run, tmp_path, caps
     assert main(args) == 0
     summary = json.loads((out / "summary.json").read_text())
     by_name = {os.path.basename(r["path"]): r for r in summary["results"]}  # the two 000.png collide: unused
-    assert summary["counts"] == {"images": 4, "ok": 3, "error": 1, "anomalous": summary["counts"]["anomalous"],
-                                 "skipped_this_run": 0}
+    anomalous = sum(r["status"] == "ok" and bool(r["is_anomalous"]) for r in summary["results"])
+    assert summary["counts"] == {"images": 4, "ok": 3, "error": 1, "anomalous": anomalous, "skipped_this_run": 0}
     assert by_name["broken.png"]["status"] == "error" and "broken.png" in by_name["broken.png"]["error"]
     for r in summary["results"]:
         if r["status"] != "ok":
@@ -141,3 +141,16 @@ def test_cli_predict_user_errors(run, tmp_path, capsys):
     assert main(["predict", run[0], image, "--output", str(tmp_path / "o"), "--runtime", "onnx",
                  "--onnx", str(tmp_path / "m.onnx")]) == 2
     assert "fastflow export" in capsys.readouterr().err
+
+
+def test_a_nan_score_is_reported_anomalous_with_a_warning():
+    from fastflow.data import Preprocess
+
+    def infer(batch):  # a model whose output is NaN for this batch
+        b, _, h, w = batch.shape
+        return np.full(b, np.nan, np.float32), np.full((b, 1, h, w), np.nan, np.float32)
+
+    pred = Predictor(infer, Preprocess((32, 32), (0.5,) * 3, (0.5,) * 3), {"value": 1.0, "val_median": 0.5})
+    with pytest.warns(RuntimeWarning, match="NaN"):
+        result = pred.predict(np.zeros((40, 50, 3), np.uint8))
+    assert math.isnan(result.score) and result.is_anomalous is True and result.mask.all()

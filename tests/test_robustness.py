@@ -417,6 +417,22 @@ def test_input_size_the_backbone_cannot_take(monkeypatch):
         (192, 14, 14)]
 
 
+def test_a_probe_failure_that_is_not_about_the_size_is_not_blamed_on_it(monkeypatch):
+    # Out of memory, a device error, a broken backbone: the error as it is, no "--input-size" advice.
+    fe = backbones.build_backbone("resnet18", "random", (1, 2, 3))
+
+    def broken(images):
+        raise RuntimeError("CUDA error: device-side assert triggered")
+
+    monkeypatch.setattr(fe, "forward", broken)
+    with pytest.raises(RuntimeError, match="device-side assert") as info:
+        fe.feature_shapes((64, 64))
+    assert "input-size" not in str(info.value)
+    monkeypatch.setattr(fe, "forward", lambda images: (_ for _ in ()).throw(torch.OutOfMemoryError("out of memory")))
+    with pytest.raises(torch.OutOfMemoryError):
+        fe.feature_shapes((64, 64))
+
+
 # -- checkpoints ------------------------------------------------------------------------------------
 class _RunsCode:
     """Unpickling this calls os.system: creates the marker file if the loader executes code."""
@@ -543,7 +559,7 @@ def test_sigkill_then_resume_gives_the_uninterrupted_model(base, tmp_path, capsy
 
     # Resuming with other options, or from a broken checkpoint, is refused in one line.
     saved = json.loads((run / "run.json").read_text())
-    saved["train_config"]["epochs"] = EPOCHS + 1
+    saved["train_config"]["lr"] = 0.5  # (a larger epoch count is allowed: it extends a run)
     (run / "run.json").write_text(json.dumps(saved))
     rc, _, err = cli(capsys, "train", "--resume", run, "--quiet")
     assert_one_line_error(rc, err, "checkpoint.pt", "config differs", "start a new run folder")

@@ -100,8 +100,19 @@ def test_evaluate_cli_writes_metrics_json(run, dataset, tmp_path, capsys):
     out = tmp_path / "metrics.json"
     assert main(["evaluate", run, "--data", dataset, "--category", "texture", "--output", str(out), "--quiet"]) == 0
     m = json.loads(out.read_text())
+    # The CLI's numbers are the metrics of the run's own scores and maps (recomputed here through the API,
+    # image AUROC independently with scikit-learn), not merely numbers in [0, 1].
+    from sklearn.metrics import roc_auc_score
+
+    from fastflow.data import Preprocess
+    from fastflow.evaluate import evaluate_model
+
+    model, ckpt = load_run(run)
+    want, scored = evaluate_model(model, load_samples("mvtec", dataset, "texture", "test"),
+                                  Preprocess.from_dict(ckpt["preprocess"]))
+    assert m["image_auroc"] == pytest.approx(roc_auc_score(scored.labels, scored.scores), abs=1e-12)
     for key in ("image_auroc", "pixel_auroc", "pixel_aupro", "image_f1_max"):
-        assert 0.0 <= m[key] <= 1.0
+        assert m[key] == pytest.approx(want[key], abs=1e-9), key
     assert m["n_images"] == 7 and m["n_anomalous"] == 4 and m["seconds"] > 0
     assert "image_auroc" in capsys.readouterr().out  # the readable table
 
@@ -292,3 +303,43 @@ def test_top_level_predictor_api(run):
     result = fastflow.Predictor.from_run(run).predict(image)
     assert result.anomaly_map.shape == (50, 70) and isinstance(result.is_anomalous, bool)
     assert np.isfinite(result.score)
+
+
+def test_fastflow_debug_shows_the_traceback_of_a_user_error(tmp_path, capsys, monkeypatch):
+    args = ["evaluate", str(tmp_path / "no-such-run"), "--data", str(tmp_path), "--category", "x"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    monkeypatch.setenv("FASTFLOW_DEBUG", "1")
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err and err.strip().splitlines()[-1].startswith("fastflow evaluate")
+
+
+def test_an_internal_value_error_is_not_disguised_as_a_user_error(monkeypatch):
+    import fastflow.cli as cli
+
+    def broken(args):
+        np.zeros(-1)  # a ValueError raised inside NumPy: a bug, not the user's mistake
+
+    monkeypatch.setitem(cli.COMMANDS, "presets", broken)
+    with pytest.raises(ValueError, match="negative"):
+        main(["presets"])
+
+    def user_mistake(args):
+        from fastflow.flow import kernel_sizes
+
+        kernel_sizes(2, "5-5")  # a ValueError raised by fastflow's own code, with its message: a user error
+
+    monkeypatch.setitem(cli.COMMANDS, "presets", user_mistake)
+    assert main(["presets"]) == 2
+
+
+def test_fastflow_demo_smoke(tmp_path, capsys):
+    # The whole demo (synthetic set, training, evaluation) with one epoch: it runs end to end offline.
+    out = tmp_path / "demo"
+    assert main(["demo", "--output", str(out), "--epochs", "1", "--quiet"]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["category"] == "texture" and m["n_images"] == 30 and m["n_anomalous"] == 15
+    assert (out / "run" / "model.pt").is_file() and np.isfinite(m["image_auroc"])
+    assert "image_auroc" in capsys.readouterr().out

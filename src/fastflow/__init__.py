@@ -6,7 +6,7 @@
 
 __version__ = "0.1.0"
 
-__all__ = ["Predictor", "FastFlow", "__version__"]
+__all__ = ["Predictor", "Prediction", "FastFlow", "DatasetError", "__version__"]
 
 
 def __getattr__(name: str):
@@ -15,6 +15,14 @@ def __getattr__(name: str):
         from .predict import Predictor
 
         return Predictor
+    if name == "Prediction":
+        from .predict import Prediction
+
+        return Prediction
+    if name == "DatasetError":  # raised for a missing, malformed or unreadable image or dataset
+        from .data import DatasetError
+
+        return DatasetError
     if name == "FastFlow":
         from .model import FastFlow
 

@@ -93,11 +93,13 @@ def candidate_configs(overrides_model: dict | None = None, overrides_train: dict
 
 
 def choose(candidates: list[tuple[str, ModelConfig, TrainConfig]], samples: list[Sample], work_dir: str,
-           weights: str = "pretrained", log=print, probe_tag: str = "") -> tuple[str, ModelConfig, TrainConfig, dict]:
+           weights: str = "pretrained", log=print, probe_tag: str = "", device="auto",
+           precision: str = "fp32") -> tuple[str, ModelConfig, TrainConfig, dict]:
     """Probe every candidate on ``samples`` (normal images only) and return the best one:
     (name, model config, train config, report). ``report`` holds each candidate's synthetic-defect
     figures, the probe length and time, and the reason for the choice; it goes into run.json.
-    Probes are trained in ``work_dir/.auto-probe{probe_tag}-NAME`` (one process each) and removed."""
+    Probes are trained in ``work_dir/.auto-probe{probe_tag}-NAME`` (one process each, on ``device`` at
+    ``precision``, device.py) and removed."""
     seed = candidates[0][2].seed
     _, val_samples = split_validation(samples, candidates[0][2].val_fraction, seed)
     if len(val_samples) < 2:
@@ -111,7 +113,8 @@ def choose(candidates: list[tuple[str, ModelConfig, TrainConfig]], samples: list
         probe_dir = os.path.join(work_dir, f".auto-probe{probe_tag}-{name}")
         probe = probe_config(train_cfg, len(samples) - len(val_samples))
         t1 = time.perf_counter()
-        train(model_cfg, probe, samples, probe_dir, weights=weights, progress=False, log=lambda *a, **k: None)
+        train(model_cfg, probe, samples, probe_dir, weights=weights, progress=False, log=lambda *a, **k: None,
+              device=device, precision=precision)
         model = model_from_checkpoint(load_safe(os.path.join(probe_dir, "model.pt")))
         shutil.rmtree(probe_dir, ignore_errors=True)
         results[name] = {**synthetic_score(model, normals, defective, masks), "probe_epochs": probe.epochs,

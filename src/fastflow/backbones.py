@@ -232,13 +232,24 @@ class FeatureExtractor(nn.Module):
         """(C_i, H_i, W_i) per level for one input of ``input_size`` (H, W), from a real forward pass."""
         try:
             feats = self(torch.zeros(1, 3, *input_size))
-        except Exception as e:
+        except (RuntimeError, ValueError, AssertionError) as e:
             native = getattr(getattr(self.model, "patch_embed", None), "img_size", None)
+            probe = tuple(native) if native else (224, 224)
+            if tuple(input_size) == probe or isinstance(e, torch.OutOfMemoryError) or not self._runs_at(probe):
+                raise  # not a matter of the input size (memory, device, a broken backbone): the error as it is
             hint = f"use --input-size {native[0]},{native[1]}" if native else "use a larger --input-size"
             raise ValueError(f"backbone {self.name} cannot take input size {tuple(input_size)}: "
                              f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}; "
                              f"{hint}") from e
         return [tuple(int(s) for s in f.shape[1:]) for f in feats]
+
+    def _runs_at(self, input_size: tuple[int, int]) -> bool:
+        """Whether the backbone runs on one image of a size it is known to take (after a failed probe)."""
+        try:
+            self(torch.zeros(1, 3, *input_size))
+            return True
+        except Exception:
+            return False
 
 
 def _features_only(spec: BackboneSpec, full: nn.Module) -> nn.Module:

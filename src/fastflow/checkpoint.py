@@ -22,7 +22,7 @@ import os
 import pickle
 import tempfile
 import zipfile
-from typing import Any
+from typing import IO, Any, Callable
 
 import torch
 
@@ -36,21 +36,18 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used; the message says why and what to do."""
 
 
-def save_atomic(obj: dict[str, Any], path: str) -> None:
-    """torch.save to a temporary file beside ``path``, fsync, then atomically replace ``path``.
-    Tensors are written as CPU tensors whatever device they are on (``load_safe`` maps to the CPU too),
-    so a checkpoint saved on a GPU loads on any machine."""
-    from .device import to_cpu
-
-    obj = to_cpu(obj)
+def atomic_write(path: str, write: Callable[[IO], None], binary: bool = False) -> None:
+    """``write(f)`` into a temporary file beside ``path`` (``.tmp-*`` plus path's extension), fsync, then
+    atomically replace ``path``: a reader, or a run killed at any moment, sees the old file or the new one."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.splitext(path)[1], dir=folder)
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+        with (os.fdopen(fd, "wb") if binary else os.fdopen(fd, "w", newline="")) as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a checkpoint is as readable as any new file
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -58,10 +55,40 @@ def save_atomic(obj: dict[str, Any], path: str) -> None:
         raise
 
 
+def save_atomic(obj: dict[str, Any], path: str) -> None:
+    """torch.save ``obj`` to ``path`` atomically (``atomic_write``). Tensors are written as CPU tensors
+    whatever device they are on (``load_safe`` maps to the CPU too), so a checkpoint saved on a GPU loads on
+    any machine."""
+    from .device import to_cpu
+
+    atomic_write(path, lambda f: torch.save(to_cpu(obj), f), binary=True)
+
+
+def _umask() -> int:
+    """The process's file-creation mask (read by setting it, then restoring it at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+# How a torch.save file begins: a zip archive (torch >= 1.6), or a raw pickle (protocol 2+, legacy format).
+_TORCH_MAGIC = (b"PK\x03\x04", b"\x80")
+
+
+def _looks_like_torch_file(path: str) -> bool:
+    with open(path, "rb") as f:
+        head = f.read(4)
+    return any(head.startswith(m) for m in _TORCH_MAGIC)
+
+
 def load_safe(path: str) -> dict[str, Any]:
     """Load a checkpoint with the restricted (weights-only) unpickler; clear errors for bad files."""
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint not found: {path!r} (expected a run folder with model.pt)")
+    if not _looks_like_torch_file(path):  # text, an image, an empty file: not a pickle an attacker crafted
+        size = os.path.getsize(path)
+        raise CheckpointError(f"{path}: not a fastflow checkpoint ({'empty file' if size == 0 else 'not a torch.save file'}"
+                              f"); point to the model.pt that fastflow train wrote, or retrain")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:

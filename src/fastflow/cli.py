@@ -7,9 +7,13 @@
     fastflow evaluate RUN_DIR --data ROOT --category NAME [--output metrics.json] [--report] [--misalign]
     fastflow predict  RUN_DIR IMAGE_OR_FOLDER... --output OUT_DIR [--threshold T] [--runtime torch|onnx]
     fastflow export   RUN_DIR --format onnx [--output model.onnx]
-    fastflow invert   RUN_DIR IMAGE --region x0,y0,x1,y1 --output OUT_DIR [--strength S] [--level L]
+    fastflow invert   RUN_DIR IMAGE --region x0,y0,x1,y1 --output OUT_DIR [--strength S] [--level L (1: finest)]
+    fastflow calibrate RUN_DIR --normal-dir DIR [--false-alarm-rate R]
+    fastflow info     RUN_DIR [--json]
     fastflow presets  [--json]
     fastflow demo     [--output DIR]
+    (train, evaluate, predict, export, invert, demo: [--device auto|cpu|cuda|cuda:N|mps] [--threads N]
+     and, but for export, [--precision fp32|bf16|fp16]; see device.py)
 
 A user mistake (missing path, bad option, unreadable file, unusable checkpoint) ends with one
 line on stderr and exit code 2, never a traceback.
@@ -19,8 +23,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
+import traceback
 from dataclasses import replace
 
 from .config import PRESETS, ModelConfig, TrainConfig, check_levels, from_dict, get_preset, to_dict
@@ -29,17 +35,21 @@ from .config import PRESETS, ModelConfig, TrainConfig, check_levels, from_dict, 
 # -- shared option groups ---------------------------------------------------------------------
 def _add_data_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     g = p.add_argument_group("data")
-    g.add_argument("--data", required=required, help="dataset root folder")
+    g.add_argument("--data", required=required,
+                   help="dataset root folder (folder format: the folder --normal-dir is relative to, default .)")
     g.add_argument("--category", required=required,
-                   help="category name, a comma-separated list, or 'all'")
+                   help="category name, a comma-separated list, or 'all' (folder format: a name, default "
+                        "--data's folder name)")
     g.add_argument("--format", default="mvtec", choices=["mvtec", "btad", "folder", "mtd", "cifar10"],
-                   help="dataset layout (default: mvtec)")
+                   help="dataset layout (default: mvtec; evaluate: the run's)")
     g.add_argument("--normal-dir", action="append", default=None, help="folder format: normal images (repeatable)")
     g.add_argument("--abnormal-dir", action="append", default=None,
                    help="folder format: anomalous images (repeatable)")
     g.add_argument("--mask-dir", default=None, help="folder format: folder of masks (default: beside images)")
-    g.add_argument("--mask-suffix", default=None, help="folder format: mask name = image stem + suffix")
-    g.add_argument("--test-fraction", type=float, default=None, help="folder format: normals kept for test")
+    g.add_argument("--mask-suffix", default=None,
+                   help="folder format: mask name = image stem + suffix, e.g. _mask.png (default: .png)")
+    g.add_argument("--test-fraction", type=float, default=None,
+                   help="folder format: fraction of the normal images kept for test (default: 0.2)")
 
 
 def _add_compute_args(p: argparse.ArgumentParser, precision: bool = True) -> None:
@@ -75,6 +85,19 @@ def _data_options(args) -> dict:
             if getattr(args, key) is not None:
                 opts[key] = getattr(args, key)
     return opts
+
+
+def _folder_defaults(args) -> None:
+    """The folder format names its folders with --normal-dir/--abnormal-dir (relative to --data or absolute):
+    --data defaults to the current folder and --category (only a name there) to --data's folder name."""
+    if args.format != "folder":
+        return
+    if not args.data:
+        args.data = "."
+    if not args.category:
+        from .data import list_categories
+
+        args.category = list_categories("folder", args.data)[0]
 
 
 def _categories(args) -> list[str]:
@@ -141,8 +164,30 @@ def _cutoff(text: str) -> float | str:
         raise argparse.ArgumentTypeError(f"expected a percent like 1 or 'off', got {text!r}") from None
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Shows each option's default (unless None/False, or the help already names it) and keeps the line
+    breaks of descriptions and epilogs."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        if default is None or default is False or default == argparse.SUPPRESS or "default" in text \
+                or not action.option_strings:
+            return text
+        return text + " (default: %(default)s)"
+
+
 class _Parser(argparse.ArgumentParser):
-    """argparse whose usage errors are one line (subcommand parsers inherit the class)."""
+    """argparse whose usage errors are one line and whose help shows defaults (subcommand parsers inherit
+    the class)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        if kwargs.get("description") and "\n" not in kwargs["description"]:  # raw formatting keeps line breaks
+            import textwrap
+
+            kwargs["description"] = textwrap.fill(kwargs["description"], 79)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n")
@@ -150,14 +195,22 @@ class _Parser(argparse.ArgumentParser):
 
 # -- commands ---------------------------------------------------------------------------------
 def _build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="fastflow", description=__doc__.split("\n")[0])
+    parser = _Parser(prog="fastflow", description=DESCRIPTION, epilog=EPILOG)
     parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", required=True)
 
-    t = sub.add_parser("train", help="train a model on normal images")
+    t = sub.add_parser("train", help="train a model on normal images", description=(
+        "Train a FastFlow model on normal (defect-free) images and write a run folder: model.pt (the model and its "
+        "calibrated threshold), checkpoint.pt (for --resume), history.json and run.json. Options left out take the "
+        "preset's values (fastflow presets lists them)."),
+        epilog="examples:\n  fastflow train --data data/mvtec_ad --category bottle --output runs/bottle\n"
+               "  fastflow train --format folder --normal-dir good/ --abnormal-dir bad/ --output runs/mine\n"
+               "  fastflow train --resume runs/bottle [--epochs N]")
     _add_data_args(t, required=False)
     t.add_argument("--output", help="run folder to write (for several categories: one subfolder each)")
-    t.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
+    t.add_argument("--resume", metavar="RUN_DIR",
+                   help="continue an interrupted run from its last checkpoint, with the options it was started "
+                        "with; --epochs N extends a finished run to N epochs")
     t.add_argument("--backbone", default=None,
                    help=f"preset / backbone: auto (the default: chooses among efficientnet_lite0 and lite0_unaligned "
                         f"on synthetic defects pasted on held-out normal images), {', '.join(PRESETS)}")
@@ -168,26 +221,30 @@ def _build_parser() -> argparse.ArgumentParser:
                         "presets, a fixed epoch count for the paper's)")
     t.add_argument("--steps", type=int, default=None,
                    help="optimiser-step budget: as many epochs as reach it (at most --epochs when both are given)")
-    t.add_argument("--batch-size", type=int, default=None)
-    t.add_argument("--lr", type=float, default=None)
-    t.add_argument("--weight-decay", type=float, default=None)
+    t.add_argument("--batch-size", type=int, default=None, help="images per optimiser step (default: the preset's)")
+    t.add_argument("--lr", type=float, default=None, help="Adam learning rate (default: the preset's, 1e-3)")
+    t.add_argument("--weight-decay", type=float, default=None, help="Adam weight decay (default: the preset's, 1e-5)")
     t.add_argument("--grad-clip", type=float, default=None,
                    help="max gradient norm per feature dimension (default 0 = off); e.g. 1 against spikes")
     t.add_argument("--feature-noise", type=float, default=None,
                    help="noise regularisation: Gaussian noise x each level's feature std added to the training "
                         "features (lite presets 0.2, paper presets 0 = off)")
     t.add_argument("--input-size", type=_size, default=None, help="N or H,W (default: the preset's)")
-    t.add_argument("--flow-steps", type=int, default=None)
-    t.add_argument("--hidden-ratio", type=float, default=None)
-    t.add_argument("--kernels", choices=["3-1", "3-3"], default=None)
+    t.add_argument("--flow-steps", type=int, default=None, help="flow steps per level (default: the preset's)")
+    t.add_argument("--hidden-ratio", type=float, default=None,
+                   help="subnet hidden channels / input channels (default: the preset's)")
+    t.add_argument("--kernels", choices=["3-1", "3-3"], default=None,
+                   help="subnet kernels: 3-1 alternates 3x3 and 1x1 steps, 3-3 is 3x3 only (default: the preset's)")
     t.add_argument("--levels", type=_levels, default=None,
                    help="backbone feature levels, one flow each (CNN: 1=stride 4, 2=stride 8, 3=stride 16, "
                         "4=stride 32)")
     t.add_argument("--no-norm-affine", action="store_true",
                    help="LayerNorm without its learned per-location affine: position-free, and the loss stays a "
                         "proper likelihood; for parts that are not aligned (Magnetic Tile: README)")
-    t.add_argument("--anomaly-map", choices=["loglik", "reference"], default=None)
-    t.add_argument("--smoothing-sigma", type=float, default=None)
+    t.add_argument("--anomaly-map", choices=["loglik", "reference"], default=None,
+                   help="loglik: per-location negative log-likelihood; reference: the peers' map (default: loglik)")
+    t.add_argument("--smoothing-sigma", type=float, default=None,
+                   help="Gaussian blur of the anomaly map, in input pixels; 0 = off (default: the preset's)")
     t.add_argument("--autocontrast", type=_cutoff, nargs="?", const=1.0, default=None, metavar="CUTOFF",
                    help="stretch each image's contrast before resizing, clipping CUTOFF percent of the darkest and "
                         "brightest pixels (default 1 when given; 'off' to switch a preset's off); saved with the "
@@ -197,69 +254,123 @@ def _build_parser() -> argparse.ArgumentParser:
                         "--autocontrast; saved with the model's preprocessing")
     t.add_argument("--augment", action="store_true", help="paper Section 6.2 augmentation (flips, rotation)")
     t.add_argument("--no-cache", action="store_true", help="recompute backbone features every epoch")
-    t.add_argument("--val-fraction", type=float, default=None)
+    t.add_argument("--val-fraction", type=float, default=None,
+                   help="normal training images held out to select the epoch and calibrate the threshold "
+                        "(default: 0.1)")
     t.add_argument("--false-alarm-rate", type=float, default=None,
                    help="threshold calibration on held-out normals (default 0.01)")
-    t.add_argument("--seed", type=int, default=None)
+    t.add_argument("--seed", type=int, default=None, help="random seed (default: 0)")
     t.add_argument("--evaluate", action="store_true", help="evaluate on the test split after training")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_compute_args(t)
+    t.add_argument("--overwrite", action="store_true",
+                   help="train into a folder that already holds a run: delete that run's model, checkpoint, "
+                        "exports and metrics first (without it such a folder is refused)")
 
-    e = sub.add_parser("evaluate", help="metrics of a trained run on a labelled test set")
-    e.add_argument("run_dir")
-    _add_data_args(e)
+    e = sub.add_parser("evaluate", help="metrics of a trained run on a labelled test set", description=(
+        "Image AUROC, pixel AUROC, AUPRO and F1-max of a trained run on the test split of a labelled dataset. "
+        "--data, --category and --format default to those the run was trained with (its run.json)."),
+        epilog="example:\n  fastflow evaluate runs/bottle --report")
+    e.add_argument("run_dir", help="run folder written by fastflow train")
+    _add_data_args(e, required=False)
+    e.set_defaults(format=None)  # None: the run's own (run.json), else mvtec
     e.add_argument("--output", help="metrics JSON file (default: RUN_DIR/metrics.json)")
-    e.add_argument("--batch-size", type=_positive(int), default=32)
+    e.add_argument("--batch-size", type=_positive(int), default=32, help="images per forward pass")
     e.add_argument("--report", action="store_true",
                    help="also write a self-contained HTML report (curves, galleries) beside the metrics JSON")
     e.add_argument("--misalign", action="store_true",
                    help="also evaluate on the 4x zoomed/rotated/shifted test set (paper Section 8)")
     e.add_argument("--misalign-seed", type=int, default=0, help="seed of the --misalign transforms")
     _add_compute_args(e)
-    e.add_argument("--quiet", action="store_true")
+    e.add_argument("--quiet", action="store_true", help="no progress bar")
 
-    iv = sub.add_parser("invert", help="pollute the flow latent in a region and regenerate features (paper 4.5)")
-    iv.add_argument("run_dir")
-    iv.add_argument("image")
+    iv = sub.add_parser("invert", help="pollute the flow latent in a region and regenerate features (paper 4.5)",
+                        description=(
+        "Add noise to the flow's latent z in a region of an image, run the flow backwards and save a panel: the "
+        "image, the region, the features before and after, and their difference (paper Section 4.5)."),
+        epilog="example:\n  fastflow invert runs/bottle image.png --region 40,40,120,120 --output out/")
+    iv.add_argument("run_dir", help="run folder written by fastflow train")
+    iv.add_argument("image", help="image file")
     iv.add_argument("--region", type=_region, required=True,
                     help="x0,y0,x1,y1 in pixels of IMAGE (x1, y1 exclusive)")
     iv.add_argument("--output", required=True, help="folder for the panel PNG")
-    iv.add_argument("--strength", type=float, default=3.0, help="std of the noise added to z (default 3)")
-    iv.add_argument("--level", type=int, default=0, help="feature level (0: the finest)")
+    iv.add_argument("--strength", type=float, default=3.0, help="std of the noise added to z")
+    iv.add_argument("--level", type=int, default=1,
+                    help="feature level of the model, counted from 1 (the finest), as in train --levels")
     iv.add_argument("--channel", type=int, default=None, help="feature channel shown (default: most changed)")
-    iv.add_argument("--seed", type=int, default=0)
+    iv.add_argument("--seed", type=int, default=0, help="seed of the noise")
     _add_compute_args(iv)
 
-    pd = sub.add_parser("predict", help="score new images: heatmaps, overlays, masks and a summary")
-    pd.add_argument("run_dir")
+    pd = sub.add_parser("predict", help="score new images: heatmaps, overlays, masks and a summary", description=(
+        "Score images with a trained run: an anomaly score and decision per image, and heatmap/, overlay/ and mask/ "
+        "PNGs with summary.csv and summary.json in the output folder. Unreadable images are reported and skipped; "
+        "the exit code is 1 when none could be scored."),
+        epilog="example:\n  fastflow predict runs/bottle new_images/ --output predictions/")
+    pd.add_argument("run_dir", help="run folder written by fastflow train (or its model.pt)")
     pd.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER", help="image files, folders (recursive) or globs")
     pd.add_argument("--output", required=True, help="folder for heatmap/, overlay/, mask/ and summary.{csv,json}")
     pd.add_argument("--threshold", type=float, default=None, help="decision threshold (default: the run's calibrated)")
     pd.add_argument("--runtime", choices=["torch", "onnx"], default="torch",
                     help="onnx: run RUN_DIR/model.onnx (from `fastflow export`) in ONNX Runtime")
     pd.add_argument("--onnx", default=None, help="ONNX model for --runtime onnx (default: RUN_DIR/model.onnx)")
-    pd.add_argument("--batch-size", type=_positive(int), default=16)
+    pd.add_argument("--batch-size", type=_positive(int), default=16, help="images per forward pass")
     pd.add_argument("--overwrite", action="store_true", help="redo images already in OUT_DIR's summary")
     _add_compute_args(pd)
-    pd.add_argument("--quiet", action="store_true")
+    pd.add_argument("--tile", type=_positive(int), default=None, metavar="PIXELS",
+                    help="for frames larger than the training images: score each image in overlapping tiles of "
+                         "this many pixels (about the size of a training image), each resized to the model's input "
+                         "like a whole image, and stitch the maps; the score is the stitched map's maximum "
+                         "(default: the whole image at once)")
+    pd.add_argument("--tile-overlap", type=float, default=0.25, help="fraction of a tile shared with its neighbour")
+    pd.add_argument("--quiet", action="store_true", help="no progress bar")
 
-    ex = sub.add_parser("export", help="export a run to ONNX (score and anomaly map) with a JSON sidecar")
-    ex.add_argument("run_dir")
-    ex.add_argument("--format", choices=["onnx"], default="onnx")
+    ex = sub.add_parser("export", help="export a run to ONNX (score and anomaly map) with a JSON sidecar",
+                        description=(
+        "Export a trained run to an ONNX graph (image batch -> score, anomaly map) and a JSON sidecar with the "
+        "preprocessing and the threshold, then check ONNX Runtime against torch. Needs the export extra: "
+        "pip install 'fastflow[export]'."),
+        epilog="example:\n  fastflow export runs/bottle --format onnx")
+    ex.add_argument("run_dir", help="run folder written by fastflow train")
+    ex.add_argument("--format", choices=["onnx"], default="onnx", help="export format")
     ex.add_argument("--output", default=None, help="the .onnx file (default: RUN_DIR/model.onnx)")
-    ex.add_argument("--opset", type=_positive(int), default=18)
-    ex.add_argument("--exporter", choices=["torchscript", "dynamo"], default="torchscript")
+    ex.add_argument("--opset", type=_positive(int), default=18, help="ONNX opset version")
+    ex.add_argument("--exporter", choices=["torchscript", "dynamo"], default="torchscript",
+                    help="torch's ONNX exporter (dynamo needs onnxscript)")
+    ex.add_argument("--raw-input", action="store_true",
+                    help="a graph for deployments: one uint8 RGB image (H, W, 3) of any size in, with the resize "
+                         "(Pillow's antialiased bilinear) and normalisation inside; written to RUN_DIR/model_raw.onnx "
+                         "unless --output is given")
     _add_compute_args(ex, precision=False)
 
-    pr = sub.add_parser("presets", help="list the model presets")
+    pr = sub.add_parser("presets", help="list the model presets", description=(
+        "The model presets (fastflow train --backbone NAME): backbone, input size, feature levels, flow size, "
+        "trainable parameters, training epochs and batch, and whether the backbone weights ship with the package "
+        "(offline) or are downloaded."))
     pr.add_argument("--json", action="store_true", help="machine-readable output")
 
-    d = sub.add_parser("demo", help="train and evaluate on a synthetic set: no data, no network")
-    d.add_argument("--output", default="demo-output")
-    d.add_argument("--epochs", type=int, default=None)
+    _add_calibrate_parser(sub)
+    _add_info_parser(sub)
+
+    d = sub.add_parser("demo", help="train and evaluate on a synthetic set: no data, no network", description=(
+        "Make a small synthetic texture dataset, train on it and evaluate: a check that the installation works, "
+        "with no data and no network."))
+    d.add_argument("--output", default="demo-output", help="folder for the dataset, the run and the metrics")
+    d.add_argument("--epochs", type=int, default=None, help="training epochs (default: the demo's own)")
     _add_compute_args(d)
-    d.add_argument("--quiet", action="store_true")
+    d.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
+
+
+DESCRIPTION = "fastflow: unsupervised anomaly detection and localisation with 2D normalising flows (FastFlow)."
+EPILOG = """\
+the usual way:
+  fastflow train    --data data/mvtec_ad --category bottle --output runs/bottle
+  fastflow evaluate runs/bottle --report
+  fastflow predict  runs/bottle new_images/ --output predictions/
+  fastflow export   runs/bottle --format onnx
+
+fastflow COMMAND --help describes each command. A user mistake (missing path, bad option, unreadable file,
+unusable checkpoint) ends with one line on stderr and exit code 2, never a traceback."""
 
 
 def _version() -> str:
@@ -314,6 +425,7 @@ def _train(args, dist) -> int:
 
     device, precision = _compute(args) if dist.world == 1 else (dist.device, args.precision)
     if args.resume:
+        _check_resume_options(args)
         path = _run_file(args.resume)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{path} not found: --resume takes a run folder written by "
@@ -327,18 +439,25 @@ def _train(args, dist) -> int:
         except (ValueError, KeyError, TypeError) as e:
             raise ValueError(f"{path} is corrupt or from another version ({type(e).__name__}: {e}); "
                              f"start a new run with --output") from e
+        train_cfg = _extended(args, model_cfg, train_cfg, path)
+        if train_cfg is None:
+            return 0
         samples = load_samples(data["format"], data["root"], data["category"], "train", **data["options"])
         res = train(model_cfg, train_cfg, samples, args.resume, weights=saved["weights"], resume=True,
                     progress=not args.quiet, dist=dist, device=device, precision=precision)
         if dist.is_main:
             print(f"resumed and finished {args.resume}: best epoch {res.best_epoch}, threshold {res.threshold:.4f}")
         return 0
+    _folder_defaults(args)
     if not args.data or not args.category or not args.output:
-        raise ValueError("train needs --data, --category and --output (or --resume RUN_DIR)")
+        raise ValueError("train needs --data, --category and --output (or --resume RUN_DIR); the folder format "
+                         "needs only --normal-dir and --output")
     auto = args.backbone in (None, "auto")
     model_cfg, train_cfg = _configs(args, CANDIDATES[0] if auto else None)
     categories = _categories(args)
     opts = _data_options(args)
+    _clear_run_dirs([args.output if len(categories) == 1 else os.path.join(args.output, c) for c in categories],
+                    args.overwrite, dist)
     mine, cat_dist = categories, dist  # each category sharded over all ranks, one after the other ...
     if dist.world > 1 and len(categories) >= dist.world:  # ... or whole categories round-robin over ranks
         mine, cat_dist = dist.owned(categories), SINGLE
@@ -353,7 +472,8 @@ def _train(args, dist) -> int:
             os.makedirs(run_dir, exist_ok=True)
             name, model_cfg, train_cfg, report = choose([(n, *_configs(args, n)) for n in CANDIDATES], samples,
                                                         run_dir, weights=args.weights, log=say,
-                                                        probe_tag=f"{dist.rank}" if cat_dist.world > 1 else "")
+                                                        probe_tag=f"{dist.rank}" if cat_dist.world > 1 else "",
+                                                        device=device, precision=precision)
             chosen = {"preset": name, "auto": report}
         if cat_dist.is_main:
             os.makedirs(run_dir, exist_ok=True)
@@ -362,8 +482,13 @@ def _train(args, dist) -> int:
                            "weights": args.weights, "data": {"format": args.format, "root": os.path.abspath(args.data),
                                                              "category": cat, "options": opts}, **chosen}, f, indent=1)
         say(f"[{cat}] training {chosen.get('preset') or args.backbone or model_cfg.backbone} on {len(samples)} normal images{where} -> {run_dir}")
-        res = train(model_cfg, train_cfg, samples, run_dir, weights=args.weights,
-                    progress=not args.quiet and dist.is_main, dist=cat_dist, device=device, precision=precision)
+        try:
+            res = train(model_cfg, train_cfg, samples, run_dir, weights=args.weights,
+                        progress=not args.quiet and dist.is_main, dist=cat_dist, device=device, precision=precision)
+        except Exception:
+            if cat_dist.is_main:
+                _drop_orphan_run_file(run_dir)
+            raise
         say(f"[{cat}] done in {res.train_seconds:.1f} s: best epoch {res.best_epoch}, "
             f"val NLL {res.best_val_nll if res.best_val_nll is None else round(res.best_val_nll, 4)} nats/dim, "
             f"threshold {res.threshold:.4f}")
@@ -385,6 +510,103 @@ def _train(args, dist) -> int:
 
 def _run_file(run_dir: str) -> str:
     return os.path.join(run_dir, "run.json")
+
+
+# What fastflow writes into a run folder; `train --overwrite` deletes these (and ONNX exports with their
+# sidecars), never other files.
+RUN_FILES = ("run.json", "model.pt", "checkpoint.pt", "history.json", "metrics.json", "report.html")
+
+
+def _run_files(run_dir: str) -> list[str]:
+    """The files of an earlier run in ``run_dir`` (names), sorted; [] for a new or empty folder."""
+    if not os.path.isdir(run_dir):
+        return []
+    names = set(os.listdir(run_dir))
+    exports = {n for n in names if n.endswith(".onnx")}
+    sidecars = {os.path.splitext(n)[0] + ".json" for n in exports} & names
+    return sorted((names & set(RUN_FILES)) | exports | sidecars)
+
+
+def _clear_run_dirs(run_dirs: list[str], overwrite: bool, dist) -> None:
+    """train into a folder that holds a run: refused, unless ``overwrite``, which deletes that run's files
+    first, so that no export, metrics or report of the old model is left beside the new one."""
+    found = {d: files for d in run_dirs if (files := _run_files(d))}
+    if found and not overwrite:
+        d, files = next(iter(found.items()))
+        raise ValueError(f"{d} already holds a run ({', '.join(files)}); pass --overwrite to replace it (its model, "
+                         f"exports and metrics are deleted), --resume {d} to continue it, or choose another --output")
+    if dist.is_main:
+        for d, files in found.items():
+            for name in files:
+                os.unlink(os.path.join(d, name))
+    dist.barrier()
+
+
+def _drop_orphan_run_file(run_dir: str) -> None:
+    """A training that failed before its first checkpoint leaves nothing to resume: remove its run.json
+    (and the folder, if train created it and it is now empty)."""
+    if os.path.isfile(os.path.join(run_dir, "checkpoint.pt")):
+        return  # resumable: keep run.json for --resume
+    try:
+        os.unlink(_run_file(run_dir))
+        os.rmdir(run_dir)
+    except OSError:
+        pass
+
+
+# Options --resume accepts: the rest are the run's own, saved in run.json.
+RESUME_OPTIONS = ("command", "resume", "epochs", "quiet", "evaluate", "output", "device", "threads")
+
+
+def _check_resume_options(args) -> None:
+    """--resume continues a run with the options it was started with: any other option given is refused,
+    except --epochs (extends a run) and --output naming the same folder."""
+    defaults = vars(_build_parser().parse_args(["train"]))
+    given = [k for k, v in vars(args).items() if k not in RESUME_OPTIONS and v != defaults.get(k)]
+    if args.output is not None and os.path.abspath(args.output) != os.path.abspath(args.resume):
+        given.insert(0, "output")
+    if given:
+        shown = ", ".join("--" + k.replace("_", "-") for k in given)
+        raise ValueError(f"--resume continues {args.resume} with the options it was started with (run.json); "
+                         f"remove {shown}, or start a new run with --output (only --epochs may extend a run)")
+
+
+def _extended(args, model_cfg: ModelConfig, train_cfg: TrainConfig, run_json: str) -> TrainConfig | None:
+    """The training config to resume with: ``--epochs N`` extends the run to exactly N epochs (recorded in
+    run.json; a step budget no longer applies). None when the run has already finished all its epochs (a
+    message says how to extend it)."""
+    from .checkpoint import CheckpointError, load_safe
+    from .train import planned_epochs
+
+    ckpt_path = os.path.join(args.resume, "checkpoint.pt")
+    done = 0
+    if os.path.isfile(ckpt_path):
+        state = load_safe(ckpt_path)
+        saved_train = {**(state.get("train_config") or {}), "epochs": train_cfg.epochs, "steps": train_cfg.steps}
+        if state.get("model_config") != to_dict(model_cfg) or saved_train != to_dict(train_cfg):
+            raise CheckpointError(f"{ckpt_path}: its config differs from this run's ({run_json}); resume with the "
+                                  f"same options, or start a new run folder")
+        done = int(state.get("epoch", -1)) + 1
+    if args.epochs is not None:
+        if args.epochs < done:
+            raise ValueError(f"--epochs {args.epochs}: {args.resume} has already run {done} epochs; "
+                             f"give more than {done} to extend it")
+        train_cfg = replace(train_cfg, epochs=args.epochs, steps=None)
+        with open(run_json) as f:
+            saved = json.load(f)
+        saved["train_config"] = to_dict(train_cfg)
+        with open(run_json, "w") as f:
+            json.dump(saved, f, indent=1)
+        return train_cfg
+    model_file = os.path.join(args.resume, "model.pt")
+    if os.path.isfile(model_file):  # finished once: is its (possibly extended) length reached?
+        n_fit = load_safe(model_file).get("n_fit")
+        planned = planned_epochs(train_cfg, int(n_fit)) if n_fit is not None else train_cfg.epochs
+        if done >= planned:
+            print(f"{args.resume} has finished all its {planned} epochs: nothing to resume; extend it with "
+                  f"--resume {args.resume} --epochs N (N > {planned})")
+            return None
+    return train_cfg
 
 
 def _evaluate_one(run_dir, fmt, root, category, opts, output, batch_size, quiet, report=False,
@@ -439,8 +661,49 @@ def _print_summary(rows: dict, folder: str | None, metrics: bool = True) -> None
             json.dump(rows, f, indent=1)
 
 
+def _data_from_run(args) -> None:
+    """evaluate: what the user left out of --data, --category, --format (and, for the folder format, its
+    folder options) is taken from the run.json that ``fastflow train`` wrote (RUN_DIR/run.json, or
+    RUN_DIR/<category>/run.json for a multi-category run)."""
+    saved = []
+    if os.path.isfile(_run_file(args.run_dir)):
+        paths = [_run_file(args.run_dir)]
+    elif os.path.isdir(args.run_dir):
+        paths = sorted(_run_file(os.path.join(args.run_dir, d)) for d in os.listdir(args.run_dir)
+                       if os.path.isfile(_run_file(os.path.join(args.run_dir, d))))
+    else:
+        paths = []
+    for path in paths:
+        try:
+            with open(path) as f:
+                saved.append(json.load(f)["data"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    if saved:
+        first = saved[0]
+        if args.format is None:
+            args.format = first["format"]
+        if args.data is None and args.format == first["format"]:
+            args.data = first["root"]
+        if args.category is None and args.format == first["format"]:
+            args.category = ",".join(d["category"] for d in saved) if len(saved) > 1 else first["category"]
+        options = first.get("options") or {}
+        if args.format == "folder" and first["format"] == "folder" and not _data_options(args):
+            args.normal_dir = options.get("normal_dirs")
+            args.abnormal_dir = options.get("abnormal_dirs")
+            for key in ("mask_dir", "mask_suffix", "test_fraction"):
+                setattr(args, key, options.get(key))
+    if args.format is None:
+        args.format = "mvtec"
+    _folder_defaults(args)
+    if not args.data or not args.category:
+        raise ValueError(f"evaluate needs --data and --category: {args.run_dir} has no run.json to take them "
+                         f"from (it is written by fastflow train)")
+
+
 def cmd_evaluate(args) -> int:
     device, precision = _compute(args)
+    _data_from_run(args)
     categories = _categories(args)
     opts = _data_options(args)
     rows = {}
@@ -457,23 +720,10 @@ def cmd_evaluate(args) -> int:
 
 
 def presets_table() -> list[dict]:
-    """Every preset with its shapes and trainable parameter counts (built with random weights)."""
-    from .model import FastFlow
+    """Every preset with its shapes and trainable parameter counts (by arithmetic: presets.py)."""
+    from .presets import presets_table as table
 
-    rows = []
-    for p in PRESETS.values():
-        model = FastFlow(p.model, weights="random")
-        counts = model.parameter_counts()
-        rows.append({
-            "name": p.name, "backbone": p.model.backbone, "input_size": list(p.model.input_size),
-            "levels": [{"channels": c, "stride": s, "shape": list(sh)} for c, s, sh in
-                       zip(model.backbone.channels, model.backbone.strides, model.feature_shapes)],
-            "flow_steps": p.model.flow_steps, "hidden_ratio": p.model.hidden_ratio, "kernels": p.model.kernels,
-            "epochs": p.epochs, "params_flow": counts["flow"], "params_norm": counts["norm"],
-            "params_trainable": counts["trainable"], "params_backbone": counts["backbone"],
-            "reproduces": p.reproduces,
-        })
-    return rows
+    return table()
 
 
 def cmd_presets(args) -> int:
@@ -481,13 +731,14 @@ def cmd_presets(args) -> int:
     if args.json:
         print(json.dumps(rows, indent=1))
         return 0
-    print(f"{'preset':<20}{'backbone':<34}{'size':>6}{'levels (C@stride)':>22}{'steps':>6}{'ratio':>6}"
-          f"{'kern':>5}{'flow':>12}{'norm':>10}{'trainable':>12}")
+    print(f"{'preset':<20}{'backbone':<34}{'size':>5}{'levels (C@stride)':>22}{'steps':>6}{'ratio':>6}"
+          f"{'kern':>5}{'trainable':>12}  {'training':<11}{'batch':>5}  {'parts':<10}weights")
     for r in rows:
         levels = " ".join(f"{lv['channels']}@{lv['stride']}" for lv in r["levels"])
-        print(f"{r['name']:<20}{r['backbone']:<34}{r['input_size'][0]:>6}{levels:>22}{r['flow_steps']:>6}"
-              f"{r['hidden_ratio']:>6}{r['kernels']:>5}{r['params_flow']:>12,}{r['params_norm']:>10,}"
-              f"{r['params_trainable']:>12,}")
+        length = f"{r['train_steps']} steps" if r.get("train_steps") else f"{r['epochs']} epochs"
+        print(f"{r['name']:<20}{r['backbone']:<34}{r['input_size'][0]:>5}{levels:>22}{r['flow_steps']:>6}"
+              f"{r['hidden_ratio']:>6}{r['kernels']:>5}{r['params_trainable']:>12,}  {length:<11}"
+              f"{r['batch_size']:>5}  {'aligned' if r['aligned'] else 'unaligned':<10}{r['weights']}")
     return 0
 
 
@@ -504,20 +755,48 @@ def cmd_invert(args) -> int:
 def cmd_predict(args) -> int:
     from .predict import Predictor, collect_inputs, predict_to_folder
 
-    inputs = [str(p) for p in collect_inputs(args.inputs)]  # bad paths fail before the model loads
+    # bad paths fail before the model loads; the output folder's own pictures are never inputs
+    inputs = [str(p) for p in collect_inputs(args.inputs, exclude=args.output)]
     predictor = Predictor.from_run(args.run_dir, args.threshold, args.runtime, args.onnx, args.batch_size,
                                    num_threads=args.threads, device=args.device, precision=args.precision)
+    if args.tile is not None:
+        predictor = predictor.with_tiles(args.tile, args.tile_overlap)
     summary = predict_to_folder(predictor, inputs, args.output, args.batch_size, args.overwrite,
                                 progress=not args.quiet)
     c = summary["counts"]
     print(f"{c['ok']} image(s) scored, {c['anomalous']} anomalous, {c['error']} unreadable "
           f"(threshold {summary['threshold']['value']}) -> {os.path.join(args.output, 'summary.csv')}")
+    return _report_failures(summary)
+
+
+def _report_failures(summary: dict, shown: int = 10) -> int:
+    """predict: the reason of each unreadable input on stderr (the first ``shown``); exit code 1 when no
+    input could be scored at all, so that a script knows nothing was inspected."""
+    failed = [r for r in summary["results"] if r["status"] == "error"]
+    for r in failed[:shown]:
+        print(f"fastflow predict: {r['error']}", file=sys.stderr)
+    if len(failed) > shown:
+        print(f"fastflow predict: ... and {len(failed) - shown} more unreadable image(s) (see summary.csv)",
+              file=sys.stderr)
+    if failed and not summary["counts"]["ok"]:
+        print(f"fastflow predict: error: none of the {len(failed)} input image(s) could be read; nothing was "
+              f"scored", file=sys.stderr)
+        return 1
     return 0
 
 
 def cmd_export(args) -> int:
     from .export import export_onnx
     from .run import sidecar_path
+
+    if args.raw_input:
+        from .raw_input import export_raw_onnx
+
+        meta = export_raw_onnx(args.run_dir, args.output, args.opset)
+        out = args.output or os.path.join(args.run_dir, "model_raw.onnx")
+        print(f"ONNX model (uint8 image of any size in) -> {out} (sidecar {sidecar_path(out)}); its scores match "
+              f"Predictor's to {meta['parity']['max_rel_diff_score']:.1e} of their value")
+        return 0
 
     device, _ = _compute(args)
     meta = export_onnx(args.run_dir, args.output, args.opset, args.exporter, device=device)
@@ -526,6 +805,56 @@ def cmd_export(args) -> int:
     print(f"ONNX model -> {out} (sidecar {sidecar_path(out)}); ONNX Runtime matches torch to "
           f"{max(par['max_abs_diff_score'], par['max_abs_diff_map']):.1e} "
           f"({par['max_rel_diff_map']:.1e} of the map's largest value, on random test images)")
+    return 0
+
+
+def _add_calibrate_parser(sub) -> None:
+    c = sub.add_parser("calibrate", help="set a run's decision threshold again from more good images",
+                       description=(
+        "Score a folder of good (normal) images with a trained run and set its decision threshold at the "
+        "requested false-alarm rate, without retraining: model.pt and the sidecar of an ONNX export beside it "
+        "are updated, the previous threshold is kept in the threshold's 'previous'. A rate r needs at least 1/r "
+        "images (100 for 1%)."),
+        epilog="example:\n  fastflow calibrate runs/bottle --normal-dir more_good_images/ --false-alarm-rate 0.01")
+    c.add_argument("run_dir", help="run folder written by fastflow train (or its model.pt)")
+    c.add_argument("--normal-dir", action="append", required=True, metavar="DIR",
+                   help="good images: a folder (recursive), a file or a glob (repeatable)")
+    c.add_argument("--false-alarm-rate", type=float, default=None,
+                   help="share of good images allowed above the threshold (default: the run's, 0.01)")
+    c.add_argument("--batch-size", type=_positive(int), default=16, help="images per forward pass")
+    c.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _add_info_parser(sub) -> None:
+    i = sub.add_parser("info", help="what a run folder holds: configuration, threshold, metrics, files",
+                       description=(
+        "Show a trained run: its configuration, the data it was trained on, the threshold and how it was "
+        "calibrated, training and test metrics, the fastflow version that wrote it, and its files."),
+        epilog="example:\n  fastflow info runs/bottle")
+    i.add_argument("run_dir", help="run folder written by fastflow train (or its model.pt)")
+    i.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def cmd_info(args) -> int:
+    from .info import format_info, run_info
+
+    info = run_info(args.run_dir)
+    print(json.dumps(info, indent=1) if args.json else format_info(info))
+    return 0
+
+
+def cmd_calibrate(args) -> int:
+    from .calibrate import calibrate_run
+
+    new = calibrate_run(args.run_dir, args.normal_dir, args.false_alarm_rate, args.batch_size,
+                        progress=not args.quiet)
+    old = new["previous"].get("value")
+    shown_old = "none" if old is None or not math.isfinite(old) else f"{old:.4f}"
+    updated = ", ".join(["model.pt", *[os.path.basename(p) for p in new.get("sidecars", [])]])
+    print(f"threshold {shown_old} -> {new['value']:.4f} (false-alarm rate {new['false_alarm_rate']:g} on "
+          f"{new['n_val']} good images; median score {new['val_median']:.4f}); updated {updated} in {args.run_dir}")
+    if new.get("warning"):
+        print(f"fastflow calibrate: warning: {new['warning'].replace('RUN_DIR', args.run_dir)}", file=sys.stderr)
     return 0
 
 
@@ -538,7 +867,8 @@ def cmd_demo(args) -> int:
 
 
 COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "invert": cmd_invert, "presets": cmd_presets,
-            "demo": cmd_demo, "predict": cmd_predict, "export": cmd_export}
+            "demo": cmd_demo, "predict": cmd_predict, "export": cmd_export, "calibrate": cmd_calibrate,
+            "info": cmd_info}
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -548,11 +878,28 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from .export import ExportError
     from .train import TrainingError
 
-    return (DatasetError, BackboneError, CheckpointError, TrainingError, ExportError, ValueError, FileNotFoundError,
+    return (DatasetError, BackboneError, CheckpointError, TrainingError, ExportError, FileNotFoundError,
             NotADirectoryError, PermissionError)
 
 
+def _is_user_error(e: BaseException) -> bool:
+    """Errors about what the user gave (reported in one line): fastflow's own error classes and file errors,
+    and a ValueError raised by fastflow's own code (its messages say what was received and what to do). A
+    ValueError raised inside a library (torch, NumPy, ...) is an internal error: it keeps its traceback."""
+    if isinstance(e, _user_errors()):
+        return True
+    if not isinstance(e, ValueError):
+        return False
+    tb = e.__traceback__
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    package = os.path.dirname(os.path.abspath(__file__))
+    return os.path.abspath(tb.tb_frame.f_code.co_filename).startswith(package + os.sep)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """The ``fastflow`` command. A user error is one line on stderr (exit 2); ``FASTFLOW_DEBUG=1`` in the
+    environment prints its traceback too. Internal errors are raised with their traceback."""
     if "torch" not in sys.modules:  # read by OpenMP when torch loads it: see device.py
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     parser = _build_parser()
@@ -563,9 +910,6 @@ def main(argv: list[str] | None = None) -> int:
 
             args.threads = set_threads(args.threads)  # the count in use: ONNX Runtime sessions get it too
         return COMMANDS[args.command](args)
-    except _user_errors() as e:
-        print(f"fastflow {args.command}: error: {e}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print(f"fastflow {args.command}: interrupted", file=sys.stderr)
         return 130
@@ -575,6 +919,13 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(devnull, sys.stdout.fileno())
         os.close(devnull)
         return 141  # 128 + SIGPIPE, what a shell tool killed by a broken pipe reports
+    except Exception as e:
+        if not _is_user_error(e):
+            raise
+        if os.environ.get("FASTFLOW_DEBUG", "") not in ("", "0"):
+            traceback.print_exc()
+        print(f"fastflow {args.command}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -27,7 +27,11 @@ DEMO_EPOCHS = 40
 
 
 def _texture() -> np.ndarray:
-    from skimage import data
+    try:
+        from skimage import data
+    except ImportError as e:
+        raise ValueError("the demo's texture photograph comes with scikit-image, which is not installed: "
+                         "pip install 'fastflow[demo]' (or pip install scikit-image)") from e
 
     return getattr(data, TEXTURE)()
 

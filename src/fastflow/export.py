@@ -59,6 +59,21 @@ class ScoreAndMap(nn.Module):
         return out.score, out.anomaly_map
 
 
+def require_export_extra() -> None:
+    """ExportError naming the extra to install when onnx or onnxruntime is missing (before any work)."""
+    import importlib
+
+    missing = []
+    for name in ("onnx", "onnxruntime"):
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            missing.append(name)
+    if missing:
+        raise ExportError(f"export needs {' and '.join(missing)}, which are not installed: "
+                          f"pip install 'fastflow[export]' (or pip install {' '.join(missing)})")
+
+
 def json_threshold(threshold: dict | None) -> dict:
     """The checkpoint's threshold info with non-finite numbers as null (strict JSON)."""
     out = {}
@@ -83,6 +98,7 @@ def export_onnx(run_dir: str, output: str | None = None, opset: int = DEFAULT_OP
 
     if exporter not in EXPORTERS:
         raise ValueError(f"exporter must be one of {', '.join(EXPORTERS)}, got {exporter!r}")
+    require_export_extra()
     model, ckpt = load_run(run_dir)
     if output is None:
         output = os.path.join(run_folder(run_dir), ONNX_FILE)

@@ -39,7 +39,7 @@ Contract of every invertible module here:
 from __future__ import annotations
 
 import math
-from typing import Callable, NamedTuple
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -174,6 +174,8 @@ class AffineCouplingStep(nn.Module):
         permutation: a permutation of range(C); random (from the global torch RNG) when None.
     """
 
+    fast_backward = False  # set by use_fast_backward: the part after the subnet runs as _CouplingTail
+
     def __init__(
         self,
         channels: int,
@@ -199,8 +201,6 @@ class AffineCouplingStep(nn.Module):
             raise ValueError("permutation must be a permutation of range(channels)")
         self.register_buffer("perm", permutation.clone())
         self.register_buffer("perm_inv", torch.argsort(permutation))
-
-    fast_backward = False  # use_fast_backward: run the part after the subnet as _CouplingTail
 
     def _scale(self) -> torch.Tensor:
         return 0.1 * F.softplus(self.global_scale, beta=0.5)

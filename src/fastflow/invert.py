@@ -1,6 +1,6 @@
 """Feature generation with the inverse flow (paper Section 4.5, Figure 4).
 
-    fastflow invert RUN_DIR IMAGE --region x0,y0,x1,y1 --output OUT_DIR [--strength 3] [--level 0]
+    fastflow invert RUN_DIR IMAGE --region x0,y0,x1,y1 --output OUT_DIR [--strength 3] [--level 1]
 
 FastFlow is invertible: the forward flow maps the (normalised) backbone features of an image to a
 latent z that should be standard normal, and the inverse flow maps any z back to features. Figure 4
@@ -121,7 +121,7 @@ def most_changed_channel(gen: Generation) -> int:
 def panel(image_rgb: np.ndarray, gen: Generation, region: tuple[float, float, float, float], channel: int,
           path: str, title: str = "") -> str:
     """Write the Figure 4 panel: input (region boxed), feature channel, probability map, polluted
-    probability map, regenerated feature channel. image_rgb: (H, W, 3) float in [0, 1] at input size."""
+    probability map, regenerated feature channel. image_rgb: (H, W, 3) uint8 (or float in [0, 1]) at input size."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.patches import Rectangle
@@ -158,21 +158,16 @@ def panel(image_rgb: np.ndarray, gen: Generation, region: tuple[float, float, fl
     return path
 
 
-def denormalize(image: torch.Tensor, mean, std) -> np.ndarray:
-    """(3, H, W) normalised tensor -> (H, W, 3) float array in [0, 1]."""
-    mean = torch.as_tensor(mean, dtype=image.dtype).view(3, 1, 1)
-    std = torch.as_tensor(std, dtype=image.dtype).view(3, 1, 1)
-    return (image * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()
-
-
 def invert_image(run_dir: str, image_path: str, region: tuple[float, float, float, float], output: str,
-                 strength: float = 3.0, level: int = 0, channel: int | None = None, seed: int = 0,
+                 strength: float = 3.0, level: int = 1, channel: int | None = None, seed: int = 0,
                  device="auto", precision: str = "fp32") -> str:
     """``fastflow invert``: region in pixels of the image file as given (scaled to the model input).
+    ``level`` counts the model's feature levels from 1 (the finest), as ``train --levels`` does.
     ``device`` / ``precision`` (device.py): where the backbone and flows run; the panel is drawn from CPU copies."""
     from .data import Preprocess, load_image
     from .device import autocast, check_precision, resolve_device
     from .run import load_run
+    from .visualize import denormalize
 
     target = resolve_device(device)
     check_precision(precision, target)
@@ -186,16 +181,17 @@ def invert_image(run_dir: str, image_path: str, region: tuple[float, float, floa
     model, ckpt = load_run(run_dir)
     model.to(target)
     pre = Preprocess.from_dict(ckpt["preprocess"])
-    if not 0 <= level < len(model.flows):
-        raise ValueError(f"--level must be in 0..{len(model.flows) - 1} for this model, got {level}")
-    channels = model.feature_shapes[level][0]
+    if not 1 <= level <= len(model.flows):
+        raise ValueError(f"--level must be in 1..{len(model.flows)} for this model (1: the finest), got {level}")
+    index = level - 1  # perturb_and_generate takes the 0-based index
+    channels = model.feature_shapes[index][0]
     if channel is not None and not 0 <= channel < channels:
         raise ValueError(f"--channel must be in 0..{channels - 1} at level {level}, got {channel}")
     in_h, in_w = pre.input_size
     scaled = (x0 * in_w / width, y0 * in_h / height, x1 * in_w / width, y1 * in_h / height)
     tensor = pre(image)
     with autocast(target, precision):
-        gen = perturb_and_generate(model, tensor.to(target), scaled, strength, level, seed)
+        gen = perturb_and_generate(model, tensor.to(target), scaled, strength, index, seed)
     gen = Generation(*(t.float().cpu() if isinstance(t, torch.Tensor) else t for t in
                        (gen.features, gen.z, gen.prob_map, gen.perturbed_z, gen.perturbed_prob_map, gen.regenerated,
                         gen.cells)))

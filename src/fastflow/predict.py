@@ -29,6 +29,7 @@ import json
 import math
 import os
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,15 +38,15 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from .checkpoint import atomic_write
 from .data import IMAGE_EXTENSIONS, DatasetError, Preprocess, load_image
 from .data.files import is_image_file
 from .data.preprocess import to_rgb
 from .fused import for_inference
 from .run import INPUT_NAME, ONNX_FILE, OUTPUT_NAMES, load_run, run_folder, sidecar_path
+from .visualize import COLORMAP, OVERLAY_ALPHA, colorize, overlay
 
 RUNTIMES = ("torch", "onnx")
-COLORMAP = "jet"
-OVERLAY_ALPHA = 0.5  # heatmap weight in the overlay
 
 
 @dataclass
@@ -55,9 +56,44 @@ class Prediction:
     path: str | None  # None for arrays
     score: float  # raw image score: max of the model's anomaly map (at the network input size)
     normalized_score: float  # (score - val_median) / (threshold - val_median); the threshold is 1.0
-    is_anomalous: bool  # score > threshold
+    is_anomalous: bool  # score > threshold (a NaN score counts as anomalous, with a warning)
     anomaly_map: np.ndarray  # (H, W) float32
     mask: np.ndarray  # (H, W) bool: anomaly_map > threshold
+    threshold: float = math.inf  # the decision threshold used
+    heatmap_scale: tuple[float, float] | None = None  # (low, high) shared by a run's heatmaps; None: own min/max
+
+    def __repr__(self) -> str:
+        where = self.path if self.path is not None else "array"
+        norm = "nan" if math.isnan(self.normalized_score) else f"{self.normalized_score:.2f}"
+        return (f"Prediction({where!r}, score={self.score:.4f}, normalized={norm}, "
+                f"{'ANOMALOUS' if self.is_anomalous else 'normal'}, map={self.anomaly_map.shape[1]}x"
+                f"{self.anomaly_map.shape[0]}, {int(self.mask.sum())} px over threshold)")
+
+    def heatmap(self) -> np.ndarray:
+        """The anomaly map in colour, (H, W, 3) uint8, on the run's fixed scale (see the module docstring)."""
+        low, high = self.heatmap_scale or (float(self.anomaly_map.min()), float(self.anomaly_map.max()))
+        return colorize(self.anomaly_map, low, high)
+
+    def overlay(self, image=None, alpha: float = OVERLAY_ALPHA) -> np.ndarray:
+        """The heatmap blended over the image, (H, W, 3) uint8; ``image`` (path, array or Pillow image) defaults
+        to the predicted file."""
+        if image is None and self.path is None:
+            raise ValueError("overlay() needs the image for a prediction made from an array: overlay(image)")
+        rgb, _ = load_input(self.path if image is None else image)
+        if rgb.shape[:2] != self.anomaly_map.shape:
+            raise ValueError(f"image is {rgb.shape[1]}x{rgb.shape[0]}, the map {self.anomaly_map.shape[1]}x"
+                             f"{self.anomaly_map.shape[0]}: pass the image that was predicted")
+        return overlay(rgb, self.heatmap(), alpha)
+
+    def to_dict(self) -> dict:
+        """The scalar results, JSON-ready (no arrays; NaN and infinity as None)."""
+        def num(v: float) -> float | None:
+            return v if math.isfinite(v) else None
+
+        return {"path": self.path, "score": num(self.score), "normalized_score": num(self.normalized_score),
+                "is_anomalous": self.is_anomalous, "threshold": num(self.threshold),
+                "height": int(self.anomaly_map.shape[0]), "width": int(self.anomaly_map.shape[1]),
+                "anomalous_pixels": int(self.mask.sum())}
 
 
 class Predictor:
@@ -68,10 +104,14 @@ class Predictor:
         preprocess: how images become network inputs (saved with the run / the ONNX sidecar).
         threshold: calibration dict ({"value", "val_median", ...}); ``value`` may be None/inf.
         user_threshold: overrides ``threshold["value"]`` when given.
+        tile: for large frames: the side, in image pixels, of overlapping square tiles each scored as one
+            image (see ``tiled``); None scores the whole image at once (resized to the input size).
+        tile_overlap: the fraction of a tile shared with the next one, in [0, 1).
     """
 
     def __init__(self, infer, preprocess: Preprocess, threshold: dict | None, user_threshold: float | None = None,
-                 batch_size: int = 16, runtime: str = "torch", source: str = ""):
+                 batch_size: int = 16, runtime: str = "torch", source: str = "", *, tile: int | None = None,
+                 tile_overlap: float = 0.25):
         self.infer = infer
         self.preprocess = preprocess
         self.calibration = dict(threshold or {})
@@ -85,12 +125,18 @@ class Predictor:
         self.batch_size = batch_size
         self.runtime = runtime
         self.source = source
+        if tile is not None and tile < 16:
+            raise ValueError(f"tile must be at least 16 pixels, got {tile}")
+        if not 0.0 <= tile_overlap < 1.0:
+            raise ValueError(f"tile overlap must be in [0, 1), got {tile_overlap}")
+        self.tile, self.tile_overlap = tile, tile_overlap
 
     # -- construction ---------------------------------------------------------------------------
     @classmethod
     def from_run(cls, path: str, threshold: float | None = None, runtime: str = "torch",
                  onnx_path: str | None = None, batch_size: int = 16, num_threads: int | None = None,
-                 device: str | torch.device | None = "auto", precision: str = "fp32") -> Predictor:
+                 device: str | torch.device | None = "auto", precision: str = "fp32", *,
+                 tile: int | None = None, tile_overlap: float = 0.25) -> Predictor:
         """A predictor for the run folder (or model.pt) ``path``; ``runtime="onnx"`` reads ``onnx_path``
         (default RUN_DIR/model.onnx, written by ``fastflow export``) and its JSON sidecar.
 
@@ -109,7 +155,8 @@ class Predictor:
                                  f"(use --precision fp32 with --runtime onnx)")
             if onnx_path is None:
                 onnx_path = path if path.endswith(".onnx") else os.path.join(run_folder(path), ONNX_FILE)
-            return cls.from_onnx(onnx_path, threshold, batch_size, num_threads, device=device)
+            return cls.from_onnx(onnx_path, threshold, batch_size, num_threads, device=device).with_tiles(
+                tile, tile_overlap)
         check_precision(precision, target)
         model, ckpt = load_run(path)
         model = for_inference(model.to(target))
@@ -121,7 +168,7 @@ class Predictor:
             return out.score.float().cpu().numpy(), out.anomaly_map.float().cpu().numpy()
 
         return cls(infer, Preprocess.from_dict(ckpt["preprocess"]), ckpt.get("threshold"), threshold,
-                   batch_size, "torch", os.path.abspath(path))
+                   batch_size, "torch", os.path.abspath(path), tile=tile, tile_overlap=tile_overlap)
 
     @classmethod
     def from_onnx(cls, onnx_path: str, threshold: float | None = None, batch_size: int = 16,
@@ -164,7 +211,15 @@ class Predictor:
     def with_threshold(self, threshold: float | None) -> Predictor:
         """The same model with another user threshold (None: back to the calibrated one)."""
         return Predictor(self.infer, self.preprocess, self.calibration, threshold, self.batch_size, self.runtime,
-                         self.source)
+                         self.source, tile=self.tile, tile_overlap=self.tile_overlap)
+
+    def with_tiles(self, tile: int | None, overlap: float = 0.25) -> Predictor:
+        """The same model scoring large images in overlapping tiles of ``tile`` pixels (None: whole images)."""
+        return Predictor(self.infer, self.preprocess, self.calibration, self._user_threshold(), self.batch_size,
+                         self.runtime, self.source, tile=tile, tile_overlap=overlap)
+
+    def _user_threshold(self) -> float | None:
+        return self.threshold if self.threshold_source == "user" else None
 
     # -- inference ------------------------------------------------------------------------------
     def normalize_score(self, score: float) -> float:
@@ -190,19 +245,59 @@ class Predictor:
                        batch_size: int | None = None) -> list[Prediction]:
         """(RGB (H, W, 3) uint8 array, path or None) pairs -> predictions, in batches."""
         size = batch_size or self.batch_size
-        results = []
-        for start in range(0, len(loaded), size):
-            chunk = loaded[start:start + size]
+        results: list[Prediction | None] = [None] * len(loaded)
+        whole = []
+        for i, (rgb, path) in enumerate(loaded):
+            if self.tile and max(rgb.shape[:2]) > self.tile:
+                results[i] = self.tiled(rgb, path, size)
+            else:
+                whole.append(i)
+        for start in range(0, len(whole), size):
+            idx = whole[start:start + size]
+            chunk = [loaded[i] for i in idx]
             batch = torch.stack([self.preprocess(rgb) for rgb, _ in chunk]).numpy()
             scores, maps = self.infer(batch)
-            for (rgb, path), score, amap in zip(chunk, scores, maps):
-                results.append(self._result(path, float(score), amap[0], rgb.shape[:2]))
+            for i, (rgb, path), score, amap in zip(idx, chunk, scores, maps):
+                results[i] = self._result(path, float(score), amap[0], rgb.shape[:2])
         return results
+
+    def tiled(self, rgb: np.ndarray, path: str | None = None, batch_size: int | None = None) -> Prediction:
+        """One large image scored in overlapping tiles: each tile (``self.tile`` pixels high, as wide as the
+        input's aspect ratio makes it, ``self.tile_overlap`` of it shared with its neighbours; the last row
+        and column flush with the border) is preprocessed and scored like a whole image, so a small defect
+        keeps the size it had in the training images instead of being squashed with the frame. The tiles'
+        maps, resized back to the tiles, are averaged where tiles overlap; the image score is the maximum of
+        that stitched map, at the image's resolution."""
+        height, width = rgb.shape[:2]
+        in_h, in_w = self.preprocess.input_size
+        th = min(self.tile, height)
+        tw = min(max(16, round(self.tile * in_w / in_h)), width)
+        boxes = [(y, x) for y in _tile_starts(height, th, self.tile_overlap)
+                 for x in _tile_starts(width, tw, self.tile_overlap)]
+        total = np.zeros((height, width), dtype=np.float32)
+        count = np.zeros((height, width), dtype=np.float32)
+        size = batch_size or self.batch_size
+        for start in range(0, len(boxes), size):
+            chunk = boxes[start:start + size]
+            batch = torch.stack([self.preprocess(rgb[y:y + th, x:x + tw]) for y, x in chunk]).numpy()
+            _, maps = self.infer(batch)
+            for (y, x), amap in zip(chunk, maps):
+                total[y:y + th, x:x + tw] += resize_map(amap[0], (th, tw))
+                count[y:y + th, x:x + tw] += 1.0
+        full = total / count
+        score = float(full.max())
+        return Prediction(path, score, self.normalize_score(score), bool(score > self.threshold), full,
+                          full > self.threshold, self.threshold, self.heatmap_range())
 
     def _result(self, path: str | None, score: float, amap: np.ndarray, size: tuple[int, int]) -> Prediction:
         full = resize_map(amap, size)
-        return Prediction(path, score, self.normalize_score(score), bool(score > self.threshold), full,
-                          full > self.threshold)
+        anomalous, mask = score > self.threshold, full > self.threshold
+        if math.isnan(score):  # the model cannot vouch for this image: never call it normal
+            warnings.warn(f"{path or 'image'}: the anomaly score is NaN (non-finite features or model output); "
+                          f"reported as anomalous", RuntimeWarning, stacklevel=3)
+            anomalous, mask = True, mask | np.isnan(full)
+        return Prediction(path, score, self.normalize_score(score), bool(anomalous), full, mask, self.threshold,
+                          self.heatmap_range())
 
     # -- heatmap scale ----------------------------------------------------------------------------
     def heatmap_range(self) -> tuple[float, float] | None:
@@ -231,6 +326,16 @@ def onnx_providers(device: torch.device, warn: bool = True) -> list:
                       f"{', '.join(ort.get_available_providers())}); pip install onnxruntime-gpu for CUDA",
                       RuntimeWarning, stacklevel=3)
     return ["CPUExecutionProvider"]
+
+
+def _tile_starts(length: int, tile: int, overlap: float) -> list[int]:
+    """Start offsets of tiles of ``tile`` pixels covering ``length`` with at least ``overlap`` shared; the
+    last one ends at the border."""
+    if tile >= length:
+        return [0]
+    step = max(1, int(tile * (1.0 - overlap)))
+    starts = list(range(0, length - tile, step))
+    return starts + [length - tile]
 
 
 def load_input(item) -> tuple[np.ndarray, str | None]:
@@ -262,41 +367,23 @@ def resize_map(amap: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 
 # -- pictures ---------------------------------------------------------------------------------------
-def colorize(amap: np.ndarray, low: float, high: float, cmap: str = COLORMAP) -> np.ndarray:
-    """(H, W) map -> (H, W, 3) uint8 colours; values clipped to [low, high]."""
-    import matplotlib
-
-    colours = matplotlib.colormaps[cmap]
-    out = np.empty((*amap.shape, 3), dtype=np.uint8)
-    for rows in _row_blocks(amap.shape):  # float64 RGBA per block only: bounded memory for huge images
-        scaled = np.clip((amap[rows] - low) / max(high - low, 1e-12), 0.0, 1.0)
-        out[rows] = (colours(scaled)[..., :3] * 255).round().astype(np.uint8)
-    return out
-
-
-def overlay(rgb: np.ndarray, heat: np.ndarray, alpha: float = OVERLAY_ALPHA) -> np.ndarray:
-    out = np.empty_like(rgb, dtype=np.uint8)
-    for rows in _row_blocks(rgb.shape[:2]):
-        out[rows] = (rgb[rows].astype(np.float32) * (1 - alpha) + heat[rows].astype(np.float32) * alpha).round()
-    return out
-
-
-def _row_blocks(shape: tuple[int, ...], pixels: int = 1 << 22) -> list[slice]:
-    """Row slices of about ``pixels`` pixels each (at least one row)."""
-    step = max(1, pixels // max(shape[1], 1))
-    return [slice(r, r + step) for r in range(0, shape[0], step)]
-
-
 # -- inputs and output names -----------------------------------------------------------------------
-def collect_inputs(args: list[str]) -> list[Path]:
+def collect_inputs(args: list[str], exclude: str | None = None) -> list[Path]:
     """Files, folders (recursive; image extensions only, hidden files and folders skipped) and glob
     patterns -> absolute file paths, in argument order, without duplicates. Files named explicitly are
-    kept whatever their extension (an unreadable one is reported per image)."""
+    kept whatever their extension (an unreadable one is reported per image). Files that folders and
+    globs find inside the folder ``exclude`` (the output folder of ``fastflow predict``) are left out,
+    so that a run never scores its own heatmaps."""
     found: list[Path] = []
+    skip = Path(exclude).resolve() if exclude else None
+
+    def keep(p: Path) -> bool:
+        return skip is None or not p.resolve().is_relative_to(skip)
+
     for arg in args:
         path = Path(arg)
         if path.is_dir():
-            found += _scan(path)
+            found += [p for p in _scan(path) if keep(p)]
         elif path.is_file():
             found.append(path)
         else:
@@ -304,13 +391,13 @@ def collect_inputs(args: list[str]) -> list[Path]:
             if not matches:
                 raise FileNotFoundError(f"{arg!r} is not a file, a folder or a glob pattern matching anything")
             for m in map(Path, matches):
-                found += _scan(m) if m.is_dir() else ([m] if is_image_file(m) else [])
+                found += [p for p in (_scan(m) if m.is_dir() else ([m] if is_image_file(m) else [])) if keep(p)]
     unique, seen = [], set()
-    for p in found:
-        p = p.resolve()
-        if p not in seen:
-            seen.add(p)
-            unique.append(p)
+    for p in found:  # duplicates found through their real file; kept as given (absolute, links not resolved)
+        real = p.resolve()
+        if real not in seen:
+            seen.add(real)
+            unique.append(Path(os.path.abspath(p)))
     if not unique:
         raise FileNotFoundError(f"no image files in {', '.join(args)} "
                                 f"(extensions: {', '.join(sorted(IMAGE_EXTENSIONS))})")
@@ -383,7 +470,7 @@ def predict_to_folder(predictor: Predictor, inputs: list[str], out_dir: str, bat
     in OUT's summary (same run, runtime and threshold, outputs present) are skipped unless ``overwrite``.
     Returns the summary dict (also written to summary.json).
     """
-    paths = collect_inputs(inputs)
+    paths = collect_inputs(inputs, exclude=out_dir)
     os.makedirs(out_dir, exist_ok=True)
     for kind in KINDS:
         os.makedirs(os.path.join(out_dir, kind), exist_ok=True)
@@ -494,7 +581,7 @@ def _write_summary(out_dir: str, header: dict, records: dict[str, dict], skipped
                                     "anomalous": sum(bool(r["is_anomalous"]) for r in ok),
                                     "skipped_this_run": skipped},
                "results": results}
-    _atomic_write(os.path.join(out_dir, "summary.json"), lambda f: json.dump(summary, f, indent=1))
+    atomic_write(os.path.join(out_dir, "summary.json"), lambda f: json.dump(summary, f, indent=1))
 
     def write_csv(f):
         writer = csv.DictWriter(f, fieldnames=SUMMARY_FIELDS, extrasaction="ignore")
@@ -502,12 +589,5 @@ def _write_summary(out_dir: str, header: dict, records: dict[str, dict], skipped
         for r in results:
             writer.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in SUMMARY_FIELDS})
 
-    _atomic_write(os.path.join(out_dir, "summary.csv"), write_csv)
+    atomic_write(os.path.join(out_dir, "summary.csv"), write_csv)
     return summary
-
-
-def _atomic_write(path: str, write) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", newline="") as f:
-        write(f)
-    os.replace(tmp, path)

@@ -28,6 +28,7 @@ import numpy as np
 from PIL import Image
 
 from .evaluate import Scored
+from .visualize import denormalize, heat_overlay, mask_overlay
 
 THUMB = 160  # pixels, longest side of a gallery thumbnail
 GALLERY = 8  # images per gallery
@@ -78,32 +79,6 @@ def _thumb(rgb: np.ndarray) -> np.ndarray:
     image = Image.fromarray(rgb)
     image.thumbnail((THUMB, THUMB), Image.Resampling.BILINEAR)
     return np.asarray(image)
-
-
-def _to_uint8(image, mean, std) -> np.ndarray:
-    """(3, H, W) normalised tensor -> (H, W, 3) uint8."""
-    x = image.numpy() * np.asarray(std, np.float32)[:, None, None] + np.asarray(mean, np.float32)[:, None, None]
-    return (np.clip(x, 0, 1).transpose(1, 2, 0) * 255).round().astype(np.uint8)
-
-
-def mask_overlay(rgb: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """Ground truth on the image: red tint inside, solid red outline (the mask minus its erosion)."""
-    from scipy import ndimage
-
-    out = rgb.astype(np.float32)
-    out[mask] = 0.6 * out[mask] + 0.4 * np.array([255, 0, 0])
-    edge = mask & ~ndimage.binary_erosion(mask, iterations=max(1, mask.shape[0] // 128))
-    out[edge] = [255, 0, 0]
-    return out.round().astype(np.uint8)
-
-
-def heat_overlay(rgb: np.ndarray, amap: np.ndarray, vmin: float, vmax: float) -> np.ndarray:
-    """Anomaly map (jet, shared [vmin, vmax]) blended 50/50 over the image."""
-    from matplotlib import colormaps
-
-    t = np.clip((amap - vmin) / max(vmax - vmin, 1e-12), 0, 1)
-    heat = colormaps["jet"](t)[..., :3] * 255
-    return (0.5 * rgb + 0.5 * heat).round().astype(np.uint8)
 
 
 # -- plots ------------------------------------------------------------------------------------
@@ -214,7 +189,7 @@ def _gallery_html(title: str, note: str, indices: list[int], scored: Scored, dat
                   vmin: float, vmax: float, threshold: float | None) -> str:
     rows = []
     for i in indices:
-        rgb = _to_uint8(dataset[i]["image"], mean, std)
+        rgb = denormalize(dataset[i]["image"], mean, std)
         thumbs = [_thumb(rgb), _thumb(mask_overlay(rgb, scored.masks[i])),
                   _thumb(heat_overlay(rgb, scored.maps[i], vmin, vmax))]
         verdict = "" if threshold is None or not np.isfinite(threshold) else \

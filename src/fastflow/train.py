@@ -39,7 +39,6 @@ from .device import autocast, fits_in_memory, grad_scaler, resolve_device
 from .distributed import SINGLE, Dist
 from .flow import use_fast_backward
 from .fused import for_inference
-from .metrics import threshold_at_fpr
 from .model import FastFlow
 from .run import build_checkpoint, preprocess_for, trainable_state
 
@@ -268,7 +267,9 @@ def _train(model_cfg: ModelConfig, train_cfg: TrainConfig, samples: list[Sample]
         log(f"no checkpoint in {run_dir} yet (stopped during the first epoch): starting from epoch 1")
     elif resume:
         state = load_safe(ckpt_path)
-        if state.get("model_config") != to_dict(model_cfg) or state.get("train_config") != to_dict(train_cfg):
+        length = {"epochs": train_cfg.epochs, "steps": train_cfg.steps}  # a longer run extends this one
+        same_train = {**(state.get("train_config") or {}), **length} == to_dict(train_cfg)
+        if state.get("model_config") != to_dict(model_cfg) or not same_train:
             raise CheckpointError(f"{ckpt_path}: its config differs from this run's; resume with the same "
                                   f"options, or start a new run folder")
         try:
@@ -343,6 +344,8 @@ def _train(model_cfg: ModelConfig, train_cfg: TrainConfig, samples: list[Sample]
     model.load_state_dict(best["state"], strict=False)
     with amp():
         threshold = calibrate_threshold(model, val, train_cfg.false_alarm_rate)
+    if threshold.get("warning"):
+        log(f"warning: {threshold['warning'].replace('RUN_DIR', run_dir)}")
     seconds = time.perf_counter() - t_start
     ranks = {}
     if dist.world > 1:  # what each rank held: its share of the images (and of the feature cache)
@@ -388,7 +391,7 @@ def calibrate_threshold(model: FastFlow, val: FeatureSource | None, false_alarm_
     if val is None:
         return {"value": math.inf, "false_alarm_rate": false_alarm_rate, "n_val": 0,
                 "note": "no validation images: set --threshold when predicting"}
-    scores = _scores(model, val)
-    value = threshold_at_fpr(scores, false_alarm_rate)
-    return {"value": float(value), "false_alarm_rate": false_alarm_rate, "n_val": int(len(scores)),
-            "val_median": float(np.median(scores)), "val_max": float(scores.max())}
+    from .calibrate import threshold_from_scores
+
+    # says when the held-out images are too few for the rate (reachable, n_needed, warning)
+    return threshold_from_scores(_scores(model, val), false_alarm_rate, "held-out training images")

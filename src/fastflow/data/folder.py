@@ -35,7 +35,9 @@ def _images_without_masks(folder: Path, mask_dir: Path | None, suffix: str) -> l
     if mask_dir is not None:
         return images
     beside = {m for p in images if (m := _mask_of(p, None, suffix)) != p}  # masks of other images
-    tagged = suffix != Path(suffix).suffix  # e.g. "_mask.png": any file ending so is a mask
+    # e.g. "_mask.png": any file ending so is a mask. A bare extension (".png", the default) tags nothing:
+    # Path(".png").suffix is "" (a hidden file's name), so compare with the extension of "x" + suffix.
+    tagged = suffix.lower() != Path("x" + suffix).suffix.lower()
     return [p for p in images if p not in beside and not (tagged and p.name.endswith(suffix))]
 
 

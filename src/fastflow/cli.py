@@ -6,7 +6,8 @@
     torchrun --nproc_per_node N -m fastflow train ...   (several processes; see distributed.py)
     fastflow evaluate RUN_DIR --data ROOT --category NAME [--output metrics.json] [--report] [--misalign]
     fastflow predict  RUN_DIR IMAGE_OR_FOLDER... --output OUT_DIR [--threshold T] [--runtime torch|onnx]
-    fastflow export   RUN_DIR --format onnx [--output model.onnx]
+    fastflow export   RUN_DIR --format onnx [--output model.onnx] [--quantize int8 --calibration DIR]
+    fastflow serve    RUN_DIR [--host 127.0.0.1] [--port 8000] [--runtime torch|onnx]   (web page and JSON API)
     fastflow invert   RUN_DIR IMAGE --region x0,y0,x1,y1 --output OUT_DIR [--strength S] [--level L (1: finest)]
     fastflow calibrate RUN_DIR --normal-dir DIR [--false-alarm-rate R]
     fastflow info     RUN_DIR [--json]
@@ -341,6 +342,20 @@ def _build_parser() -> argparse.ArgumentParser:
                          "(Pillow's antialiased bilinear) and normalisation inside; written to RUN_DIR/model_raw.onnx "
                          "unless --output is given")
     _add_compute_args(ex, precision=False)
+    ex.add_argument("--quantize", choices=["int8"], default=None,
+                    help="int8: ONNX Runtime static quantisation for the CPU, calibrated on --calibration "
+                         "(default output RUN_DIR/model-int8.onnx)")
+    ex.add_argument("--calibration", default=None, metavar="DIR",
+                    help="folder of normal images for --quantize (e.g. the category's train/good)")
+    ex.add_argument("--calibration-images", type=_positive(int), default=64,
+                    help="at most this many calibration images, evenly spaced (default 64)")
+    ex.add_argument("--quantize-scope", choices=["deep", "all", "backbone"], default="deep",
+                    help="convolutions made int8: deep (default: all but the finest feature level's, which stay "
+                         "float32 for accuracy), all, or the backbone's only")
+    ex.add_argument("--calibration-method", choices=["minmax", "percentile", "entropy"], default="minmax",
+                    help="how activation ranges are set from the calibration images (default minmax)")
+
+    _add_serve_parser(sub)
 
     pr = sub.add_parser("presets", help="list the model presets", description=(
         "The model presets (fastflow train --backbone NAME): backbone, input size, feature levels, flow size, "
@@ -371,6 +386,26 @@ the usual way:
 
 fastflow COMMAND --help describes each command. A user mistake (missing path, bad option, unreadable file,
 unusable checkpoint) ends with one line on stderr and exit code 2, never a traceback."""
+
+
+def _add_serve_parser(sub) -> None:
+    sv = sub.add_parser("serve", help="serve a run over HTTP: a JSON API with batching and a web page (needs "
+                                      "the serve extra)")
+    sv.add_argument("run_dir")
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine "
+                                                        "only; 0.0.0.0 for every interface)")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--max-batch", type=_positive(int), default=16,
+                    help="most images from concurrent requests run as one batch (default 16)")
+    sv.add_argument("--batch-window-ms", type=float, default=10.0,
+                    help="how long the first waiting image waits for others to join its batch (default 10)")
+    sv.add_argument("--max-upload-mb", type=_positive(float), default=32.0,
+                    help="largest request body; larger uploads get 413 (default 32)")
+    sv.add_argument("--threshold", type=float, default=None, help="decision threshold (default: the run's calibrated)")
+    sv.add_argument("--runtime", choices=["torch", "onnx"], default="torch",
+                    help="onnx: serve RUN_DIR/model.onnx (from `fastflow export`; int8 models too)")
+    sv.add_argument("--onnx", default=None, help="ONNX model for --runtime onnx (default: RUN_DIR/model.onnx)")
+    _add_compute_args(sv)
 
 
 def _version() -> str:
@@ -786,6 +821,8 @@ def _report_failures(summary: dict, shown: int = 10) -> int:
 
 
 def cmd_export(args) -> int:
+    if args.quantize or args.calibration:
+        return _export_int8(args)
     from .export import export_onnx
     from .run import sidecar_path
 
@@ -855,6 +892,37 @@ def cmd_calibrate(args) -> int:
           f"{new['n_val']} good images; median score {new['val_median']:.4f}); updated {updated} in {args.run_dir}")
     if new.get("warning"):
         print(f"fastflow calibrate: warning: {new['warning'].replace('RUN_DIR', args.run_dir)}", file=sys.stderr)
+
+
+def _export_int8(args) -> int:
+    from .export import sidecar_path
+    from .quantize import export_int8
+
+    if not args.quantize or not args.calibration:
+        raise ValueError("--quantize int8 and --calibration DIR go together: give both (DIR: a folder of normal "
+                         "images, e.g. the category's train/good)")
+    meta = export_int8(args.run_dir, args.calibration, args.output, args.calibration_images, args.quantize_scope,
+                       method=args.calibration_method, opset=args.opset, exporter=args.exporter)
+    out = args.output or os.path.join(args.run_dir, meta["onnx_file"])
+    q = meta["quantization"]
+    agree = q["vs_float32_on_calibration_images"]
+    corr = "n/a" if agree["score_pearson"] is None else f"{agree['score_pearson']:.4f}"
+    print(f"int8 ONNX model -> {out} (sidecar {sidecar_path(out)}); {q['quantized']}; calibrated on "
+          f"{q['calibration']['images']} image(s); vs float32 on them: score correlation {corr}, largest map "
+          f"difference {agree['max_map_diff_over_map_range']:.1%} of the map's range")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    try:
+        from .serve import serve_run
+    except ImportError as e:  # the optional extra is not installed: one line naming it
+        raise ValueError(str(e)) from None
+    if args.batch_window_ms < 0:
+        raise ValueError(f"--batch-window-ms must be >= 0, got {args.batch_window_ms}")
+    device, precision = _compute(args)
+    serve_run(args.run_dir, args.host, args.port, args.max_batch, args.batch_window_ms, args.max_upload_mb,
+              args.runtime, args.onnx, args.threshold, device=device, precision=precision, num_threads=args.threads)
     return 0
 
 
@@ -868,7 +936,7 @@ def cmd_demo(args) -> int:
 
 COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "invert": cmd_invert, "presets": cmd_presets,
             "demo": cmd_demo, "predict": cmd_predict, "export": cmd_export, "calibrate": cmd_calibrate,
-            "info": cmd_info}
+            "info": cmd_info, "serve": cmd_serve}
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:

@@ -183,10 +183,9 @@ class FeatureExtractor(nn.Module):
         self.mean = tuple(float(v) for v in cfg["mean"])
         self.std = tuple(float(v) for v in cfg["std"])
         if spec.kind == "cnn":
-            # channels_last: oneDNN's depthwise and 1x1 convolutions run without layout reorders; on the
-            # 2-core box the lite0 backbone took 2.8-3.0 s instead of 4.1-4.6 s per batch of 32 (bench/README.md).
-            # BatchNorm folded into the convolutions: lite0 at batch 1 went from 16.4 to 12.7 ms, at batch 32
-            # from 395-507 to 245-252 ms (bench/README.md); features equal to 4e-6 relative.
+            # channels_last: oneDNN's depthwise and 1x1 convolutions run without layout reorders.
+            # BatchNorm folded into the convolutions: features equal to 4e-6 relative (tested).
+            # What each buys: bench/README.md, R8.
             net = _features_only(spec, model)
             self.num_parameters = sum(p.numel() for p in net.parameters())  # as published: BatchNorm included
             self.model = _folded(net).to(memory_format=torch.channels_last)
@@ -204,8 +203,8 @@ class FeatureExtractor(nn.Module):
         self.eval()
 
     # A CNN backbone on the CPU runs a large batch in micro-batches of this many images: the activations
-    # of a whole batch overflow the caches. lite0, batch 32, 256 px, 2 threads: 0.75-0.94 s as one batch,
-    # 0.60 s in chunks of 8, 0.50 s of 4, 0.30 s of 2, 0.33-0.39 s of 1 (bench/README.md). 0 = never split.
+    # of a whole batch overflow the caches; 2 was the fastest chunk for lite0 at batch 32 (bench/README.md,
+    # R8). 0 = never split.
     cpu_micro_batch: int = 2
 
     def train(self, mode: bool = True) -> "FeatureExtractor":
@@ -225,7 +224,7 @@ class FeatureExtractor(nn.Module):
         )
 
     def _cnn(self, images: torch.Tensor) -> list[torch.Tensor]:
-        # channels_last inside the backbone only: the flows ran 2x slower on channels_last maps.
+        # channels_last inside the backbone only: the flows ran slower on channels_last maps (bench/README.md).
         return [f.contiguous() for f in self.model(images.contiguous(memory_format=torch.channels_last))]
 
     @torch.no_grad()

@@ -22,7 +22,7 @@ from .config import get_preset, replace
 TEXTURE = "gravel"  # skimage.data.gravel(): 512x512 grayscale photograph, bundled with scikit-image
 CROP = 128
 # 60 small training images give 7 optimiser steps per epoch at the preset's batch 8; with the preset's
-# feature noise, 20 epochs leave the flows under-trained here (image AUROC 0.90; 40 epochs: 0.95 in 27 s).
+# feature noise, 20 epochs leave the flows under-trained here (image AUROC 0.90; 40 epochs: 0.95).
 DEMO_EPOCHS = 40
 
 

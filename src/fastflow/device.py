@@ -175,7 +175,7 @@ def default_threads() -> int:
 
     On a shared machine a thread on a core another process keeps busy does not add speed, it makes the
     others wait for it at every parallel region: beside other work, one thread ran a lite0 training step
-    2-5x faster than two on the 2-core development box (bench/contention.py --probe; docs)."""
+    faster than two on the 2-core development box (bench/contention.py --probe; bench/README.md, R9)."""
     cpus = available_cpus()
     idle = idle_cpus()
     if idle is not None:

@@ -15,8 +15,8 @@ anomalous when score > value), so it can be changed without re-exporting.
 
 Exporter: the TorchScript-based ``torch.onnx.export(dynamo=False)`` by default. The torch.export-based
 exporter (``--exporter dynamo``, needs the ``onnxscript`` package, in the ``export`` extra) gives the
-same graph outputs (max difference ~1e-6 measured) but took ~30 s per export instead of ~4 s on a
-2-core CPU. Every export ends with a parity check of ONNX Runtime against torch.
+same graph outputs to float rounding but is much slower to export (figures: bench/README.md, R8). Every
+export ends with a parity check of ONNX Runtime against torch.
 
 The graph is traced from the reference flow (flow.py), not from the inference form (fused.py): that form
 writes into slices of preallocated buffers and calls a private oneDNN op, neither of which exports, and

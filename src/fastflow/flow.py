@@ -57,7 +57,7 @@ def _pointwise(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> tor
 
 def _permute_channels(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
     """``x[:, perm]`` for a (B, C, ...) tensor. For B > 1 as one row gather of the (B*C, rest) view: on the CPU
-    2-4x faster than ``index_select`` along dim 1 (lite0's stride-4 maps at batch 32: 0.79 vs 1.79 ms)."""
+    faster than ``index_select`` along dim 1 (measured: bench/README.md, R8)."""
     b, c = x.shape[0], x.shape[1]
     if b == 1:
         return torch.index_select(x, 1, perm)
@@ -69,8 +69,8 @@ class PointwiseConv2d(nn.Conv2d):
     """A 1x1 convolution computed as one matrix product over the flattened positions.
 
     The parameters (and state-dict keys) of ``nn.Conv2d(in, out, 1)``, the same result to float rounding,
-    and on the CPU far less overhead at the flows' small channel counts: lite0's stride-4 1x1 convolutions
-    took 115-151 us at batch 1 and 0.8-2.2 ms at batch 8 as ``conv2d``, 19-27 us and 0.1-0.3 ms as matmul.
+    and on the CPU far less overhead than ``conv2d`` at the flows' small channel counts (measured:
+    bench/README.md, R8).
     """
 
     def __init__(self, in_channels: int, out_channels: int):
@@ -221,7 +221,7 @@ class AffineCouplingStep(nn.Module):
             return z, log_det_map + torch.log(scale).sum()
         log_s, shift = self._coupling(x1)
         y = torch.cat((x1, x2 * torch.exp(log_s) + shift), dim=1)
-        z = torch.index_select(y * scale + self.global_offset, 1, self.perm)  # 3x faster than y[:, perm]
+        z = torch.index_select(y * scale + self.global_offset, 1, self.perm)  # faster than y[:, perm] (bench/README.md)
         return z, log_s.sum(dim=1) + torch.log(scale).sum()
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -60,8 +60,8 @@ def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     """Separable Gaussian blur of (B, 1, H, W) with reflect padding (truncated at 4 sigma).
 
     Computed as ``M_H @ x @ M_W^T`` with the blur's (H, H) and (W, W) operator matrices (``blur_matrix``):
-    the same numbers as the padded convolution to float rounding, and on the CPU several times faster than
-    ``conv2d`` with a one-channel many-tap kernel (bench/README.md)."""
+    the same numbers as the padded convolution to float rounding, and on the CPU faster than ``conv2d``
+    with a one-channel many-tap kernel (measured: bench/README.md, R7)."""
     h, w = int(x.shape[2]), int(x.shape[3])  # a constant of the graph when traced (exports are fixed-size)
     mh = _as_tensor(blur_matrix(h, float(sigma)), x)
     mw = mh if w == h else _as_tensor(blur_matrix(w, float(sigma)), x)
@@ -215,8 +215,8 @@ class FastFlow(nn.Module):
         ``sum_l A_l X_l B_l^T`` with ``A_l = M_H U_l`` (blur after upsampling, built once per size,
         ``upsample_blur_matrix``) and the level weights folded into ``B_l``. The same numbers as
         ``F.interpolate`` + mean + ``gaussian_blur`` to float rounding, with a quarter of the multiply-adds
-        (lite0 at 256 px: 8.7 M per image against 34 M for blurring the full-size map) and 3x faster
-        (bench/README.md)."""
+        (lite0 at 256 px: 8.7 M per image against 34 M for blurring the full-size map); measured speed-up:
+        bench/README.md (seventh round)."""
         device_type = zs[0].device.type
         if torch.is_autocast_enabled(device_type):  # under --precision bf16/fp16: the map in float32 all the same
             with torch.autocast(device_type, enabled=False):

@@ -195,8 +195,8 @@ class Predictor:
         options = ort.SessionOptions()
         if num_threads:
             options.intra_op_num_threads = num_threads
-        # No busy-waiting between ops: on a shared CPU spinning threads fight other work; measured
-        # 1.8x lower batch-1 latency and 1.2x batch-32 throughput on a busy 2-core box (bench/README.md).
+        # No busy-waiting between ops: on a shared CPU spinning threads fight other work (measured:
+        # bench/README.md, R8).
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         providers = onnx_providers(resolve_device(device), warn=device not in (None, "auto"))
         session = ort.InferenceSession(onnx_path, options, providers=providers)

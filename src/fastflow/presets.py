@@ -1,5 +1,5 @@
 """The preset table (``fastflow presets``) by arithmetic: no network is built and torch is not imported,
-so the table prints at once (building CaiT-M48 alone took 19 s and 2.7 GB).
+so the table prints at once (building CaiT-M48 alone is slow and takes gigabytes: bench/README.md, R8).
 
 The shapes come from the channels and strides recorded for each backbone in ``FACTS``, and the
 trainable parameter counts from the flow and LayerNorm definitions (flow.py, model.py):

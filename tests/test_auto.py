@@ -143,3 +143,31 @@ def test_auto_choice_picks_the_configuration_each_set_needs(tmp_path, kind, expe
     assert report["n_normal"] == 6 and report["n_synthetic"] == 12  # 25% of 24 held out, two defects each
     assert any(line.startswith(f"auto: chose {expected}") for line in logged)
     assert not list((tmp_path / "run").glob(".auto-probe*"))  # probes cleaned up
+
+
+def test_default_train_command_chooses_saves_and_reports_its_choice(tmp_path, capsys):
+    """`fastflow train` without --backbone probes both candidates, trains the chosen preset, and says so in its
+    output, in run.json and in `fastflow info`; --steps sets the length (epochs from the step budget)."""
+    import json
+
+    from fastflow.cli import main
+    from fastflow.config import get_preset, to_dict
+    from fastflow.demo import make_demo_dataset
+
+    make_demo_dataset(str(tmp_path / "data"), n_train=12, n_test_good=1, n_test_defect=1)
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(tmp_path / "data"), "--category", "texture", "--output", str(run),
+                 "--input-size", "64", "--steps", "9", "--batch-size", "4", "--val-fraction", "0.25", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    saved = json.loads((run / "run.json").read_text())
+    chosen = saved["preset"]
+    assert chosen in ("efficientnet_lite0", "lite0_unaligned") and f"auto: chose {chosen}" in out
+    assert set(saved["auto"]["candidates"]) == {"efficientnet_lite0", "lite0_unaligned"}
+    expected = to_dict(get_preset(chosen).model)
+    expected["input_size"] = [64, 64]
+    assert saved["model_config"] == expected  # the chosen preset, with the user's options applied
+    history = json.loads((run / "history.json").read_text())["history"]
+    assert len(history) == 3  # 9 fitted images at batch 4: 3 steps an epoch, 3 epochs reach 9 steps
+    assert not list(run.glob(".auto-probe*"))
+    assert main(["info", str(run)]) == 0
+    assert f"chosen     {chosen} by --backbone auto" in capsys.readouterr().out

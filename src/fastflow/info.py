@@ -40,12 +40,19 @@ def run_info(run_dir: str) -> dict:
         "run": os.path.abspath(folder), "version": ckpt.get("version"),
         "model_config": ckpt["model_config"], "train_config": ckpt["train_config"], "preprocess": ckpt["preprocess"],
         "backbone_weights": ckpt.get("backbone_weights"), "data": run.get("data"),
+        "preset": run.get("preset"), "auto": run.get("auto"),
         "training": {"best_epoch": ckpt.get("best_epoch"), "best_val_nll": ckpt.get("best_val_nll"),
                      "n_fit": ckpt.get("n_fit"), "n_val": ckpt.get("n_val"),
                      "epochs_run": len(history.get("history", [])) or None,
                      "train_seconds": history.get("train_seconds")},
         "threshold": threshold, "metrics": _read_json(os.path.join(folder, "metrics.json")), "files": files,
     }
+
+
+def _length(t: dict) -> str:
+    """How long the run trains: a step budget (at most ``epochs`` epochs) or a fixed epoch count."""
+    steps = t.get("steps")
+    return f"{steps} optimiser steps (at most {t['epochs']} epochs)" if steps else f"{t['epochs']} epochs"
 
 
 def format_info(info: dict) -> str:
@@ -58,11 +65,13 @@ def format_info(info: dict) -> str:
         f"model      {m['backbone']} ({info['backbone_weights']} weights), input {m['input_size'][0]}x"
         f"{m['input_size'][1]}, levels {levels}, {m['flow_steps']} steps, hidden ratio {m['hidden_ratio']}, "
         f"kernels {m['kernels']}, map {m['anomaly_map']} (blur sigma {m['smoothing_sigma']})",
-        f"training   {t['epochs']} epochs at batch {t['batch_size']}, lr {t['lr']:g}, feature noise "
+        f"training   {_length(t)} at batch {t['batch_size']}, lr {t['lr']:g}, feature noise "
         f"{t['feature_noise']:g}, seed {t['seed']}; best epoch {tr['best_epoch']}"
         + (f", {tr['train_seconds']:.0f} s" if tr.get("train_seconds") else "")
         + (f"; {tr['n_fit']} images fitted, {tr['n_val']} held out" if tr.get("n_fit") is not None else ""),
     ]
+    if info.get("auto"):  # the default (--backbone auto) chose the preset on synthetic defects
+        lines.append(f"chosen     {info['preset']} by --backbone auto: {info['auto'].get('why', '')}")
     data = info.get("data")
     if data:
         options = f", {data['options']}" if data.get("options") else ""

@@ -171,3 +171,24 @@ def test_default_train_command_chooses_saves_and_reports_its_choice(tmp_path, ca
     assert not list(run.glob(".auto-probe*"))
     assert main(["info", str(run)]) == 0
     assert f"chosen     {chosen} by --backbone auto" in capsys.readouterr().out
+
+
+def test_synthetic_validation_shrinks_large_frames(tmp_path):
+    """A 6000 x 2000 frame is shrunk (aspect kept) before defects are pasted, so large frames cannot fill the
+    memory; the masks follow the shrunk image."""
+    from PIL import Image
+
+    from fastflow.auto import MAX_SIDE, synthetic_validation
+    from fastflow.data import Sample
+
+    rng = np.random.default_rng(0)
+    big = rng.integers(60, 200, size=(2000, 6000, 3), dtype=np.uint8)
+    small = _texture(3, 200)
+    for name, im in (("big.png", big), ("small.png", small)):
+        Image.fromarray(im).save(tmp_path / name)
+    samples = [Sample(str(tmp_path / n), 0, "good") for n in ("big.png", "small.png")]
+    normals, defective, masks = synthetic_validation(samples, seed=0)
+    assert normals[0].shape == (341, MAX_SIDE, 3) and normals[1].shape == small.shape
+    assert len(defective) == len(masks) == 4
+    assert [m.shape for m in masks] == [(341, MAX_SIDE)] * 2 + [(200, 200)] * 2
+    np.testing.assert_array_equal(normals[1], small)  # small images are left as they are

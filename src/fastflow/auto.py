@@ -40,12 +40,14 @@ from .train import planned_epochs, split_validation, train
 CANDIDATES = ("efficientnet_lite0", "lite0_unaligned")
 PROBE_FRACTION = 0.2  # each probe trains this share of its preset's step budget (bottle: 160 steps)
 DEFECTS_PER_IMAGE = 2
+MAX_SIDE = 1024  # held-out images are shrunk to this before defects are pasted (the inputs are ~256 px)
 
 
 def synthetic_validation(val_samples: list[Sample], seed: int) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
-    """Held-out normal images at their own size, and ``DEFECTS_PER_IMAGE`` defective copies of each with
-    their masks: (normals, defectives, masks), all (H, W[, 3]) arrays, deterministic by ``seed``."""
-    normals = [np.asarray(load_image(s.path)) if s.array is None else s.array for s in val_samples]
+    """Held-out normal images (shrunk to at most ``MAX_SIDE`` pixels a side, so that large frames do not fill
+    the memory), and ``DEFECTS_PER_IMAGE`` defective copies of each with their masks: (normals, defectives,
+    masks), all (H, W[, 3]) arrays, deterministic by ``seed``."""
+    normals = [_shrunk(np.asarray(load_image(s.path)) if s.array is None else s.array) for s in val_samples]
     defective, masks, _ = defect_set(normals, seed=seed, per_image=DEFECTS_PER_IMAGE)
     return normals, defective, masks
 
@@ -71,6 +73,18 @@ def synthetic_score(model, normals: list[np.ndarray], defective: list[np.ndarray
     labels = np.r_[np.zeros(len(normals)), np.ones(len(defective))]
     img, pix = image_auroc(scores, labels), pixel_auroc(maps, np.stack(truth))
     return {"image_auroc": img, "pixel_auroc": pix, "score": (img + pix) / 2}
+
+
+def _shrunk(image: np.ndarray) -> np.ndarray:
+    """``image`` with its longer side at most ``MAX_SIDE`` (antialiased), aspect ratio kept."""
+    from PIL import Image
+
+    h, w = image.shape[:2]
+    if max(h, w) <= MAX_SIDE:
+        return image
+    scale = MAX_SIDE / max(h, w)
+    size = (max(8, round(w * scale)), max(8, round(h * scale)))
+    return np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BILINEAR))
 
 
 def _resize_mask(mask: np.ndarray, size_wh: tuple[int, int]) -> np.ndarray:

@@ -37,12 +37,10 @@ tf_efficientnet_lite0).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import resource
 import sys
 import time
-import types
 import warnings
 from pathlib import Path
 
@@ -52,20 +50,11 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image, ImageOps  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[2]
+from anomalib_fastflow import _our_backbones_module  # noqa: E402 -- the same routing of our lite0 weights
+
 INPUT_SIZE = (256, 256)  # (H, W)
 MEAN = STD = (0.5, 0.5, 0.5)
 BACKBONE, LAYERS, NUM_NEIGHBORS = "tf_efficientnet_lite0", ("blocks.2", "blocks.4"), 9
-
-
-def _our_backbones_module() -> types.ModuleType:
-    """src/fastflow/backbones.py loaded by file path (not the package: its __init__ is not needed)."""
-    path = REPO / "src" / "fastflow" / "backbones.py"
-    spec = importlib.util.spec_from_file_location("_fastflow_backbones_for_peer_bench", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up here
-    spec.loader.exec_module(module)
-    return module
 
 
 def build_model() -> torch.nn.Module:

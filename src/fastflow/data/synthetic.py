@@ -56,7 +56,7 @@ def _is_grey(pixels: np.ndarray) -> bool:
     return bool((pixels[..., 0] == pixels[..., 1]).all() and (pixels[..., 1] == pixels[..., 2]).all())
 
 
-def _cutpaste(image: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def _cutpaste(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     h, w = image.shape[:2]
     y0, x0, bh, bw = _box(rng, h, w, 0.08, 0.25)
     patch = image[y0:y0 + bh, x0:x0 + bw].astype(np.float64)
@@ -67,10 +67,10 @@ def _cutpaste(image: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, 
     ty, tx = int(rng.integers(0, h - bh + 1)), int(rng.integers(0, w - bw + 1))
     out = image.copy()
     out[ty:ty + bh, tx:tx + bw] = np.clip(np.round(patch), 0, 255).astype(np.uint8)
-    return out, np.zeros((h, w), dtype=bool)
+    return out
 
 
-def _scratch(image: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def _scratch(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     h, w = image.shape[:2]
     side = min(h, w)
     length = side * rng.uniform(0.15, 0.5)
@@ -88,10 +88,10 @@ def _scratch(image: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, n
     out = image.copy()
     if region.any():
         out[region] = np.round(_foreign_colour(rng, image[region])).astype(np.uint8)
-    return out, region
+    return out
 
 
-def _spot(image: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def _spot(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     h, w = image.shape[:2]
     y0, x0, bh, bw = _box(rng, h, w, 0.02, 0.08)
     canvas = Image.new("L", (w, h), 0)
@@ -99,10 +99,10 @@ def _spot(image: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.n
     region = np.asarray(canvas) > 0
     out = image.copy()
     out[region] = np.round(_foreign_colour(rng, image[region])).astype(np.uint8)
-    return out, region
+    return out
 
 
-def _blotch(image: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def _blotch(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     h, w = image.shape[:2]
     y0, x0, bh, bw = _box(rng, h, w, 0.08, 0.25)
     noise = ndimage.gaussian_filter(rng.standard_normal((bh, bw)), sigma=max(1.0, min(bh, bw) / 6))
@@ -116,7 +116,7 @@ def _blotch(image: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np
         target = _foreign_colour(rng, image[region])
         mix = rng.uniform(0.3, 0.7)  # a stain: the texture shows through
         out[region] = np.round((1 - mix) * image[region] + mix * target).astype(np.uint8)
-    return out, region
+    return out
 
 
 _MAKERS = {"cutpaste": _cutpaste, "scratch": _scratch, "spot": _spot, "blotch": _blotch}
@@ -137,7 +137,7 @@ def add_defect(image: np.ndarray, rng: np.random.Generator, kind: str | None = N
         raise ValueError(f"unknown defect kind {kind!r}; choose from {', '.join(KINDS)}")
     for _ in range(20):
         name = kind or KINDS[int(rng.integers(len(KINDS)))]
-        out, _ = _MAKERS[name](image, rng)
+        out = _MAKERS[name](image, rng)
         mask = (out != image).any(axis=2)
         if mask.sum() >= 4:
             return out, mask

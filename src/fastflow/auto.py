@@ -25,14 +25,13 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-from .checkpoint import load_safe
-from .config import ModelConfig, TrainConfig, get_preset
+from .config import ModelConfig, TrainConfig
 from .data import Sample
-from .data.preprocess import load_image
+from .data.preprocess import _resize_bool, load_image
 from .data.synthetic import defect_set
-from .metrics import image_auroc, pixel_auroc
 from .fused import for_inference
-from .run import model_from_checkpoint, preprocess_for
+from .metrics import image_auroc, pixel_auroc
+from .run import load_run, preprocess_for
 from .train import planned_epochs, split_validation, train
 
 # The candidates, in order of preference (the first wins a tie): the aligned-object recipe and the
@@ -69,7 +68,7 @@ def synthetic_score(model, normals: list[np.ndarray], defective: list[np.ndarray
     scores, maps = np.concatenate(scores), np.concatenate(maps)
     h, w = model.config.input_size
     truth = [np.zeros((h, w), dtype=bool)] * len(normals)
-    truth += [_resize_mask(m, (w, h)) for m in masks]
+    truth += [_resize_bool(m, (w, h)) for m in masks]
     labels = np.r_[np.zeros(len(normals)), np.ones(len(defective))]
     img, pix = image_auroc(scores, labels), pixel_auroc(maps, np.stack(truth))
     return {"image_auroc": img, "pixel_auroc": pix, "score": (img + pix) / 2}
@@ -85,25 +84,6 @@ def _shrunk(image: np.ndarray) -> np.ndarray:
     scale = MAX_SIDE / max(h, w)
     size = (max(8, round(w * scale)), max(8, round(h * scale)))
     return np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BILINEAR))
-
-
-def _resize_mask(mask: np.ndarray, size_wh: tuple[int, int]) -> np.ndarray:
-    from PIL import Image
-
-    if mask.shape == (size_wh[1], size_wh[0]):
-        return mask
-    return np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize(size_wh, Image.Resampling.NEAREST)) > 0
-
-
-def candidate_configs(overrides_model: dict | None = None, overrides_train: dict | None = None,
-                      names: tuple[str, ...] = CANDIDATES) -> list[tuple[str, ModelConfig, TrainConfig]]:
-    """Each candidate preset with the user's explicit overrides applied to it."""
-    out = []
-    for name in names:
-        preset = get_preset(name)
-        out.append((name, replace(preset.model, **(overrides_model or {})),
-                    replace(preset.train, **(overrides_train or {}))))
-    return out
 
 
 def choose(candidates: list[tuple[str, ModelConfig, TrainConfig]], samples: list[Sample], work_dir: str,
@@ -129,7 +109,7 @@ def choose(candidates: list[tuple[str, ModelConfig, TrainConfig]], samples: list
         t1 = time.perf_counter()
         train(model_cfg, probe, samples, probe_dir, weights=weights, progress=False, log=lambda *a, **k: None,
               device=device, precision=precision)
-        model = model_from_checkpoint(load_safe(os.path.join(probe_dir, "model.pt")))
+        model, _ = load_run(probe_dir)
         shutil.rmtree(probe_dir, ignore_errors=True)
         results[name] = {**synthetic_score(model, normals, defective, masks), "probe_epochs": probe.epochs,
                          "probe_seconds": round(time.perf_counter() - t1, 1)}

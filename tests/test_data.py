@@ -418,3 +418,27 @@ def test_augmentation_moves_image_and_mask_together(tmp_path: Path) -> None:
     image = torch.zeros(3, 8, 8, dtype=torch.uint8)
     out_image, out_mask = augment_pair(image, torch.zeros(1, 8, 8, dtype=torch.bool))
     assert out_image.dtype == torch.uint8 and out_mask.dtype == torch.bool and type(out_image) is torch.Tensor
+
+
+def test_pose_augmentation_stays_in_the_paper_ranges_and_moves_the_mask_along(tmp_path: Path) -> None:
+    from fastflow.data.augment import POSE_DEGREES, TRANSLATE, ZOOM, random_pose
+    gen = torch.Generator().manual_seed(0)
+    poses = [random_pose((100, 200), gen) for _ in range(300)]
+    assert all(ZOOM[0] <= p.scale <= ZOOM[1] and abs(p.angle) <= POSE_DEGREES for p in poses)
+    assert all(abs(p.translate[0]) <= 30 and abs(p.translate[1]) <= 15 for p in poses)  # 15% of W=200, H=100
+    assert max(p.angle for p in poses) > 10 and min(p.angle for p in poses) < -10  # the whole range is drawn
+    assert TRANSLATE == 0.15
+    image = np.full((32, 32, 3), 40, np.uint8)  # background 40, a bright asymmetric mark that is also the mask
+    image[6:14, 8:26] = 250
+    Image.fromarray(image).save(tmp_path / "a.png")
+    Image.fromarray((image[..., 0] > 100).astype(np.uint8) * 255).save(tmp_path / "a_mask.png")
+    dataset = AnomalyDataset([Sample(str(tmp_path / "a.png"), 1, "x", str(tmp_path / "a_mask.png"))],
+                             Preprocess((32, 32), (0, 0, 0), (1, 1, 1)), augment="pose")
+    torch.manual_seed(0)
+    for _ in range(10):
+        item = dataset[0]
+        shown, label = item["image"][0] > 0.6, item["mask"][0] > 0.5
+        assert (shown == label).float().mean() > 0.95
+        assert item["image"][0].min() > 0.1  # uncovered corners get the background colour (40), not black
+    with pytest.raises(ValueError, match="augment must be one of"):
+        AnomalyDataset([Sample(str(tmp_path / "a.png"), 0, "x")], PLAIN, augment="zoom")

@@ -27,27 +27,13 @@ is filled with 0: uncovered pixels are normal.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
-import torch
 from torch.utils.data import Dataset
-from torchvision.transforms import InterpolationMode
-from torchvision.transforms.v2 import functional as TF
+
+from .data.augment import TRANSLATE, ZOOM, Affine, apply_affine, border_colour  # noqa: F401 (re-exported)
+from .data.augment import POSE_DEGREES as ROTATION_DEGREES
 
 COPIES = 4  # paper Section 8: "expand the original test dataset by 4x"
-ZOOM = (0.85, 1 / 0.85)  # "zoom in/out with 0.85 ratio"
-ROTATION_DEGREES = 15.0  # "rotation with +-15 angle"
-TRANSLATE = 0.15  # "translation with 0.15 ratio", a fraction of width / height
-
-
-@dataclass(frozen=True)
-class Affine:
-    """One draw: ``angle`` degrees (clockwise, as ``TF.affine``), ``translate`` (dx, dy) pixels, ``scale``."""
-
-    angle: float
-    translate: tuple[int, int]
-    scale: float
 
 
 def draw_affine(seed: int, index: int, copy: int, size: tuple[int, int]) -> Affine:
@@ -59,25 +45,6 @@ def draw_affine(seed: int, index: int, copy: int, size: tuple[int, int]) -> Affi
     dx = int(round(rng.uniform(-TRANSLATE, TRANSLATE) * width))
     dy = int(round(rng.uniform(-TRANSLATE, TRANSLATE) * height))
     return Affine(angle, (dx, dy), scale)
-
-
-def border_colour(image: torch.Tensor) -> list[float]:
-    """Per-channel median of the outermost pixels of a (C, H, W) image: its background colour."""
-    edge = torch.cat([image[:, 0], image[:, -1], image[:, :, 0], image[:, :, -1]], dim=1)
-    return [float(v) for v in edge.median(dim=1).values]
-
-
-def apply_affine(image: torch.Tensor, mask: torch.Tensor, t: Affine, fill: float | None = None
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The same affine map on an image (bilinear, ``fill``; None: its border colour) and its mask (nearest, 0).
-
-    image: (C, H, W) float; mask: (1, H, W) float of 0/1. Returns tensors of the same shapes and dtypes.
-    """
-    common = dict(angle=t.angle, translate=list(t.translate), scale=t.scale, shear=[0.0, 0.0])
-    fill = border_colour(image) if fill is None else fill
-    image = TF.affine(image, **common, interpolation=InterpolationMode.BILINEAR, fill=fill)
-    mask = TF.affine(mask, **common, interpolation=InterpolationMode.NEAREST, fill=0.0)
-    return image, mask
 
 
 class MisalignedDataset(Dataset):

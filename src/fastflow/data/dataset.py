@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..config import augment_kind
 from .augment import augment_pair
 from .files import format_paths
 from .preprocess import Preprocess, load_image, load_mask
@@ -33,13 +34,13 @@ class AnomalyDataset(torch.utils.data.Dataset):
     and kept as uint8 at input size; augmentation is then applied on the fly to the cached copy.
     """
 
-    def __init__(self, samples: list[Sample], preprocess: Preprocess, augment: bool = False,
+    def __init__(self, samples: list[Sample], preprocess: Preprocess, augment: bool | str | None = None,
                  cache: bool | None = None) -> None:
         if not samples:
             raise DatasetError("AnomalyDataset got no samples; check the dataset root, category and split")
         self.samples = list(samples)
         self.preprocess = preprocess
-        self.augment = augment
+        self.augment = augment_kind(augment)  # None, "paper" or "pose" (data/augment.py)
         self.cache = len(self.samples) <= CACHE_LIMIT if cache is None else cache
         self._decoded = _read_all(self._decode, range(len(self.samples))) if self.cache else None
 
@@ -58,7 +59,7 @@ class AnomalyDataset(torch.utils.data.Dataset):
         image = torch.from_numpy(image).permute(2, 0, 1)
         mask = torch.from_numpy(mask)[None]
         if self.augment:
-            image, mask = augment_pair(image, mask)
+            image, mask = augment_pair(image, mask, self.augment)
         sample = self.samples[index]
         return {"image": self.preprocess.normalize(image), "mask": mask.float(), "label": sample.label,
                 "has_mask": sample.has_mask, "path": sample.path, "index": index}

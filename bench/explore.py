@@ -114,6 +114,48 @@ def nll(model, feats):
                               for i in range(0, feats[0].shape[0], 32)]))
 
 
+def level_maps(model, feats, bs=32):
+    """Per level, the per-location NLL per channel upsampled to input size and blurred: (L, N, H, W)."""
+    import torch.nn.functional as F
+    from torchvision.transforms.functional import gaussian_blur
+    model.eval()
+    size, sigma = model.config.input_size, model.config.smoothing_sigma
+    k = int(2 * round(4 * sigma) + 1)
+    out = []
+    with torch.inference_mode():
+        for i in range(0, feats[0].shape[0], bs):
+            per = []
+            for f, norm, flow in zip([f[i:i + bs] for f in feats], model.norms, model.flows):
+                z, ld = flow.forward_map(norm(f))
+                m = (0.5 * z.pow(2).sum(1) - ld) / z.shape[1]
+                m = F.interpolate(m[:, None], size=size, mode="bilinear", align_corners=False)
+                per.append(gaussian_blur(m, [k, k], [sigma, sigma])[:, 0])
+            out.append(torch.stack(per))
+    return torch.cat(out, 1).numpy()
+
+
+def variants(model, val, syn, test, d, labels, masked):
+    """Image / pixel AUROC of map aggregations: the mean of the levels (today), the mean and the max of the
+    levels standardised by the held-out normals' mean and std of that level's map, and top-1% mean scores."""
+    vl, sl, tl = level_maps(model, val), level_maps(model, syn), level_maps(model, test)
+    mu = vl.reshape(len(vl), -1).mean(1)[:, None, None, None]
+    sd = vl.reshape(len(vl), -1).std(1)[:, None, None, None]
+    n_val = vl.shape[1]
+    for name, agg in [("mean", lambda x: x.mean(0)), ("zmean", lambda x: ((x - mu) / sd).mean(0)),
+                      ("zmax", lambda x: ((x - mu) / sd).max(0))]:
+        vm, sm, tm = agg(vl), agg(sl), agg(tl)
+        for sname, sc in [("max", lambda m: m.reshape(len(m), -1).max(1)),
+                          ("top1", lambda m: np.sort(m.reshape(len(m), -1), 1)[:, -m[0].size // 100:].mean(1))]:
+            vs, ss, ts = sc(vm), sc(sm), sc(tm)
+            row = {"variant": f"{name}/{sname}",
+                   "syn_img": round(image_auroc(np.r_[vs, ss], np.r_[np.zeros(n_val), np.ones(len(ss))]), 4),
+                   "syn_pix": round(pixel_auroc(np.r_[vm, sm], np.r_[np.zeros_like(vm, bool), d["syn_masks"].numpy()]), 4),
+                   "test_img": round(image_auroc(ts, labels), 4)}
+            if masked.all() and d["test_masks"].any():
+                row["test_pix"] = round(pixel_auroc(tm, d["test_masks"].numpy()), 4)
+            print(json.dumps(row), flush=True)
+
+
 def main():
     global a
     ap = argparse.ArgumentParser()
@@ -137,6 +179,8 @@ def main():
     ap.add_argument("--every", type=int, default=300)
     ap.add_argument("--aupro", action="store_true")
     ap.add_argument("--tag", default="")
+    ap.add_argument("--variants", action="store_true",
+                    help="at the end, also score with each level's map standardised on the held-out normals")
     a = ap.parse_args()
     torch.set_num_threads(2)
     d = features(a)
@@ -185,6 +229,8 @@ def main():
                 thr = np.sort(vs)[min(len(vs) - 1, int(np.ceil(0.99 * len(vs))) - 1)]
                 row["test_good_fa"] = round(float((ts[labels == 0] > thr).mean()), 3)
                 print(json.dumps(row), flush=True)
+                if a.variants and step == a.budget:
+                    variants(model, val, syn, test, d, labels, masked)
                 t0 = time.time() - row["train_s"]
             if step >= a.budget:
                 break

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
+from fastflow.checkpoint import load_safe
 from fastflow.config import TrainConfig
 from fastflow.data.synthetic import KINDS, add_defect, defect_set
 from fastflow.train import planned_epochs
@@ -151,7 +153,7 @@ def test_default_train_command_chooses_saves_and_reports_its_choice(tmp_path, ca
     import json
 
     from fastflow.cli import main
-    from fastflow.config import get_preset, to_dict
+    from fastflow.config import AUTO_CANDIDATES, get_preset, to_dict
     from fastflow.demo import make_demo_dataset
 
     make_demo_dataset(str(tmp_path / "data"), n_train=12, n_test_good=1, n_test_defect=1)
@@ -161,8 +163,8 @@ def test_default_train_command_chooses_saves_and_reports_its_choice(tmp_path, ca
     out = capsys.readouterr().out
     saved = json.loads((run / "run.json").read_text())
     chosen = saved["preset"]
-    assert chosen in ("efficientnet_lite0", "lite0_unaligned") and f"auto: chose {chosen}" in out
-    assert set(saved["auto"]["candidates"]) == {"efficientnet_lite0", "lite0_unaligned"}
+    assert chosen in AUTO_CANDIDATES and f"auto: chose {chosen}" in out
+    assert set(saved["auto"]["candidates"]) == set(AUTO_CANDIDATES)
     expected = to_dict(get_preset(chosen).model)
     expected["input_size"] = [64, 64]
     assert saved["model_config"] == expected  # the chosen preset, with the user's options applied
@@ -171,6 +173,18 @@ def test_default_train_command_chooses_saves_and_reports_its_choice(tmp_path, ca
     assert not list(run.glob(".auto-probe*"))
     assert main(["info", str(run)]) == 0
     assert f"chosen     {chosen} by --backbone auto" in capsys.readouterr().out
+    # the full run continued from the chosen probe (1 of its 3 epochs), and is the model that naming the
+    # chosen preset trains from scratch: same weights, same selected epoch, same threshold
+    assert saved["auto"]["continued_after_epochs"] == 1 and "resuming" in out
+    named = tmp_path / "named"
+    assert main(["train", "--data", str(tmp_path / "data"), "--category", "texture", "--output", str(named),
+                 "--backbone", chosen, "--input-size", "64", "--steps", "9", "--batch-size", "4",
+                 "--val-fraction", "0.25", "--quiet"]) == 0
+    a, b = load_safe(str(run / "model.pt")), load_safe(str(named / "model.pt"))
+    assert a["threshold"] == b["threshold"] and a["best_epoch"] == b["best_epoch"]
+    assert a["state"].keys() == b["state"].keys()
+    for key in a["state"]:
+        assert torch.equal(a["state"][key], b["state"][key]), key
 
 
 def test_synthetic_validation_shrinks_large_frames(tmp_path):

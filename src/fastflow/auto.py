@@ -25,7 +25,7 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-from .config import ModelConfig, TrainConfig
+from .config import AUTO_CANDIDATES, ModelConfig, TrainConfig
 from .data import Sample
 from .data.preprocess import _resize_bool, load_image
 from .data.synthetic import defect_set
@@ -34,9 +34,7 @@ from .metrics import image_auroc, pixel_auroc
 from .run import load_run, preprocess_for
 from .train import planned_epochs, split_validation, train
 
-# The candidates, in order of preference (the first wins a tie): the aligned-object recipe and the
-# unaligned-surface recipe (config.py says how each was measured).
-CANDIDATES = ("efficientnet_lite0", "lite0_unaligned")
+CANDIDATES = AUTO_CANDIDATES  # config.py says how each was measured
 PROBE_FRACTION = 0.2  # each probe trains this share of its preset's step budget (bottle: 160 steps)
 DEFECTS_PER_IMAGE = 2
 MAX_SIDE = 1024  # held-out images are shrunk to this before defects are pasted (the inputs are ~256 px)
@@ -88,12 +86,17 @@ def _shrunk(image: np.ndarray) -> np.ndarray:
 
 def choose(candidates: list[tuple[str, ModelConfig, TrainConfig]], samples: list[Sample], work_dir: str,
            weights: str = "pretrained", log=print, probe_tag: str = "", device="auto",
-           precision: str = "fp32") -> tuple[str, ModelConfig, TrainConfig, dict]:
+           precision: str = "fp32", continue_in: str | None = None) -> tuple[str, ModelConfig, TrainConfig, dict]:
     """Probe every candidate on ``samples`` (normal images only) and return the best one:
     (name, model config, train config, report). ``report`` holds each candidate's synthetic-defect
     figures, the probe length and time, and the reason for the choice; it goes into run.json.
     Probes are trained in ``work_dir/.auto-probe{probe_tag}-NAME`` (one process each, on ``device`` at
-    ``precision``, device.py) and removed."""
+    ``precision``, device.py) and removed.
+
+    ``continue_in``: a run folder; the chosen probe's training checkpoint is moved there, so that
+    ``train(..., resume=True)`` continues from it instead of training those first epochs again. The
+    result is the same model: a probe is the first epochs of the full run (same seed, same batches,
+    same noise draws), and resuming restores the optimiser, the RNG and the best epoch so far."""
     seed = candidates[0][2].seed
     _, val_samples = split_validation(samples, candidates[0][2].val_fraction, seed)
     if len(val_samples) < 2:
@@ -110,7 +113,6 @@ def choose(candidates: list[tuple[str, ModelConfig, TrainConfig]], samples: list
         train(model_cfg, probe, samples, probe_dir, weights=weights, progress=False, log=lambda *a, **k: None,
               device=device, precision=precision)
         model, _ = load_run(probe_dir)
-        shutil.rmtree(probe_dir, ignore_errors=True)
         results[name] = {**synthetic_score(model, normals, defective, masks), "probe_epochs": probe.epochs,
                          "probe_seconds": round(time.perf_counter() - t1, 1)}
         log(f"auto: {name}: synthetic defects image AUROC {results[name]['image_auroc']:.3f}, pixel AUROC "
@@ -124,6 +126,13 @@ def choose(candidates: list[tuple[str, ModelConfig, TrainConfig]], samples: list
     _, model_cfg, train_cfg = next(c for c in candidates if c[0] == name)
     report = {"chosen": name, "why": why, "candidates": results, "n_normal": len(normals),
               "n_synthetic": len(defective), "seconds": round(time.perf_counter() - t0, 1)}
+    if continue_in is not None:
+        os.makedirs(continue_in, exist_ok=True)
+        os.replace(os.path.join(work_dir, f".auto-probe{probe_tag}-{name}", "checkpoint.pt"),
+                   os.path.join(continue_in, "checkpoint.pt"))
+        report["continued_after_epochs"] = results[name]["probe_epochs"]
+    for n in results:
+        shutil.rmtree(os.path.join(work_dir, f".auto-probe{probe_tag}-{n}"), ignore_errors=True)
     return name, model_cfg, train_cfg, report
 
 

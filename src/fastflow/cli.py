@@ -30,7 +30,7 @@ import sys
 import traceback
 from dataclasses import replace
 
-from .config import PRESETS, ModelConfig, TrainConfig, check_levels, from_dict, get_preset, to_dict
+from .config import AUTO_CANDIDATES, PRESETS, ModelConfig, TrainConfig, check_levels, from_dict, get_preset, to_dict
 
 
 # -- shared option groups ---------------------------------------------------------------------
@@ -213,7 +213,7 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="continue an interrupted run from its last checkpoint, with the options it was started "
                         "with; --epochs N extends a finished run to N epochs")
     t.add_argument("--backbone", default=None,
-                   help=f"preset / backbone: auto (the default: chooses among efficientnet_lite0 and lite0_unaligned "
+                   help=f"preset / backbone: auto (the default: chooses among {', '.join(AUTO_CANDIDATES)} "
                         f"on synthetic defects pasted on held-out normal images), {', '.join(PRESETS)}")
     t.add_argument("--weights", default="pretrained",
                    help="backbone weights: pretrained (default), random, or a local .pth state dict")
@@ -253,7 +253,10 @@ def _build_parser() -> argparse.ArgumentParser:
     t.add_argument("--equalize", action="store_true",
                    help="equalise each image's histogram (per channel) before resizing, instead of a preset's "
                         "--autocontrast; saved with the model's preprocessing")
-    t.add_argument("--augment", action="store_true", help="paper Section 6.2 augmentation (flips, rotation)")
+    t.add_argument("--augment", nargs="?", const="paper", default=None, choices=["paper", "pose"],
+                   help="training augmentation: 'paper' (the default when given; Section 6.2: flips, rotation) or "
+                        "'pose' (random zoom 0.85-1.18, rotation +-15 degrees, shift 15%%: parts that are not "
+                        "aligned, README)")
     t.add_argument("--no-cache", action="store_true", help="recompute backbone features every epoch")
     t.add_argument("--val-fraction", type=float, default=None,
                    help="normal training images held out to select the epoch and calibrate the threshold "
@@ -513,7 +516,8 @@ def _train(args, dist) -> int:
             name, model_cfg, train_cfg, report = choose([(n, *_configs(args, n)) for n in CANDIDATES], samples,
                                                         run_dir, weights=args.weights, log=say,
                                                         probe_tag=f"{dist.rank}" if cat_dist.world > 1 else "",
-                                                        device=device, precision=precision)
+                                                        device=device, precision=precision,
+                                                        continue_in=run_dir if cat_dist.world == 1 else None)
             chosen = {"preset": name, "auto": report}
         if cat_dist.is_main:
             os.makedirs(run_dir, exist_ok=True)
@@ -523,7 +527,8 @@ def _train(args, dist) -> int:
                                                              "category": cat, "options": opts}, **chosen}, f, indent=1)
         say(f"[{cat}] training {chosen.get('preset') or args.backbone or model_cfg.backbone} on {len(samples)} normal images{where} -> {run_dir}")
         try:
-            res = train(model_cfg, train_cfg, samples, run_dir, weights=args.weights,
+            resume = "continued_after_epochs" in chosen.get("auto", {})  # from the chosen probe (auto.choose)
+            res = train(model_cfg, train_cfg, samples, run_dir, weights=args.weights, resume=resume,
                         progress=not args.quiet and dist.is_main, dist=cat_dist, device=device, precision=precision)
         except Exception:
             if cat_dist.is_main:

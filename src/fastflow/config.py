@@ -32,6 +32,21 @@ def check_contrast(cutoff: float | None, equalize: bool = False) -> None:
         raise ValueError("choose one of autocontrast and equalize, not both (CLI: --autocontrast off --equalize)")
 
 
+AUGMENT_KINDS = ("paper", "pose")  # data/augment.py
+
+
+def augment_kind(kind) -> str | None:
+    """Training augmentation as saved: None (off), "paper" or "pose"; True (runs of older versions) means
+    "paper"; ValueError otherwise."""
+    if kind is True:
+        return "paper"
+    if kind in (False, None, "none", "off"):
+        return None
+    if kind not in AUGMENT_KINDS:
+        raise ValueError(f"augment must be one of {', '.join(AUGMENT_KINDS)} or off, got {kind!r}")
+    return kind
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     backbone: str = "efficientnet_lite0"  # offline default; paper backbones need downloaded weights
@@ -91,7 +106,9 @@ class TrainConfig:
     batch_size: int = 32  # paper 4.7
     lr: float = 1e-3  # paper 4.7: Adam, learning rate 1e-3
     weight_decay: float = 1e-5  # paper 4.7
-    augment: bool = False  # paper 6.2: hflip 0.5, vflip 0.3, rotation 0.7; off by default (not for all parts)
+    # None (off: not every part may be flipped), "paper" (Section 6.2: hflip 0.5, vflip 0.3, rotation 0.7)
+    # or "pose" (Section 8's random zoom, rotation and shift, for parts that are not aligned); data/augment.py
+    augment: str | None = None
     val_fraction: float = 0.1  # normal training images held out for model selection and threshold
     cache_features: bool = True  # the backbone is frozen: without augmentation, features are reused exactly
     # Max global gradient norm per feature dimension; 0 = off, as in the paper and the reference code.
@@ -107,6 +124,7 @@ class TrainConfig:
     num_workers: int = 0
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "augment", augment_kind(self.augment))
         if self.epochs < 1:
             raise ValueError(f"epochs must be >= 1, got {self.epochs}")
         if self.steps is not None and self.steps < 1:
@@ -168,6 +186,15 @@ _UNALIGNED_MODEL = dict(flow_steps=8, hidden_ratio=2.0, kernels="3-3", smoothing
                         norm_affine=False, autocontrast=1.0)
 _UNALIGNED_TRAIN = TrainConfig(epochs=200, steps=STEP_BUDGET, batch_size=8, feature_noise=0.0)
 
+# For textured surfaces (measured on held-out normals with pasted defects of three scikit-image textures,
+# bench/README.md, "Ninth round"): the stride-8 and stride-16 levels (as PatchCore's layers; the stride-4
+# level dragged image AUROC down: brick 0.75 against 0.93), position-free (no LayerNorm affine), a flow of
+# hidden ratio 1.0 with 3x3 kernels and no feature noise. The position-free map at two scales localises
+# small defects on a surface that the stride-32 level alone (lite0_unaligned) blurs away.
+_TEXTURE_MODEL = dict(flow_steps=8, hidden_ratio=1.0, kernels="3-3", smoothing_sigma=8.0, levels=(2, 3),
+                      norm_affine=False)
+_TEXTURE_TRAIN = _UNALIGNED_TRAIN
+
 
 PRESETS: dict[str, Preset] = {
     p.name: p
@@ -195,6 +222,12 @@ PRESETS: dict[str, Preset] = {
             ModelConfig("efficientnet_lite0", (256, 256), **_UNALIGNED_MODEL),
             _UNALIGNED_TRAIN,
             reproduces="offline, for unaligned parts; Magnetic Tile Defects image AUROC 0.979 (seed 0), see README",
+        ),
+        Preset(
+            "lite0_texture",
+            ModelConfig("efficientnet_lite0", (256, 256), **_TEXTURE_MODEL),
+            _TEXTURE_TRAIN,
+            reproduces="offline, for textured surfaces; scikit-image textures with pasted defects, see README",
         ),
         Preset(
             "resnet18",
@@ -225,6 +258,11 @@ PRESETS: dict[str, Preset] = {
 }
 
 
+# What ``fastflow train`` chooses among by default (``--backbone auto``, auto.py), in order of preference
+# (the first wins a tie): the aligned-object, the textured-surface and the unaligned-part recipe.
+AUTO_CANDIDATES = ("efficientnet_lite0", "lite0_texture", "lite0_unaligned")
+
+
 def get_preset(name: str) -> Preset:
     """Preset by name, or by its backbone's timm name (``deit_base_distilled_patch16_384``)."""
     if name in PRESETS:
@@ -252,4 +290,4 @@ def from_dict(cls: type, d: dict) -> Any:
     return cls(**d)
 
 
-__all__ = ["check_levels", "check_contrast", "ModelConfig", "TrainConfig", "Preset", "PRESETS", "get_preset", "to_dict", "from_dict", "replace"]
+__all__ = ["AUTO_CANDIDATES", "AUGMENT_KINDS", "augment_kind", "check_levels", "check_contrast", "ModelConfig", "TrainConfig", "Preset", "PRESETS", "get_preset", "to_dict", "from_dict", "replace"]

@@ -503,6 +503,8 @@ CHECKPOINT_CASES = {
     "weights_of_wrong_shape": (lambda c: c["state"].update({k: v[:1] for k, v in list(c["state"].items())[:1]}),
                                ["weights do not match its config"]),
     "no_preprocess": (lambda c: c.pop("preprocess"), ["incomplete checkpoint", "preprocess"]),
+    "preprocess_not_its_config": (lambda c: c["preprocess"].update(input_size=[32, 48]),
+                                  ["preprocessing (input_size [32, 48]", "differs from its model config"]),
     "not_a_checkpoint": (lambda c: [c.pop(k) for k in list(c)], ["not a fastflow checkpoint"]),
 }
 

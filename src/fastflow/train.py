@@ -33,7 +33,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from .checkpoint import CheckpointError, load_safe, save_atomic
-from .config import ModelConfig, TrainConfig, to_dict
+from .config import DEFAULT_PRESET, ModelConfig, Preset, TrainConfig, get_preset, to_dict
 from .data import AnomalyDataset, Sample, check_readable
 from .device import autocast, fits_in_memory, grad_scaler, resolve_device
 from .distributed import SINGLE, Dist
@@ -195,11 +195,21 @@ def _scores(model: FastFlow, source: FeatureSource) -> np.ndarray:
     return np.concatenate(parts)
 
 
-def train(model_cfg: ModelConfig, train_cfg: TrainConfig, samples: list[Sample], run_dir: str,
+def train(model_cfg: ModelConfig | Preset | None = None, train_cfg: TrainConfig | None = None,
+          samples: list[Sample] | None = None, run_dir: str | None = None,
           weights: str = "pretrained", resume: bool = False, progress: bool = True,
           log=print, dist: Dist = SINGLE, device: str | torch.device | None = "auto",
           precision: str = "fp32") -> TrainResult:
     """Train FastFlow on normal ``samples`` and write the run folder ``run_dir``.
+
+    ``model_cfg``: a ``ModelConfig``, a ``Preset`` (``get_preset("resnet18")``: its model and, unless
+    ``train_cfg`` is given, its training config), or None: ``DEFAULT_PRESET``'s, what ``fastflow train
+    --backbone efficientnet_lite0`` trains. ``train_cfg`` None: that preset's training config (with a
+    ``ModelConfig``, ``train_cfg`` is required).
+
+        train(samples=load_samples("mvtec", "data/mvtec", "bottle", "train"), run_dir="runs/bottle")
+        train(ModelConfig.from_preset("resnet18", input_size=224), TrainConfig.from_preset("resnet18", epochs=50),
+              samples, "runs/bottle-r18")
 
     ``dist``: this process's place in a torchrun job (``distributed.init_from_env()``); every rank
     calls ``train`` with the same arguments, rank 0 logs and writes the files.
@@ -209,6 +219,9 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, samples: list[Sample],
     Training seeds the random generators with ``train_cfg.seed`` (the initialisation and augmentation
     draw from them) inside a fork: the caller's torch and NumPy random states are as they were after.
     """
+    if samples is None or run_dir is None:
+        raise TypeError("train() needs samples (load_samples(...)) and run_dir (the folder to write)")
+    model_cfg, train_cfg = _resolve_configs(model_cfg, train_cfg)
     if dist.world == 1:
         dist = replace(dist, device=resolve_device(device))
     cuda = [dist.device.index or 0] if dist.device.type == "cuda" else []
@@ -218,6 +231,23 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, samples: list[Sample],
             return _train(model_cfg, train_cfg, samples, run_dir, weights, resume, progress, log, dist, precision)
     finally:
         np.random.set_state(numpy_state)
+
+
+def _resolve_configs(model_cfg: ModelConfig | Preset | None, train_cfg: TrainConfig | None
+                     ) -> tuple[ModelConfig, TrainConfig]:
+    """The (model, training) configs ``train`` runs: a preset's, ``DEFAULT_PRESET``'s for None."""
+    if train_cfg is not None and not isinstance(train_cfg, TrainConfig):
+        raise TypeError(f"train_cfg must be a TrainConfig or None, got {type(train_cfg).__name__}; with a preset, "
+                        f"pass samples and run_dir by name: train(get_preset(NAME), samples=..., run_dir=...)")
+    preset = get_preset(DEFAULT_PRESET) if model_cfg is None else model_cfg
+    if isinstance(preset, Preset):
+        return preset.model, preset.train if train_cfg is None else train_cfg
+    if not isinstance(model_cfg, ModelConfig):
+        raise TypeError(f"model_cfg must be a ModelConfig, a Preset or None, got {type(model_cfg).__name__}")
+    if train_cfg is None:  # which preset's training would be a guess: the user says it
+        raise TypeError("train() with a ModelConfig needs its train_cfg too, e.g. TrainConfig.from_preset(NAME); "
+                        "or pass get_preset(NAME), or neither for the default preset")
+    return model_cfg, train_cfg
 
 
 def _train(model_cfg: ModelConfig, train_cfg: TrainConfig, samples: list[Sample], run_dir: str,

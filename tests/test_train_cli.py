@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from fastflow.cli import main
-from fastflow.config import ModelConfig, TrainConfig
+from fastflow.config import DEFAULT_PRESET, ModelConfig, TrainConfig, get_preset, to_dict
 from fastflow.data import load_samples
 from fastflow.demo import make_demo_dataset
 from fastflow.flow import use_fast_backward
@@ -146,6 +146,31 @@ def test_same_seed_same_model(dataset, tmp_path):
     sa = torch.load(f"{a.run_dir}/model.pt", weights_only=True)["state"]
     sb = torch.load(f"{b.run_dir}/model.pt", weights_only=True)["state"]
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_python_train_with_a_preset_and_the_cli_give_the_same_model(dataset, tmp_path):
+    # Issue 18: `train(get_preset(...))` and `fastflow train --backbone ...` (same options, same seed) train the
+    # same model: equal configs, bit-equal weights, equal thresholds. And with no config, train() trains the
+    # preset the CLI's --backbone default names.
+    cli_run = tmp_path / "cli"
+    assert main(["train", "--data", dataset, "--category", "texture", "--output", str(cli_run),
+                 "--backbone", "efficientnet_lite0", "--seed", "3", *TINY]) == 0
+    preset = get_preset("efficientnet_lite0")
+    assert preset.name == DEFAULT_PRESET
+    preset = replace(preset, model=replace(preset.model, input_size=(64, 64)),
+                     train=replace(preset.train, epochs=2, steps=None, batch_size=4, seed=3))
+    assert preset.model == ModelConfig.from_preset(input_size=64)  # the same configs, however written
+    assert preset.train == TrainConfig.from_preset(epochs=2, batch_size=4, seed=3)
+    res = train(preset, samples=load_samples("mvtec", dataset, "texture", "train"), run_dir=str(tmp_path / "py"),
+                progress=False, log=lambda *_: None)
+    saved = json.load(open(cli_run / "run.json"))
+    assert saved["model_config"] == to_dict(preset.model) and saved["train_config"] == to_dict(preset.train)
+    (_, by_cli), (_, by_api) = load_run(str(cli_run)), load_run(res.run_dir)
+    assert by_cli["model_config"] == by_api["model_config"] and by_cli["train_config"] == by_api["train_config"]
+    assert by_cli["preprocess"] == by_api["preprocess"]
+    assert by_cli["state"].keys() == by_api["state"].keys()
+    assert all(torch.equal(by_cli["state"][k], by_api["state"][k]) for k in by_cli["state"])
+    assert by_cli["threshold"] == by_api["threshold"] and res.threshold == by_cli["threshold"]["value"]
 
 
 def test_feature_noise_is_relative_to_each_levels_scale():

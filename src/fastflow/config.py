@@ -95,6 +95,22 @@ class ModelConfig:
             raise ValueError(f"smoothing_sigma must be >= 0, got {self.smoothing_sigma}")
         check_contrast(self.autocontrast, self.equalize)
 
+    @classmethod
+    def from_preset(cls, name: str | None = None, **overrides) -> ModelConfig:
+        """The model config of preset ``name`` (default: ``DEFAULT_PRESET``, what ``fastflow train
+        --backbone efficientnet_lite0`` uses) with ``overrides`` (field names) applied:
+        ``ModelConfig.from_preset("resnet18", input_size=224)``. Unknown names: ValueError."""
+        return _override(get_preset(name or DEFAULT_PRESET).model, overrides)
+
+
+def _override(cfg: Any, overrides: dict) -> Any:
+    """``cfg`` with ``overrides`` applied; ValueError naming unknown fields and the known ones."""
+    names = [f.name for f in fields(cfg)]
+    unknown = sorted(set(overrides) - set(names))
+    if unknown:
+        raise ValueError(f"unknown {type(cfg).__name__} fields {unknown}; choose from {', '.join(names)}")
+    return replace(cfg, **overrides)
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -141,6 +157,15 @@ class TrainConfig:
             raise ValueError(f"feature_noise must be >= 0 (0 = off), got {self.feature_noise}")
         if not 0.0 < self.false_alarm_rate < 1.0:
             raise ValueError(f"false_alarm_rate must be in (0, 1), got {self.false_alarm_rate}")
+
+    @classmethod
+    def from_preset(cls, name: str | None = None, **overrides) -> TrainConfig:
+        """The training config of preset ``name`` (default: ``DEFAULT_PRESET``) with ``overrides`` applied,
+        as ``fastflow train`` applies its options: an explicit ``epochs`` trains exactly that many epochs
+        (the preset's step budget is dropped) unless ``steps`` is given too. Unknown names: ValueError."""
+        if "epochs" in overrides:
+            overrides = {"steps": None, **overrides}
+        return _override(get_preset(name or DEFAULT_PRESET).train, overrides)
 
 
 @dataclass(frozen=True)
@@ -195,6 +220,10 @@ _TEXTURE_MODEL = dict(flow_steps=8, hidden_ratio=1.0, kernels="3-3", smoothing_s
                       norm_affine=False)
 _TEXTURE_TRAIN = _UNALIGNED_TRAIN
 
+
+# What ``train()`` uses without a config and ``fastflow train --backbone efficientnet_lite0`` (the CLI's
+# non-auto default, cli.py ``_configs``) trains: one preset, so the API and the CLI share their defaults.
+DEFAULT_PRESET = "efficientnet_lite0"
 
 PRESETS: dict[str, Preset] = {
     p.name: p
@@ -290,4 +319,5 @@ def from_dict(cls: type, d: dict) -> Any:
     return cls(**d)
 
 
-__all__ = ["AUTO_CANDIDATES", "AUGMENT_KINDS", "augment_kind", "check_levels", "check_contrast", "ModelConfig", "TrainConfig", "Preset", "PRESETS", "get_preset", "to_dict", "from_dict", "replace"]
+__all__ = ["AUTO_CANDIDATES", "AUGMENT_KINDS", "DEFAULT_PRESET", "augment_kind", "check_levels", "check_contrast",
+           "ModelConfig", "TrainConfig", "Preset", "PRESETS", "get_preset", "to_dict", "from_dict", "replace"]

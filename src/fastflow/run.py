@@ -44,8 +44,7 @@ def model_path(path: str) -> str:
 def preprocess_for(model: FastFlow) -> Preprocess:
     """The preprocessing a model expects: size and contrast from its config, normalisation from its backbone
     (timm's data config)."""
-    return Preprocess(model.config.input_size, model.backbone.mean, model.backbone.std,
-                      autocontrast=model.config.autocontrast, equalize=model.config.equalize)
+    return Preprocess.from_config(model.config, model.backbone.mean, model.backbone.std)
 
 
 def trainable_state(model: FastFlow) -> dict[str, torch.Tensor]:
@@ -80,6 +79,7 @@ def model_from_checkpoint(ckpt: dict) -> FastFlow:
         cfg = from_dict(ModelConfig, ckpt["model_config"])
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"checkpoint's model config does not match this version: {e}") from e
+    _check_preprocess(ckpt, cfg)
     embedded = ckpt.get("backbone_weights") == "embedded"
     model = FastFlow(cfg, weights="random" if embedded else "pretrained")
     try:
@@ -93,6 +93,20 @@ def model_from_checkpoint(ckpt: dict) -> FastFlow:
         raise CheckpointError(f"checkpoint weights do not match its config (missing {missing[:3]}, "
                               f"unexpected {unexpected[:3]})")
     return model.eval()
+
+
+def _check_preprocess(ckpt: dict, cfg: ModelConfig) -> None:
+    """The checkpoint's preprocessing is the one its model config implies (``Preprocess.from_config``):
+    the Predictor reads one, the model the other, so a checkpoint where they differ is refused."""
+    try:
+        pre = Preprocess.from_dict(ckpt["preprocess"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"checkpoint's preprocessing does not match this version: {e}") from e
+    if not pre.agrees_with(cfg):
+        raise CheckpointError(
+            f"checkpoint's preprocessing (input_size {list(pre.input_size)}, autocontrast {pre.autocontrast}, "
+            f"equalize {pre.equalize}) differs from its model config's ({list(cfg.input_size)}, {cfg.autocontrast}, "
+            f"{cfg.equalize}); the file was edited or is corrupt: use the model.pt that fastflow train wrote")
 
 
 def load_run(path: str) -> tuple[FastFlow, dict]:

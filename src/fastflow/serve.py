@@ -344,7 +344,6 @@ def create_app(predictor: Predictor, info: dict, max_batch: int = 16, batch_wind
     if max_batch < 1 or batch_window_ms < 0 or max_upload_mb <= 0:
         raise ValueError(f"need max_batch >= 1, batch_window_ms >= 0, max_upload_mb > 0; got {max_batch}, "
                          f"{batch_window_ms}, {max_upload_mb}")
-    limit = int(max_upload_mb * 2**20)
     state = {"started": time.time(), "requests": 0, "rejected": 0, "batcher": None}
     info = {**info, "serving": {"max_batch": max_batch, "batch_window_ms": batch_window_ms,
                                 "max_upload_mb": max_upload_mb, "max_images_per_request": MAX_IMAGES,
@@ -362,6 +361,14 @@ def create_app(predictor: Predictor, info: dict, max_batch: int = 16, batch_wind
     app = FastAPI(title="fastflow", version=__version__, lifespan=lifespan,
                   description="Anomaly scores, maps and masks from a trained FastFlow run. The page at / is for people; "
                               "POST /predict is for programs.")
+    _add_error_handlers(app, state)
+    _add_status_routes(app, state, info)
+    _add_predict_route(app, predictor, state, int(max_upload_mb * 2**20))
+    return app
+
+
+def _add_error_handlers(app: FastAPI, state: dict) -> None:
+    """Errors as one JSON line: a bad query (422, counted as a rejected /predict), any other (500)."""
 
     @app.exception_handler(RequestValidationError)
     async def _bad_query(request: Request, exc: RequestValidationError):
@@ -374,6 +381,10 @@ def create_app(predictor: Predictor, info: dict, max_batch: int = 16, batch_wind
     async def _internal(request: Request, exc: Exception):  # a JSON line instead of a bare 500 page
         return JSONResponse({"detail": f"internal error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"},
                             status_code=500)
+
+
+def _add_status_routes(app: FastAPI, state: dict, info: dict) -> None:
+    """/ (the page for people), /health (uptime, counts, batching) and /info (``info``)."""
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page() -> HTMLResponse:
@@ -388,17 +399,23 @@ def create_app(predictor: Predictor, info: dict, max_batch: int = 16, batch_wind
     async def get_info() -> dict:
         return info
 
-    upload_schema = {"requestBody": {"required": True, "content": {
-        "multipart/form-data": {"schema": {"type": "object", "required": ["file"], "properties": {
-            "file": {"type": "array", "items": {"type": "string", "format": "binary"},
-                     "description": "one or more images (repeat the field)"}}}},
-        "image/*": {"schema": {"type": "string", "format": "binary"}, "description": "one image's bytes"}}}}
 
-    @app.post("/predict", response_model=PredictResponse, openapi_extra=upload_schema,
-              responses={200: {"content": {"image/png": {}}, "description": "JSON, or one PNG with ?format=png"},
-                         400: {"description": "no image, wrong field, empty file"},
-                         413: {"description": "upload too large"}, 415: {"description": "unsupported content type"},
-                         422: {"description": "not an image, truncated or corrupt"}})
+# /predict's request body and answers in the OpenAPI schema (FastAPI cannot infer them: the body is read by hand).
+_UPLOAD_SCHEMA = {"requestBody": {"required": True, "content": {
+    "multipart/form-data": {"schema": {"type": "object", "required": ["file"], "properties": {
+        "file": {"type": "array", "items": {"type": "string", "format": "binary"},
+                 "description": "one or more images (repeat the field)"}}}},
+    "image/*": {"schema": {"type": "string", "format": "binary"}, "description": "one image's bytes"}}}}
+_PREDICT_RESPONSES = {200: {"content": {"image/png": {}}, "description": "JSON, or one PNG with ?format=png"},
+                      400: {"description": "no image, wrong field, empty file"},
+                      413: {"description": "upload too large"}, 415: {"description": "unsupported content type"},
+                      422: {"description": "not an image, truncated or corrupt"}}
+
+
+def _add_predict_route(app: FastAPI, predictor: Predictor, state: dict, limit: int) -> None:
+    """POST /predict: uploads of at most ``limit`` bytes, decoded in threads, scored by the batcher."""
+
+    @app.post("/predict", response_model=PredictResponse, openapi_extra=_UPLOAD_SCHEMA, responses=_PREDICT_RESPONSES)
     async def predict(request: Request,
                       heatmap: bool = Query(False, description="include the heatmap PNG (base64)"),
                       overlay: bool = Query(False, description="include the overlay PNG (base64)"),
@@ -422,20 +439,22 @@ def create_app(predictor: Predictor, info: dict, max_batch: int = 16, batch_wind
         kinds = (picture,) if format == "png" else tuple(k for k, on in zip(PICTURES, (heatmap, overlay, mask)) if on)
         pngs = await asyncio.gather(*[asyncio.to_thread(pictures, predictor, rgb, res, kinds)
                                       for rgb, res in zip(images, results)]) if kinds else [{}] * len(results)
-        threshold = _finite(predictor.threshold)
         if format == "png":
-            res = results[0]
-            headers = {"X-Fastflow-Score": repr(res.score), "X-Fastflow-Is-Anomalous": str(res.is_anomalous).lower(),
-                       "X-Fastflow-Normalized-Score": repr(_finite(res.normalized_score)),
-                       "X-Fastflow-Threshold": repr(threshold)}
-            return Response(pngs[0][picture], media_type="image/png", headers=headers)
+            return _png_answer(predictor, results[0], pngs[0][picture])
+        threshold = _finite(predictor.threshold)
         return PredictResponse(results=[
             ImageResult(filename=name, score=res.score, normalized_score=_finite(res.normalized_score),
                         is_anomalous=res.is_anomalous, threshold=threshold, width=rgb.shape[1], height=rgb.shape[0],
                         **{k: base64.b64encode(v).decode("ascii") for k, v in png.items()})
             for (name, _), rgb, res, png in zip(uploads, images, results, pngs)])
 
-    return app
+
+def _png_answer(predictor: Predictor, res: Prediction, png: bytes) -> Response:
+    """?format=png: the one picture, with the score and the decision in headers."""
+    headers = {"X-Fastflow-Score": repr(res.score), "X-Fastflow-Is-Anomalous": str(res.is_anomalous).lower(),
+               "X-Fastflow-Normalized-Score": repr(_finite(res.normalized_score)),
+               "X-Fastflow-Threshold": repr(_finite(predictor.threshold))}
+    return Response(png, media_type="image/png", headers=headers)
 
 
 def serve_run(run_dir: str, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 16,

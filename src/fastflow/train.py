@@ -26,14 +26,15 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass, replace
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
 from .checkpoint import CheckpointError, load_safe, save_atomic
-from .config import ModelConfig, TrainConfig, to_dict
+from .config import DEFAULT_PRESET, ModelConfig, Preset, TrainConfig, get_preset, to_dict
 from .data import AnomalyDataset, Sample, check_readable
 from .device import autocast, fits_in_memory, grad_scaler, resolve_device
 from .distributed import SINGLE, Dist
@@ -195,11 +196,21 @@ def _scores(model: FastFlow, source: FeatureSource) -> np.ndarray:
     return np.concatenate(parts)
 
 
-def train(model_cfg: ModelConfig, train_cfg: TrainConfig, samples: list[Sample], run_dir: str,
+def train(model_cfg: ModelConfig | Preset | None = None, train_cfg: TrainConfig | None = None,
+          samples: list[Sample] | None = None, run_dir: str | None = None,
           weights: str = "pretrained", resume: bool = False, progress: bool = True,
           log=print, dist: Dist = SINGLE, device: str | torch.device | None = "auto",
           precision: str = "fp32") -> TrainResult:
     """Train FastFlow on normal ``samples`` and write the run folder ``run_dir``.
+
+    ``model_cfg``: a ``ModelConfig``, a ``Preset`` (``get_preset("resnet18")``: its model and, unless
+    ``train_cfg`` is given, its training config), or None: ``DEFAULT_PRESET``'s, what ``fastflow train
+    --backbone efficientnet_lite0`` trains. ``train_cfg`` None: that preset's training config (with a
+    ``ModelConfig``, ``train_cfg`` is required).
+
+        train(samples=load_samples("mvtec", "data/mvtec", "bottle", "train"), run_dir="runs/bottle")
+        train(ModelConfig.from_preset("resnet18", input_size=224), TrainConfig.from_preset("resnet18", epochs=50),
+              samples, "runs/bottle-r18")
 
     ``dist``: this process's place in a torchrun job (``distributed.init_from_env()``); every rank
     calls ``train`` with the same arguments, rank 0 logs and writes the files.
@@ -209,6 +220,9 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, samples: list[Sample],
     Training seeds the random generators with ``train_cfg.seed`` (the initialisation and augmentation
     draw from them) inside a fork: the caller's torch and NumPy random states are as they were after.
     """
+    if samples is None or run_dir is None:
+        raise TypeError("train() needs samples (load_samples(...)) and run_dir (the folder to write)")
+    model_cfg, train_cfg = _resolve_configs(model_cfg, train_cfg)
     if dist.world == 1:
         dist = replace(dist, device=resolve_device(device))
     cuda = [dist.device.index or 0] if dist.device.type == "cuda" else []
@@ -220,147 +234,251 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, samples: list[Sample],
         np.random.set_state(numpy_state)
 
 
+def _resolve_configs(model_cfg: ModelConfig | Preset | None, train_cfg: TrainConfig | None
+                     ) -> tuple[ModelConfig, TrainConfig]:
+    """The (model, training) configs ``train`` runs: a preset's, ``DEFAULT_PRESET``'s for None."""
+    if train_cfg is not None and not isinstance(train_cfg, TrainConfig):
+        raise TypeError(f"train_cfg must be a TrainConfig or None, got {type(train_cfg).__name__}; with a preset, "
+                        f"pass samples and run_dir by name: train(get_preset(NAME), samples=..., run_dir=...)")
+    preset = get_preset(DEFAULT_PRESET) if model_cfg is None else model_cfg
+    if isinstance(preset, Preset):
+        return preset.model, preset.train if train_cfg is None else train_cfg
+    if not isinstance(model_cfg, ModelConfig):
+        raise TypeError(f"model_cfg must be a ModelConfig, a Preset or None, got {type(model_cfg).__name__}")
+    if train_cfg is None:  # which preset's training would be a guess: the user says it
+        raise TypeError("train() with a ModelConfig needs its train_cfg too, e.g. TrainConfig.from_preset(NAME); "
+                        "or pass get_preset(NAME), or neither for the default preset")
+    return model_cfg, train_cfg
+
+
 def _train(model_cfg: ModelConfig, train_cfg: TrainConfig, samples: list[Sample], run_dir: str,
            weights: str, resume: bool, progress: bool, log, dist: Dist, precision: str) -> TrainResult:
-    amp = lambda: autocast(dist.device, precision)  # noqa: E731 -- the forward passes' context
-    scaler = grad_scaler(dist.device, precision)
+    """The steps of ``train``: a seeded model and sharded data, the feature cache, resuming, the epochs,
+    the selection of the best epoch with its threshold, the run folder's files."""
+    model, fit_samples, val_samples = _seeded_model(model_cfg, train_cfg, samples, weights, run_dir, dist)
+    if dist.world > 1 and not dist.is_main:
+        log, progress = (lambda *a, **k: None), False
+    t_start = time.perf_counter()
+    fit, val = _feature_sources(model, fit_samples, val_samples, train_cfg, dist, precision)
+    t_features = time.perf_counter() - t_start
+    loop = _Loop.start(model, fit, val, train_cfg, weights, dist, precision, os.path.join(run_dir, "checkpoint.pt"))
+    _remove_partial_saves(run_dir, dist)
+    epochs = planned_epochs(train_cfg, len(fit_samples))
+    if resume:
+        _resume(loop, model_cfg, run_dir, epochs, log)
+    _run_epochs(loop, epochs, progress)
+    threshold = _select_best(loop, run_dir, log)
+    seconds = time.perf_counter() - t_start
+    _write_run(loop, threshold, run_dir, len(fit_samples), len(val_samples), {
+        "feature_cache_seconds": t_features, "train_seconds": seconds,
+        "cache_features": train_cfg.cache_features and not train_cfg.augment})
+    dist.barrier()  # the run folder is complete when train returns, on every rank
+    best_nll = None if math.isinf(loop.best["val_nll"]) else loop.best["val_nll"]
+    return TrainResult(run_dir, loop.best["epoch"] + 1, best_nll, threshold["value"], len(loop.history), seconds,
+                       loop.history)
+
+
+def _seeded_model(model_cfg: ModelConfig, train_cfg: TrainConfig, samples: list[Sample], weights: str,
+                  run_dir: str, dist: Dist) -> tuple[FastFlow, list[Sample], list[Sample]]:
+    """The model initialised from ``train_cfg.seed`` (the same on every rank), and the (fit, validation)
+    split; then, sharded, each rank's random generators seeded for its own augmentation draws."""
     if not samples:
         raise TrainingError("no normal training images: nothing to learn from")
     check_readable(samples)  # every unreadable file at once, before any training
     torch.manual_seed(train_cfg.seed)
     np.random.seed(train_cfg.seed)
     model = use_fast_backward(FastFlow(model_cfg, weights=weights).to(dist.device))
-    pre = preprocess_for(model)
     fit_samples, val_samples = split_validation(samples, train_cfg.val_fraction, train_cfg.seed)
     os.makedirs(run_dir, exist_ok=True)
     if dist.world > 1:
         dist.broadcast_(list(model.state_dict().values()))  # identical start on every rank, whatever the init
         torch.manual_seed(train_cfg.seed + 1000003 * dist.rank)  # each rank its own augmentation draws
         np.random.seed(train_cfg.seed + 1000003 * dist.rank)
-        if not dist.is_main:
-            log, progress = (lambda *a, **k: None), False
+    return model, fit_samples, val_samples
+
+
+def _feature_sources(model: FastFlow, fit_samples: list[Sample], val_samples: list[Sample],
+                     train_cfg: TrainConfig, dist: Dist, precision: str) -> tuple[FeatureSource, FeatureSource | None]:
+    """This rank's training and validation features: cached once unless augmentation (or the config) says no;
+    validation features always cached (no augmentation); None for no validation images."""
+    pre = preprocess_for(model)
 
     def shard(items: list[Sample], augment: bool = False) -> AnomalyDataset | None:
         mine = dist.owned(items)
         return AnomalyDataset(mine, pre, augment=augment) if mine else None
 
-    t_start = time.perf_counter()
     cache = train_cfg.cache_features and not train_cfg.augment
     fit = FeatureSource(model, shard(fit_samples, train_cfg.augment), cache, train_cfg.batch_size,
                         len(fit_samples), dist, precision)
     val = FeatureSource(model, shard(val_samples), True, train_cfg.batch_size, len(val_samples),
                         dist, precision) if val_samples else None
-    t_features = time.perf_counter() - t_start
+    return fit, val
 
-    params = model.trainable_parameters()
-    # fused: one kernel for the whole update instead of a dozen per parameter list (5% of a lite0 step of 8)
-    opt = torch.optim.Adam(params, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay,
-                           fused=dist.device.type in ("cpu", "cuda"))
-    epochs = planned_epochs(train_cfg, len(fit_samples))
-    start_epoch, history = 0, []
-    best = {"epoch": -1, "val_nll": math.inf, "state": None}
-    ckpt_path = os.path.join(run_dir, "checkpoint.pt")
-    for name in os.listdir(run_dir) if dist.is_main else []:  # left by a run killed while saving (save_atomic)
+
+@dataclass
+class _Loop:
+    """What the steps of one training run share: the model and its optimiser, the data, the history, and
+    the best epoch so far (``epoch`` counted from 0; -1 and no ``state`` before any epoch)."""
+
+    model: FastFlow
+    params: list[torch.nn.Parameter]  # the trainable ones, which ``opt`` updates
+    opt: torch.optim.Optimizer
+    fit: FeatureSource
+    val: FeatureSource | None
+    train_cfg: TrainConfig
+    weights: str
+    dist: Dist
+    amp: Callable[[], contextlib.AbstractContextManager]  # the forward passes' autocast context
+    scaler: torch.amp.GradScaler
+    ckpt_path: str  # the last epoch's full training state, for --resume
+    start_epoch: int = 0
+    history: list[dict] = field(default_factory=list)
+    best: dict = field(default_factory=lambda: {"epoch": -1, "val_nll": math.inf, "state": None})
+
+    @classmethod
+    def start(cls, model: FastFlow, fit: FeatureSource, val: FeatureSource | None, train_cfg: TrainConfig,
+              weights: str, dist: Dist, precision: str, ckpt_path: str) -> _Loop:
+        params = model.trainable_parameters()
+        # fused: one kernel for the whole update instead of a dozen per parameter list (bench/README.md)
+        opt = torch.optim.Adam(params, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay,
+                               fused=dist.device.type in ("cpu", "cuda"))
+        return cls(model, params, opt, fit, val, train_cfg, weights, dist, lambda: autocast(dist.device, precision),
+                   grad_scaler(dist.device, precision), ckpt_path)
+
+
+def _remove_partial_saves(run_dir: str, dist: Dist) -> None:
+    """Delete the temporary files a run killed while saving left behind (save_atomic)."""
+    for name in os.listdir(run_dir) if dist.is_main else []:
         if name.startswith(".tmp-") and name.endswith(".pt"):
             os.unlink(os.path.join(run_dir, name))
-    if resume and not os.path.isfile(ckpt_path):
-        log(f"no checkpoint in {run_dir} yet (stopped during the first epoch): starting from epoch 1")
-    elif resume:
-        state = load_safe(ckpt_path)
-        length = {"epochs": train_cfg.epochs, "steps": train_cfg.steps}  # a longer run extends this one
-        same_train = {**(state.get("train_config") or {}), **length} == to_dict(train_cfg)
-        if state.get("model_config") != to_dict(model_cfg) or not same_train:
-            raise CheckpointError(f"{ckpt_path}: its config differs from this run's; resume with the same "
-                                  f"options, or start a new run folder")
-        try:
-            model.load_state_dict(state["state"], strict=False)
-            opt.load_state_dict(state["optimizer"])
-            start_epoch, history = state["epoch"] + 1, json.loads(state["history"])
-            best = {"epoch": state["best_epoch"], "val_nll": state["best_val_nll"], "state": state["best_state"]}
-            rng = state.get("rng_states", [state["rng_state"]])
-            torch.set_rng_state(rng[dist.rank] if len(rng) == dist.world else rng[0])  # augmentation draws
-        except (KeyError, ValueError, RuntimeError, TypeError) as e:
-            raise CheckpointError(f"{ckpt_path} is not a complete training checkpoint ({type(e).__name__}: {e}); "
-                                  f"start a new run folder") from e
-        log(f"resuming {run_dir} at epoch {start_epoch + 1}/{epochs}")
 
+
+def _resume(loop: _Loop, model_cfg: ModelConfig, run_dir: str, epochs: int, log) -> None:
+    """Continue from the run's ``checkpoint.pt`` (model, optimiser, history, best epoch, random state), which
+    must have been written with the same configs (a longer ``epochs``/``steps`` extends the run)."""
+    ckpt_path, train_cfg, dist = loop.ckpt_path, loop.train_cfg, loop.dist
+    if not os.path.isfile(ckpt_path):
+        log(f"no checkpoint in {run_dir} yet (stopped during the first epoch): starting from epoch 1")
+        return
+    state = load_safe(ckpt_path)
+    length = {"epochs": train_cfg.epochs, "steps": train_cfg.steps}  # a longer run extends this one
+    same_train = {**(state.get("train_config") or {}), **length} == to_dict(train_cfg)
+    if state.get("model_config") != to_dict(model_cfg) or not same_train:
+        raise CheckpointError(f"{ckpt_path}: its config differs from this run's; resume with the same "
+                              f"options, or start a new run folder")
+    try:
+        loop.model.load_state_dict(state["state"], strict=False)
+        loop.opt.load_state_dict(state["optimizer"])
+        loop.start_epoch, loop.history = state["epoch"] + 1, json.loads(state["history"])
+        loop.best = {"epoch": state["best_epoch"], "val_nll": state["best_val_nll"], "state": state["best_state"]}
+        rng = state.get("rng_states", [state["rng_state"]])
+        torch.set_rng_state(rng[dist.rank] if len(rng) == dist.world else rng[0])  # augmentation draws
+    except (KeyError, ValueError, RuntimeError, TypeError) as e:
+        raise CheckpointError(f"{ckpt_path} is not a complete training checkpoint ({type(e).__name__}: {e}); "
+                              f"start a new run folder") from e
+    log(f"resuming {run_dir} at epoch {loop.start_epoch + 1}/{epochs}")
+
+
+def _run_epochs(loop: _Loop, epochs: int, progress: bool) -> None:
+    """Epochs ``loop.start_epoch`` to ``epochs``: train, validate, keep the best, save the training state."""
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=epochs, initial=start_epoch, desc="train", unit="epoch", dynamic_ncols=True)
-    for epoch in range(start_epoch, epochs):
+        bar = tqdm(total=epochs, initial=loop.start_epoch, desc="train", unit="epoch", dynamic_ncols=True)
+    for epoch in range(loop.start_epoch, epochs):
         t0 = time.perf_counter()
-        model.train()
-        total, count = 0.0, 0
-        for step, (feats, n_batch) in enumerate(fit.steps(epoch, train_cfg.seed, noise=train_cfg.feature_noise)):
-            opt.zero_grad(set_to_none=True)
-            if dist.world > 1:
-                finite, nll_sum = _sharded_backward(model, feats, n_batch, params, dist, amp, scaler)
-            else:
-                with amp():
-                    out = model.forward_features(feats, with_map=False)
-                finite, nll_sum = bool(torch.isfinite(out.loss)), out.nll_per_dim.item() * n_batch
-            if not finite:
-                raise TrainingError(
-                    f"non-finite loss at epoch {epoch + 1}, step {step + 1}; the last good checkpoint is "
-                    f"{ckpt_path}. Lower the learning rate (--lr) or clip the gradient (--grad-clip 1)")
-            if dist.world == 1:
-                scaler.scale(out.loss).backward()
-            if train_cfg.grad_clip > 0:
-                scaler.unscale_(opt)
-                torch.nn.utils.clip_grad_norm_(params, train_cfg.grad_clip * _per_image_dims(model))
-            scaler.step(opt)
-            scaler.update()
-            total += nll_sum
-            count += n_batch
-        row = {"epoch": epoch + 1, "train_nll": total / count, "seconds": time.perf_counter() - t0}
-        if val is not None:
-            with amp():
-                row["val_nll"] = _mean_nll(model, val)
-            if row["val_nll"] < best["val_nll"]:
-                best = {"epoch": epoch, "val_nll": row["val_nll"], "state": trainable_state(model)}
+        train_nll = _train_epoch(loop, epoch)
+        row = {"epoch": epoch + 1, "train_nll": train_nll, "seconds": time.perf_counter() - t0}
+        if loop.val is not None:
+            with loop.amp():
+                row["val_nll"] = _mean_nll(loop.model, loop.val)
+            if row["val_nll"] < loop.best["val_nll"]:
+                loop.best = {"epoch": epoch, "val_nll": row["val_nll"], "state": trainable_state(loop.model)}
         else:
-            best = {"epoch": epoch, "val_nll": math.inf, "state": trainable_state(model)}
-        history.append(row)
-        extra = {"rng_states": dist.gather_objects(torch.get_rng_state())} if dist.world > 1 else {}
-        if dist.is_main:
-            save_atomic(build_checkpoint(model, train_cfg, weights, None, {
-                "epoch": epoch, "optimizer": opt.state_dict(), "history": json.dumps(history),
-                "best_epoch": best["epoch"], "best_val_nll": best["val_nll"], "best_state": best["state"],
-                "rng_state": torch.get_rng_state(), **extra,
-            }), ckpt_path)
+            loop.best = {"epoch": epoch, "val_nll": math.inf, "state": trainable_state(loop.model)}
+        loop.history.append(row)
+        _save_training_state(loop, epoch)
         if bar is not None:
             bar.set_postfix({k: f"{v:.3f}" for k, v in row.items() if k.endswith("nll")})
             bar.update(1)
     if bar is not None:
         bar.close()
 
-    if best["state"] is None:  # every epoch's validation NLL was NaN: nothing can be selected
+
+def _train_epoch(loop: _Loop, epoch: int) -> float:
+    """One epoch of optimiser steps; returns the mean training NLL (nats per dimension) over its images."""
+    model, opt, scaler, dist, cfg = loop.model, loop.opt, loop.scaler, loop.dist, loop.train_cfg
+    params = loop.params
+    model.train()
+    total, count = 0.0, 0
+    for step, (feats, n_batch) in enumerate(loop.fit.steps(epoch, cfg.seed, noise=cfg.feature_noise)):
+        opt.zero_grad(set_to_none=True)
+        if dist.world > 1:
+            finite, nll_sum = _sharded_backward(model, feats, n_batch, params, dist, loop.amp, scaler)
+        else:
+            with loop.amp():
+                out = model.forward_features(feats, with_map=False)
+            finite, nll_sum = bool(torch.isfinite(out.loss)), out.nll_per_dim.item() * n_batch
+        if not finite:
+            raise TrainingError(
+                f"non-finite loss at epoch {epoch + 1}, step {step + 1}; the last good checkpoint is "
+                f"{loop.ckpt_path}. Lower the learning rate (--lr) or clip the gradient (--grad-clip 1)")
+        if dist.world == 1:
+            scaler.scale(out.loss).backward()
+        if cfg.grad_clip > 0:
+            scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip * _per_image_dims(model))
+        scaler.step(opt)
+        scaler.update()
+        total += nll_sum
+        count += n_batch
+    return total / count
+
+
+def _save_training_state(loop: _Loop, epoch: int) -> None:
+    """``checkpoint.pt``: everything ``--resume`` needs after ``epoch`` (every rank's random state, sharded)."""
+    dist, best = loop.dist, loop.best
+    extra = {"rng_states": dist.gather_objects(torch.get_rng_state())} if dist.world > 1 else {}
+    if dist.is_main:
+        save_atomic(build_checkpoint(loop.model, loop.train_cfg, loop.weights, None, {
+            "epoch": epoch, "optimizer": loop.opt.state_dict(), "history": json.dumps(loop.history),
+            "best_epoch": best["epoch"], "best_val_nll": best["val_nll"], "best_state": best["state"],
+            "rng_state": torch.get_rng_state(), **extra,
+        }), loop.ckpt_path)
+
+
+def _select_best(loop: _Loop, run_dir: str, log) -> dict:
+    """Load the best epoch's state into the model and calibrate its threshold on the held-out images."""
+    if loop.best["state"] is None:  # every epoch's validation NLL was NaN: nothing can be selected
+        last = loop.history[-1].get("val_nll") if loop.history else None
         raise TrainingError(
-            f"the validation NLL was not finite at any epoch (last: {history[-1].get('val_nll') if history else None}), "
-            f"so no epoch can be selected; the last epoch's state is in {ckpt_path}. Lower the learning rate "
+            f"the validation NLL was not finite at any epoch (last: {last}), "
+            f"so no epoch can be selected; the last epoch's state is in {loop.ckpt_path}. Lower the learning rate "
             f"(--lr), clip the gradient (--grad-clip 1), or check the training images for corrupt ones")
-    model.load_state_dict(best["state"], strict=False)
-    with amp():
-        threshold = calibrate_threshold(model, val, train_cfg.false_alarm_rate)
+    loop.model.load_state_dict(loop.best["state"], strict=False)
+    with loop.amp():
+        threshold = calibrate_threshold(loop.model, loop.val, loop.train_cfg.false_alarm_rate)
     if threshold.get("warning"):
         log(f"warning: {threshold['warning'].replace('RUN_DIR', run_dir)}")
-    seconds = time.perf_counter() - t_start
+    return threshold
+
+
+def _write_run(loop: _Loop, threshold: dict, run_dir: str, n_fit: int, n_val: int, timings: dict) -> None:
+    """``model.pt`` (the selected model with its threshold) and ``history.json`` (with ``timings``: feature
+    cache and training seconds, whether features were cached), written by rank 0."""
+    dist, best = loop.dist, loop.best
     ranks = {}
     if dist.world > 1:  # what each rank held: its share of the images (and of the feature cache)
+        fit = loop.fit
         ranks = {"world_size": dist.world, "images_per_rank": dist.gather_objects(len(fit.dataset) if fit.dataset else 0)}
     if dist.is_main:
-        save_atomic(build_checkpoint(model, train_cfg, weights, threshold, {
+        save_atomic(build_checkpoint(loop.model, loop.train_cfg, loop.weights, threshold, {
             "best_epoch": best["epoch"] + 1, "best_val_nll": None if math.isinf(best["val_nll"]) else best["val_nll"],
-            "n_fit": len(fit_samples), "n_val": len(val_samples),
+            "n_fit": n_fit, "n_val": n_val,
         }), os.path.join(run_dir, "model.pt"))
         with open(os.path.join(run_dir, "history.json"), "w") as f:
-            json.dump({"history": history, "feature_cache_seconds": t_features, "train_seconds": seconds,
-                       "cache_features": cache, "best_epoch": best["epoch"] + 1, **ranks}, f, indent=1)
-    dist.barrier()  # the run folder is complete when train returns, on every rank
-    return TrainResult(run_dir, best["epoch"] + 1, None if math.isinf(best["val_nll"]) else best["val_nll"],
-                       threshold["value"], len(history), seconds, history)
+            json.dump({"history": loop.history, **timings, "best_epoch": best["epoch"] + 1, **ranks}, f, indent=1)
 
 
 def _sharded_backward(model: FastFlow, feats: list[torch.Tensor] | None, n_batch: int,

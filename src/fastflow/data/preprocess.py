@@ -1,7 +1,8 @@
 """Reading images and masks, and turning them into network inputs: resize, scale to [0, 1], normalise.
 
 ``Preprocess`` is saved with checkpoints (``to_dict``/``from_dict``) so inference preprocesses exactly
-as training did. Images become RGB whatever their mode; masks become binary (any nonzero is defect).
+as training did. Its size and contrast come from the model's ``ModelConfig`` (``Preprocess.from_config``),
+never set a second time. Images become RGB whatever their mode; masks become binary (any nonzero is defect).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from ..config import check_contrast
+from ..config import ModelConfig, check_contrast
 from .samples import DatasetError
 
 RESAMPLING = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC,
@@ -118,6 +119,16 @@ class Preprocess:
         if self.resize not in RESAMPLING:
             raise ValueError(f"resize must be one of {', '.join(RESAMPLING)}, got {self.resize!r}")
         check_contrast(self.autocontrast, self.equalize)
+
+    @classmethod
+    def from_config(cls, cfg: ModelConfig, mean, std, resize: str = "bilinear") -> Preprocess:
+        """The preprocessing of a model of config ``cfg``: input size and contrast (autocontrast, equalize)
+        from ``cfg``, ``mean`` / ``std`` from its backbone. The one place a model's preprocessing is made."""
+        return cls(cfg.input_size, mean, std, resize=resize, autocontrast=cfg.autocontrast, equalize=cfg.equalize)
+
+    def agrees_with(self, cfg: ModelConfig) -> bool:
+        """Whether the settings ``cfg`` also holds (input size, autocontrast, equalize) are the same here."""
+        return self == Preprocess.from_config(cfg, self.mean, self.std, self.resize)
 
     def to_dict(self) -> dict:
         """Plain lists and strings, for a checkpoint or YAML."""

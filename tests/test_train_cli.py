@@ -368,3 +368,21 @@ def test_fastflow_demo_smoke(tmp_path, capsys):
     assert m["category"] == "texture" and m["n_images"] == 30 and m["n_anomalous"] == 15
     assert (out / "run" / "model.pt").is_file() and np.isfinite(m["image_auroc"])
     assert "image_auroc" in capsys.readouterr().out
+
+
+def test_pose_augmentation_calibrates_the_threshold_on_posed_held_out_copies_too(dataset, tmp_path):
+    """--augment pose trains on randomly posed images and calibrates the threshold on the held-out images and
+    POSE_COPIES posed copies of each (the poses it was trained to accept); --augment paper on the held-out
+    images as they are."""
+    from fastflow.train import POSE_COPIES
+
+    for kind in ("pose", "paper"):
+        out = tmp_path / kind
+        assert main(["train", "--data", dataset, "--category", "texture", "--output", str(out), "--backbone",
+                     "efficientnet_lite0", "--val-fraction", "0.3", "--augment", kind, *TINY]) == 0
+        _, ckpt = load_run(str(out))
+        assert ckpt["train_config"]["augment"] == kind and ckpt["train_config"]["cache_features"] is True
+        n_held_out = len(split_validation(load_samples("mvtec", dataset, "texture", "train"), 0.3, 0)[1])
+        posed = kind == "pose"
+        assert ckpt["threshold"]["n_val"] == n_held_out * (1 + POSE_COPIES * posed)
+        assert ("posed copies" in ckpt["threshold"]["calibrated_on"]) == posed

@@ -458,7 +458,7 @@ def _select_best(loop: _Loop, run_dir: str, log) -> dict:
             f"(--lr), clip the gradient (--grad-clip 1), or check the training images for corrupt ones")
     loop.model.load_state_dict(loop.best["state"], strict=False)
     with loop.amp():
-        threshold = calibrate_threshold(loop.model, loop.val, loop.train_cfg.false_alarm_rate)
+        threshold = calibrate_threshold(loop.model, loop.val, loop.train_cfg.false_alarm_rate, _posed(loop))
     if threshold.get("warning"):
         log(f"warning: {threshold['warning'].replace('RUN_DIR', run_dir)}")
     return threshold
@@ -504,12 +504,34 @@ def _per_image_dims(model: FastFlow) -> float:
     return float(sum(c * h * w for c, h, w in model.feature_shapes))
 
 
-def calibrate_threshold(model: FastFlow, val: FeatureSource | None, false_alarm_rate: float) -> dict:
-    """Decision threshold from held-out normal images only, at the requested false-alarm rate."""
+def calibrate_threshold(model: FastFlow, val: FeatureSource | None, false_alarm_rate: float,
+                        posed: FeatureSource | None = None) -> dict:
+    """Decision threshold from held-out normal images only (and ``posed`` copies of them), at the requested
+    false-alarm rate."""
     if val is None:
         return {"value": math.inf, "false_alarm_rate": false_alarm_rate, "n_val": 0,
                 "note": "no validation images: set --threshold when predicting"}
     from .calibrate import threshold_from_scores
 
+    scores, what = _scores(model, val), "held-out training images"
+    if posed is not None:
+        scores = np.concatenate([scores, _scores(model, posed)])
+        what += f" and {POSE_COPIES} posed copies of each (--augment pose)"
     # says when the held-out images are too few for the rate (reachable, n_needed, warning)
-    return threshold_from_scores(_scores(model, val), false_alarm_rate, "held-out training images")
+    return threshold_from_scores(scores, false_alarm_rate, what)
+
+
+POSE_COPIES = 4  # posed copies of each held-out image the threshold of an --augment pose run also covers
+
+
+def _posed(loop: _Loop) -> FeatureSource | None:
+    """Trained with ``--augment pose`` (in one process): ``POSE_COPIES`` randomly posed copies of each held-out
+    image (the ranges of data/augment.py), so the threshold covers the poses the model was trained to accept,
+    not only the held-out images' own (bench/README.md, ninth round). None otherwise."""
+    val = loop.val
+    if val is None or val.dataset is None or loop.train_cfg.augment != "pose" or loop.dist.world > 1:
+        return None
+    from .misalign import MisalignedDataset
+
+    posed = MisalignedDataset(val.dataset, POSE_COPIES, seed=loop.train_cfg.seed + 1)  # the test draws use seed 0
+    return FeatureSource(loop.model, posed, True, loop.train_cfg.batch_size, dist=loop.dist, precision=val.precision)

@@ -199,7 +199,14 @@ def _build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="fastflow", description=DESCRIPTION, epilog=EPILOG)
     parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_add_train_parser, _add_evaluate_parser, _add_invert_parser, _add_predict_parser,
+                _add_export_parser, _add_serve_parser, _add_presets_parser, _add_calibrate_parser,
+                _add_info_parser, _add_demo_parser):
+        add(sub)
+    return parser
 
+
+def _add_train_parser(sub) -> None:
     t = sub.add_parser("train", help="train a model on normal images", description=(
         "Train a FastFlow model on normal (defect-free) images and write a run folder: model.pt (the model and its "
         "calibrated threshold), checkpoint.pt (for --resume), history.json and run.json. Options left out take the "
@@ -212,6 +219,26 @@ def _build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", metavar="RUN_DIR",
                    help="continue an interrupted run from its last checkpoint, with the options it was started "
                         "with; --epochs N extends a finished run to N epochs")
+    _add_train_length_args(t)
+    _add_train_model_args(t)
+    t.add_argument("--augment", action="store_true", help="paper Section 6.2 augmentation (flips, rotation)")
+    t.add_argument("--no-cache", action="store_true", help="recompute backbone features every epoch")
+    t.add_argument("--val-fraction", type=float, default=None,
+                   help="normal training images held out to select the epoch and calibrate the threshold "
+                        "(default: 0.1)")
+    t.add_argument("--false-alarm-rate", type=float, default=None,
+                   help="threshold calibration on held-out normals (default 0.01)")
+    t.add_argument("--seed", type=int, default=None, help="random seed (default: 0)")
+    t.add_argument("--evaluate", action="store_true", help="evaluate on the test split after training")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_compute_args(t)
+    t.add_argument("--overwrite", action="store_true",
+                   help="train into a folder that already holds a run: delete that run's model, checkpoint, "
+                        "exports and metrics first (without it such a folder is refused)")
+
+
+def _add_train_length_args(t: argparse.ArgumentParser) -> None:
+    """train: the preset, its weights and the optimisation (how long, how fast)."""
     t.add_argument("--backbone", default=None,
                    help=f"preset / backbone: auto (the default: chooses among efficientnet_lite0 and lite0_unaligned "
                         f"on synthetic defects pasted on held-out normal images), {', '.join(PRESETS)}")
@@ -230,6 +257,10 @@ def _build_parser() -> argparse.ArgumentParser:
     t.add_argument("--feature-noise", type=float, default=None,
                    help="noise regularisation: Gaussian noise x each level's feature std added to the training "
                         "features (lite presets 0.2, paper presets 0 = off)")
+
+
+def _add_train_model_args(t: argparse.ArgumentParser) -> None:
+    """train: the model's shape, its anomaly map and the preprocessing saved with it."""
     t.add_argument("--input-size", type=_size, default=None, help="N or H,W (default: the preset's)")
     t.add_argument("--flow-steps", type=int, default=None, help="flow steps per level (default: the preset's)")
     t.add_argument("--hidden-ratio", type=float, default=None,
@@ -253,21 +284,9 @@ def _build_parser() -> argparse.ArgumentParser:
     t.add_argument("--equalize", action="store_true",
                    help="equalise each image's histogram (per channel) before resizing, instead of a preset's "
                         "--autocontrast; saved with the model's preprocessing")
-    t.add_argument("--augment", action="store_true", help="paper Section 6.2 augmentation (flips, rotation)")
-    t.add_argument("--no-cache", action="store_true", help="recompute backbone features every epoch")
-    t.add_argument("--val-fraction", type=float, default=None,
-                   help="normal training images held out to select the epoch and calibrate the threshold "
-                        "(default: 0.1)")
-    t.add_argument("--false-alarm-rate", type=float, default=None,
-                   help="threshold calibration on held-out normals (default 0.01)")
-    t.add_argument("--seed", type=int, default=None, help="random seed (default: 0)")
-    t.add_argument("--evaluate", action="store_true", help="evaluate on the test split after training")
-    t.add_argument("--quiet", action="store_true", help="no progress bar")
-    _add_compute_args(t)
-    t.add_argument("--overwrite", action="store_true",
-                   help="train into a folder that already holds a run: delete that run's model, checkpoint, "
-                        "exports and metrics first (without it such a folder is refused)")
 
+
+def _add_evaluate_parser(sub) -> None:
     e = sub.add_parser("evaluate", help="metrics of a trained run on a labelled test set", description=(
         "Image AUROC, pixel AUROC, AUPRO and F1-max of a trained run on the test split of a labelled dataset. "
         "--data, --category and --format default to those the run was trained with (its run.json)."),
@@ -285,6 +304,8 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_compute_args(e)
     e.add_argument("--quiet", action="store_true", help="no progress bar")
 
+
+def _add_invert_parser(sub) -> None:
     iv = sub.add_parser("invert", help="pollute the flow latent in a region and regenerate features (paper 4.5)",
                         description=(
         "Add noise to the flow's latent z in a region of an image, run the flow backwards and save a panel: the "
@@ -302,6 +323,8 @@ def _build_parser() -> argparse.ArgumentParser:
     iv.add_argument("--seed", type=int, default=0, help="seed of the noise")
     _add_compute_args(iv)
 
+
+def _add_predict_parser(sub) -> None:
     pd = sub.add_parser("predict", help="score new images: heatmaps, overlays, masks and a summary", description=(
         "Score images with a trained run: an anomaly score and decision per image, and heatmap/, overlay/ and mask/ "
         "PNGs with summary.csv and summary.json in the output folder. Unreadable images are reported and skipped; "
@@ -325,6 +348,8 @@ def _build_parser() -> argparse.ArgumentParser:
     pd.add_argument("--tile-overlap", type=float, default=0.25, help="fraction of a tile shared with its neighbour")
     pd.add_argument("--quiet", action="store_true", help="no progress bar")
 
+
+def _add_export_parser(sub) -> None:
     ex = sub.add_parser("export", help="export a run to ONNX (score and anomaly map) with a JSON sidecar",
                         description=(
         "Export a trained run to an ONNX graph (image batch -> score, anomaly map) and a JSON sidecar with the "
@@ -355,17 +380,16 @@ def _build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--calibration-method", choices=["minmax", "percentile", "entropy"], default="minmax",
                     help="how activation ranges are set from the calibration images (default minmax)")
 
-    _add_serve_parser(sub)
 
+def _add_presets_parser(sub) -> None:
     pr = sub.add_parser("presets", help="list the model presets", description=(
         "The model presets (fastflow train --backbone NAME): backbone, input size, feature levels, flow size, "
         "trainable parameters, training epochs and batch, and whether the backbone weights ship with the package "
         "(offline) or are downloaded."))
     pr.add_argument("--json", action="store_true", help="machine-readable output")
 
-    _add_calibrate_parser(sub)
-    _add_info_parser(sub)
 
+def _add_demo_parser(sub) -> None:
     d = sub.add_parser("demo", help="train and evaluate on a synthetic set: no data, no network", description=(
         "Make a small synthetic texture dataset, train on it and evaluate: a check that the installation works, "
         "with no data and no network."))
@@ -373,7 +397,6 @@ def _build_parser() -> argparse.ArgumentParser:
     d.add_argument("--epochs", type=int, default=None, help="training epochs (default: the demo's own)")
     _add_compute_args(d)
     d.add_argument("--quiet", action="store_true", help="no progress bar")
-    return parser
 
 
 DESCRIPTION = "fastflow: unsupervised anomaly detection and localisation with 2D normalising flows (FastFlow)."
@@ -458,42 +481,18 @@ def cmd_train(args) -> int:
 
 
 def _train(args, dist) -> int:
-    from .auto import CANDIDATES, choose
-    from .data import load_samples
+    from .auto import CANDIDATES
     from .distributed import SINGLE
-    from .train import train
 
     device, precision = _compute(args) if dist.world == 1 else (dist.device, args.precision)
     if args.resume:
-        _check_resume_options(args)
-        path = _run_file(args.resume)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path} not found: --resume takes a run folder written by "
-                                    f"fastflow train --output RUN_DIR")
-        try:
-            with open(path) as f:
-                saved = json.load(f)
-            model_cfg = from_dict(ModelConfig, saved["model_config"])
-            train_cfg = from_dict(TrainConfig, saved["train_config"])
-            data = saved["data"]
-        except (ValueError, KeyError, TypeError) as e:
-            raise ValueError(f"{path} is corrupt or from another version ({type(e).__name__}: {e}); "
-                             f"start a new run with --output") from e
-        train_cfg = _extended(args, model_cfg, train_cfg, path)
-        if train_cfg is None:
-            return 0
-        samples = load_samples(data["format"], data["root"], data["category"], "train", **data["options"])
-        res = train(model_cfg, train_cfg, samples, args.resume, weights=saved["weights"], resume=True,
-                    progress=not args.quiet, dist=dist, device=device, precision=precision)
-        if dist.is_main:
-            print(f"resumed and finished {args.resume}: best epoch {res.best_epoch}, threshold {res.threshold:.4f}")
-        return 0
+        return _train_resume(args, dist, device, precision)
     _folder_defaults(args)
     if not args.data or not args.category or not args.output:
         raise ValueError("train needs --data, --category and --output (or --resume RUN_DIR); the folder format "
                          "needs only --normal-dir and --output")
     auto = args.backbone in (None, "auto")
-    model_cfg, train_cfg = _configs(args, CANDIDATES[0] if auto else None)
+    configs = _configs(args, CANDIDATES[0] if auto else None)
     categories = _categories(args)
     opts = _data_options(args)
     _clear_run_dirs([args.output if len(categories) == 1 else os.path.join(args.output, c) for c in categories],
@@ -504,48 +503,101 @@ def _train(args, dist) -> int:
     rows = {}
     for cat in mine:
         run_dir = args.output if len(categories) == 1 else os.path.join(args.output, cat)
-        samples = load_samples(args.format, args.data, cat, "train", **opts)
-        say = print if cat_dist.is_main else (lambda *a, **k: None)
-        where = f" (rank {dist.rank} of {dist.world})" if cat_dist is not dist else ""
-        chosen = {}
-        if auto:  # every rank probes the same way (deterministic), rank 0 alone writes
-            os.makedirs(run_dir, exist_ok=True)
-            name, model_cfg, train_cfg, report = choose([(n, *_configs(args, n)) for n in CANDIDATES], samples,
-                                                        run_dir, weights=args.weights, log=say,
-                                                        probe_tag=f"{dist.rank}" if cat_dist.world > 1 else "",
-                                                        device=device, precision=precision)
-            chosen = {"preset": name, "auto": report}
-        if cat_dist.is_main:
-            os.makedirs(run_dir, exist_ok=True)
-            with open(_run_file(run_dir), "w") as f:
-                json.dump({"model_config": to_dict(model_cfg), "train_config": to_dict(train_cfg),
-                           "weights": args.weights, "data": {"format": args.format, "root": os.path.abspath(args.data),
-                                                             "category": cat, "options": opts}, **chosen}, f, indent=1)
-        say(f"[{cat}] training {chosen.get('preset') or args.backbone or model_cfg.backbone} on {len(samples)} normal images{where} -> {run_dir}")
-        try:
-            res = train(model_cfg, train_cfg, samples, run_dir, weights=args.weights,
-                        progress=not args.quiet and dist.is_main, dist=cat_dist, device=device, precision=precision)
-        except Exception:
-            if cat_dist.is_main:
-                _drop_orphan_run_file(run_dir)
-            raise
-        say(f"[{cat}] done in {res.train_seconds:.1f} s: best epoch {res.best_epoch}, "
-            f"val NLL {res.best_val_nll if res.best_val_nll is None else round(res.best_val_nll, 4)} nats/dim, "
-            f"threshold {res.threshold:.4f}")
-        if not cat_dist.is_main:
-            continue
-        rows[cat] = {"train": {"n_images": len(samples), "best_epoch": res.best_epoch, "best_val_nll": res.best_val_nll,
-                               "threshold": res.threshold, "seconds": round(res.train_seconds, 2),
-                               "ranks": [dist.rank] if cat_dist is not dist else list(range(dist.world))}}
-        if args.evaluate:
-            rows[cat].update(_evaluate_one(run_dir, args.format, args.data, cat, opts,
-                                           os.path.join(run_dir, "metrics.json"), 32, args.quiet,
-                                           device=device, precision=precision))
+        row = _train_category(args, cat, run_dir, opts, configs, auto, dist, cat_dist, device, precision)
+        if row is not None:
+            rows[cat] = row
     gathered = {c: r for part in dist.gather_objects(rows) for c, r in part.items()}  # rank 0 has them all
     rows = {c: gathered[c] for c in categories}
     if dist.is_main and (args.evaluate or len(categories) > 1):
         _print_summary(rows, args.output if len(categories) > 1 else None, args.evaluate)
     return 0
+
+
+def _train_resume(args, dist, device, precision) -> int:
+    """train --resume RUN_DIR: continue (or extend) the run with the configuration its run.json records."""
+    from .data import load_samples
+    from .train import train
+
+    _check_resume_options(args)
+    path = _run_file(args.resume)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} not found: --resume takes a run folder written by "
+                                f"fastflow train --output RUN_DIR")
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+        model_cfg = from_dict(ModelConfig, saved["model_config"])
+        train_cfg = from_dict(TrainConfig, saved["train_config"])
+        data = saved["data"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path} is corrupt or from another version ({type(e).__name__}: {e}); "
+                         f"start a new run with --output") from e
+    train_cfg = _extended(args, model_cfg, train_cfg, path)
+    if train_cfg is None:
+        return 0
+    samples = load_samples(data["format"], data["root"], data["category"], "train", **data["options"])
+    res = train(model_cfg, train_cfg, samples, args.resume, weights=saved["weights"], resume=True,
+                progress=not args.quiet, dist=dist, device=device, precision=precision)
+    if dist.is_main:
+        print(f"resumed and finished {args.resume}: best epoch {res.best_epoch}, threshold {res.threshold:.4f}")
+    return 0
+
+
+def _train_category(args, cat, run_dir, opts, configs, auto, dist, cat_dist, device, precision) -> dict | None:
+    """Train one category into ``run_dir`` (run.json first, removed again if training fails before its first
+    checkpoint); its summary row on the rank that writes it (None on the others)."""
+    from .data import load_samples
+    from .train import train
+
+    samples = load_samples(args.format, args.data, cat, "train", **opts)
+    say = print if cat_dist.is_main else (lambda *a, **k: None)
+    where = f" (rank {dist.rank} of {dist.world})" if cat_dist is not dist else ""
+    model_cfg, train_cfg, chosen = _start_run(args, cat, run_dir, opts, configs, auto, samples, dist, cat_dist,
+                                              say, device, precision)
+    say(f"[{cat}] training {chosen.get('preset') or args.backbone or model_cfg.backbone} on {len(samples)} "
+        f"normal images{where} -> {run_dir}")
+    try:
+        res = train(model_cfg, train_cfg, samples, run_dir, weights=args.weights,
+                    progress=not args.quiet and dist.is_main, dist=cat_dist, device=device, precision=precision)
+    except Exception:
+        if cat_dist.is_main:
+            _drop_orphan_run_file(run_dir)
+        raise
+    say(f"[{cat}] done in {res.train_seconds:.1f} s: best epoch {res.best_epoch}, "
+        f"val NLL {res.best_val_nll if res.best_val_nll is None else round(res.best_val_nll, 4)} nats/dim, "
+        f"threshold {res.threshold:.4f}")
+    if not cat_dist.is_main:
+        return None
+    row = {"train": {"n_images": len(samples), "best_epoch": res.best_epoch, "best_val_nll": res.best_val_nll,
+                     "threshold": res.threshold, "seconds": round(res.train_seconds, 2),
+                     "ranks": [dist.rank] if cat_dist is not dist else list(range(dist.world))}}
+    if args.evaluate:
+        row.update(_evaluate_one(run_dir, args.format, args.data, cat, opts, os.path.join(run_dir, "metrics.json"),
+                                 32, args.quiet, device=device, precision=precision))
+    return row
+
+
+def _start_run(args, cat, run_dir, opts, configs, auto, samples, dist, cat_dist, say, device, precision) -> tuple:
+    """(model config, train config, {preset, auto report} or {}) for one category: the preset chosen by
+    ``--backbone auto`` or the one given; the writing rank records them in run_dir/run.json."""
+    from .auto import CANDIDATES, choose
+
+    model_cfg, train_cfg = configs
+    chosen = {}
+    if auto:  # every rank probes the same way (deterministic), rank 0 alone writes
+        os.makedirs(run_dir, exist_ok=True)
+        name, model_cfg, train_cfg, report = choose([(n, *_configs(args, n)) for n in CANDIDATES], samples,
+                                                    run_dir, weights=args.weights, log=say,
+                                                    probe_tag=f"{dist.rank}" if cat_dist.world > 1 else "",
+                                                    device=device, precision=precision)
+        chosen = {"preset": name, "auto": report}
+    if cat_dist.is_main:
+        os.makedirs(run_dir, exist_ok=True)
+        with open(_run_file(run_dir), "w") as f:
+            json.dump({"model_config": to_dict(model_cfg), "train_config": to_dict(train_cfg),
+                       "weights": args.weights, "data": {"format": args.format, "root": os.path.abspath(args.data),
+                                                         "category": cat, "options": opts}, **chosen}, f, indent=1)
+    return model_cfg, train_cfg, chosen
 
 
 def _run_file(run_dir: str) -> str:

@@ -11,9 +11,10 @@
     fastflow invert   RUN_DIR IMAGE --region x0,y0,x1,y1 --output OUT_DIR [--strength S] [--level L (1: finest)]
     fastflow calibrate RUN_DIR --normal-dir DIR [--false-alarm-rate R]
     fastflow info     RUN_DIR [--json]
+    fastflow benchmark RUN_DIR [--batch-size B] [--iterations N] [--warmup W] [--images DIR] [--json FILE]
     fastflow presets  [--json]
     fastflow demo     [--output DIR]
-    (train, evaluate, predict, export, invert, demo: [--device auto|cpu|cuda|cuda:N|mps] [--threads N]
+    (train, evaluate, predict, export, invert, benchmark, demo: [--device auto|cpu|cuda|cuda:N|mps] [--threads N]
      and, but for export, [--precision fp32|bf16|fp16]; see device.py)
 
 A user mistake (missing path, bad option, unreadable file, unusable checkpoint) ends with one
@@ -201,7 +202,7 @@ def _build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (_add_train_parser, _add_evaluate_parser, _add_invert_parser, _add_predict_parser,
                 _add_export_parser, _add_serve_parser, _add_presets_parser, _add_calibrate_parser,
-                _add_info_parser, _add_demo_parser):
+                _add_info_parser, _add_benchmark_parser, _add_demo_parser):
         add(sub)
     return parser
 
@@ -929,6 +930,45 @@ def _add_info_parser(sub) -> None:
     i.add_argument("--json", action="store_true", help="machine-readable output")
 
 
+def _add_benchmark_parser(sub) -> None:
+    from .benchmark import RUNTIME_CHOICES
+
+    b = sub.add_parser("benchmark", help="latency and throughput of a run on this machine (torch and ONNX)",
+                       description=(
+        "Time a trained run on this machine: the median and 90th-percentile latency of one batch and the "
+        "throughput, for the network alone and end to end (preprocessing, network, map resized to the image), in "
+        "torch and, when RUN_DIR/model.onnx (fastflow export) and onnxruntime are there, in ONNX Runtime. Images "
+        "are synthetic at the run's input size unless --images is given; decoding files is not timed."),
+        epilog="example:\n  fastflow benchmark runs/bottle --batch-size 8 --iterations 100 --json bench.json")
+    b.add_argument("run_dir", help="run folder written by fastflow train (or its model.pt)")
+    b.add_argument("--batch-size", type=_positive(int), default=1, help="images per forward pass")
+    b.add_argument("--iterations", type=_positive(int), default=50, help="timed repetitions per measurement")
+    b.add_argument("--warmup", type=int, default=5, help="untimed repetitions first")
+    b.add_argument("--runtime", choices=RUNTIME_CHOICES, default="all",
+                   help="all: torch, and ONNX Runtime where the export is there; torch or onnx: that one only")
+    b.add_argument("--onnx", default=None, help="ONNX model to time (default: RUN_DIR/model.onnx)")
+    b.add_argument("--images", default=None, metavar="DIR",
+                   help="time on the first --batch-size images of this folder, at their own size "
+                        "(default: synthetic images at the run's input size)")
+    b.add_argument("--json", default=None, metavar="FILE", help="also write the measurements to this JSON file")
+    _add_compute_args(b)
+
+
+def cmd_benchmark(args) -> int:
+    from .benchmark import format_benchmark, measure
+
+    device, precision = _compute(args)
+    result = measure(args.run_dir, args.batch_size, args.iterations, args.warmup, args.runtime, device, precision,
+                     args.threads, args.images, args.onnx)
+    print(format_benchmark(result))
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+        print(f"measurements -> {args.json}")
+    return 0
+
+
 def cmd_info(args) -> int:
     from .info import format_info, run_info
 
@@ -994,7 +1034,7 @@ def cmd_demo(args) -> int:
 
 COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "invert": cmd_invert, "presets": cmd_presets,
             "demo": cmd_demo, "predict": cmd_predict, "export": cmd_export, "calibrate": cmd_calibrate,
-            "info": cmd_info, "serve": cmd_serve}
+            "info": cmd_info, "serve": cmd_serve, "benchmark": cmd_benchmark}
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:

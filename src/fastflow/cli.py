@@ -17,6 +17,9 @@
     (train, evaluate, predict, export, invert, benchmark, demo: [--device auto|cpu|cuda|cuda:N|mps] [--threads N]
      and, but for export, [--precision fp32|bf16|fp16]; see device.py)
 
+Every command also takes --config FILE (its options from a TOML or YAML file; config_file.py) and
+--log-file FILE (what it prints, appended to FILE; log_file.py).
+
 A user mistake (missing path, bad option, unreadable file, unusable checkpoint) ends with one
 line on stderr and exit code 2, never a traceback.
 """
@@ -24,6 +27,7 @@ line on stderr and exit code 2, never a traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -204,6 +208,8 @@ def _build_parser() -> argparse.ArgumentParser:
                 _add_export_parser, _add_serve_parser, _add_presets_parser, _add_calibrate_parser,
                 _add_info_parser, _add_benchmark_parser, _add_demo_parser):
         add(sub)
+    for verb in sub.choices.values():
+        _add_run_file_args(verb)
     return parser
 
 
@@ -408,7 +414,10 @@ the usual way:
   fastflow predict  runs/bottle new_images/ --output predictions/
   fastflow export   runs/bottle --format onnx
 
-fastflow COMMAND --help describes each command. A user mistake (missing path, bad option, unreadable file,
+fastflow COMMAND --help describes each command. Every command also takes --config FILE (its options from a TOML or YAML file; config_file.py) and
+--log-file FILE (what it prints, appended to FILE; log_file.py).
+
+A user mistake (missing path, bad option, unreadable file,
 unusable checkpoint) ends with one line on stderr and exit code 2, never a traceback."""
 
 
@@ -648,7 +657,8 @@ def _drop_orphan_run_file(run_dir: str) -> None:
 
 
 # Options --resume accepts: the rest are the run's own, saved in run.json.
-RESUME_OPTIONS = ("command", "resume", "epochs", "quiet", "evaluate", "output", "device", "threads")
+RESUME_OPTIONS = ("command", "resume", "epochs", "quiet", "evaluate", "output", "device", "threads", "config",
+                  "log_file")
 
 
 def _check_resume_options(args) -> None:
@@ -931,8 +941,6 @@ def _add_info_parser(sub) -> None:
 
 
 def _add_benchmark_parser(sub) -> None:
-    from .benchmark import RUNTIME_CHOICES
-
     b = sub.add_parser("benchmark", help="latency and throughput of a run on this machine (torch and ONNX)",
                        description=(
         "Time a trained run on this machine: the median and 90th-percentile latency of one batch and the "
@@ -944,7 +952,7 @@ def _add_benchmark_parser(sub) -> None:
     b.add_argument("--batch-size", type=_positive(int), default=1, help="images per forward pass")
     b.add_argument("--iterations", type=_positive(int), default=50, help="timed repetitions per measurement")
     b.add_argument("--warmup", type=int, default=5, help="untimed repetitions first")
-    b.add_argument("--runtime", choices=RUNTIME_CHOICES, default="all",
+    b.add_argument("--runtime", choices=["all", "torch", "onnx"], default="all",
                    help="all: torch, and ONNX Runtime where the export is there; torch or onnx: that one only")
     b.add_argument("--onnx", default=None, help="ONNX model to time (default: RUN_DIR/model.onnx)")
     b.add_argument("--images", default=None, metavar="DIR",
@@ -1069,7 +1077,26 @@ def main(argv: list[str] | None = None) -> int:
     if "torch" not in sys.modules:  # read by OpenMP when torch loads it: see device.py
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     parser = _build_parser()
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    try:
+        argv = _with_config_file(parser, argv)
+    except ValueError as e:
+        print(f"fastflow {argv[0]}: error: {e}", file=sys.stderr)
+        return 2
     args = parser.parse_args(argv)
+    from .log_file import command_output
+
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(command_output(getattr(args, "log_file", None)))
+        except OSError as e:
+            print(f"fastflow {args.command}: error: --log-file {args.log_file}: {e.strerror or e}", file=sys.stderr)
+            return 2
+        return _run(args)
+
+
+def _run(args) -> int:
+    """Run the parsed command; user errors become one line on stderr (see ``main``)."""
     try:
         if hasattr(args, "threads"):
             from .device import set_threads
@@ -1093,6 +1120,35 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fastflow {args.command}: error: {e}", file=sys.stderr)
         return 2
 
+
+def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    return next(a.choices for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+
+
+def _with_config_file(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
+    """``argv`` with the options of its ``--config FILE`` (config_file.py) put before the command line's own,
+    so that those win."""
+    from .config_file import config_argv, config_path, read_options
+
+    verbs = _subparsers(parser)
+    if not argv or argv[0] not in verbs:
+        return argv
+    path = config_path(argv[1:])
+    if path is None:
+        return argv
+    tokens = config_argv(verbs[argv[0]], argv[0], list(verbs), read_options(path), argv[1:], path)
+    return [argv[0], *tokens, *argv[1:]]
+
+
+def _add_run_file_args(p: argparse.ArgumentParser) -> None:
+    """--config and --log-file, which every command has."""
+    g = p.add_argument_group("files")
+    g.add_argument("--config", metavar="FILE",
+                   help="read options from a TOML or YAML file (keys: the long option names, e.g. batch-size = 8; "
+                        "a [COMMAND] table for one command); options on the command line win")
+    g.add_argument("--log-file", metavar="FILE",
+                   help="also append what the command prints to FILE (progress bars as one line each, not every "
+                        "redraw)")
 
 if __name__ == "__main__":
     sys.exit(main())

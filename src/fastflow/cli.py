@@ -716,6 +716,7 @@ def _evaluate_one(run_dir, fmt, root, category, opts, output, batch_size, quiet,
                   misalign=False, misalign_seed=0, device="cpu", precision="fp32") -> dict:
     from .data import Preprocess, load_samples
     from .evaluate import evaluate_model, format_table
+    from .report import per_defect_type
     from .run import load_run
 
     model, ckpt = load_run(run_dir)
@@ -732,15 +733,20 @@ def _evaluate_one(run_dir, fmt, root, category, opts, output, batch_size, quiet,
         print(f"[{category}] aligned vs non-aligned test set (paper Section 8):")
         print(format_table({"aligned": metrics, "misaligned": metrics["misaligned"]}))
     metrics["category"] = category
+    metrics["per_defect_type"] = per_defect_type(scored, [s.defect_type for s in samples], threshold)
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     with open(output, "w") as f:
         json.dump(metrics, f, indent=1)
     if report:
         from .data import AnomalyDataset
+        from .info import run_info
         from .report import report_path_for, write_report
 
         path = write_report(report_path_for(output), scored, metrics, AnomalyDataset(samples, pre, cache=False),
-                            pre.mean, pre.std, threshold, title=f"FastFlow: {category} ({run_dir})")
+                            pre.mean, pre.std, threshold, title=f"FastFlow: {category} ({run_dir})",
+                            run={**run_info(run_dir), "test_data": {"format": fmt, "root": root, "category": category,
+                                                                    "options": opts}},
+                            defect_types=[s.defect_type for s in samples])
         print(f"[{category}] report -> {path}")
     return metrics
 

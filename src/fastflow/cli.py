@@ -569,7 +569,7 @@ def _train_category(args, cat, run_dir, opts, configs, auto, dist, cat_dist, dev
     try:
         res = train(model_cfg, train_cfg, samples, run_dir, weights=args.weights,
                     progress=not args.quiet and dist.is_main, dist=cat_dist, device=device, precision=precision)
-    except Exception:
+    except BaseException:  # an error, or Ctrl-C before the first checkpoint: nothing to resume
         if cat_dist.is_main:
             _drop_orphan_run_file(run_dir)
         raise

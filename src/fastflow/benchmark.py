@@ -20,7 +20,6 @@ whose first ``batch_size`` images (repeated if fewer) are used at their own size
 
 from __future__ import annotations
 
-import math
 import os
 import platform
 import time
@@ -46,7 +45,7 @@ def _timings(fn, iterations: int, warmup: int, batch_size: int) -> dict:
     median = float(np.median(times))
     return {"median_ms": round(median, 3), "p90_ms": round(float(np.percentile(times, 90)), 3),
             "mean_ms": round(float(np.mean(times)), 3), "min_ms": round(min(times), 3),
-            "images_per_s": round(batch_size * 1000.0 / median, 2) if median > 0 else math.inf}
+            "images_per_s": round(batch_size * 1000.0 / median, 2) if median > 0 else None}
 
 
 def benchmark_images(predictor: Predictor, batch_size: int, images: str | None = None,
@@ -143,6 +142,7 @@ def format_benchmark(result: dict) -> str:
              f"{'runtime':<9}{'part':<12}{'median ms':>11}{'p90 ms':>10}{'images/s':>11}"]
     for name, parts in result["runtimes"].items():
         for part, s in parts.items():
-            lines.append(f"{name:<9}{part:<12}{s['median_ms']:>11.2f}{s['p90_ms']:>10.2f}{s['images_per_s']:>11.1f}")
+            rate = "-" if s["images_per_s"] is None else f"{s['images_per_s']:.1f}"
+            lines.append(f"{name:<9}{part:<12}{s['median_ms']:>11.2f}{s['p90_ms']:>10.2f}{rate:>11}")
     lines += [f"{name}: not measured ({why})" for name, why in result["skipped"].items()]
     return "\n".join(lines)

@@ -32,7 +32,7 @@ def config_path(argv: list[str]) -> str | None:
     try:
         known, _ = pre.parse_known_args(argv)
     except argparse.ArgumentError as e:
-        raise ValueError(f"--config: {e}") from None
+        raise ValueError(str(e)) from None
     return known.config
 
 

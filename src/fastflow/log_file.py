@@ -110,7 +110,7 @@ def command_output(log_file: str | None = None, interval: float = 30.0):
     bars collapsed where stderr is not a terminal."""
     out, err = sys.stdout, sys.stderr
     logs = []
-    new_err = err if _isatty(err) else LineLog(err, interval)
+    new_err = err if err is None or _isatty(err) else LineLog(err, interval)  # None: pythonw, no console
     logs += [] if new_err is err else [new_err]
     f = None
     if log_file:
@@ -118,7 +118,8 @@ def command_output(log_file: str | None = None, interval: float = 30.0):
         f = open(log_file, "a", encoding="utf-8")
         out_log, err_log = LineLog(f, interval), LineLog(f, interval)  # one line buffer per stream
         logs += [out_log, err_log]
-        sys.stdout, new_err = Tee(out, out_log), Tee(new_err, err_log)
+        sys.stdout, new_err = (Tee(out, out_log) if out is not None else out_log,
+                               Tee(new_err, err_log) if new_err is not None else err_log)
     sys.stderr = new_err
     try:
         yield

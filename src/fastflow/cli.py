@@ -414,11 +414,10 @@ the usual way:
   fastflow predict  runs/bottle new_images/ --output predictions/
   fastflow export   runs/bottle --format onnx
 
-fastflow COMMAND --help describes each command. Every command also takes --config FILE (its options from a TOML or YAML file; config_file.py) and
---log-file FILE (what it prints, appended to FILE; log_file.py).
-
-A user mistake (missing path, bad option, unreadable file,
-unusable checkpoint) ends with one line on stderr and exit code 2, never a traceback."""
+fastflow COMMAND --help describes each command. Every command also takes --config FILE (its options
+from a TOML or YAML file; the command line wins) and --log-file FILE (what it prints, appended to FILE).
+A user mistake (missing path, bad option, unreadable file, unusable checkpoint) ends with one line on
+stderr and exit code 2, never a traceback."""
 
 
 def _add_serve_parser(sub) -> None:

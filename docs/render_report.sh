@@ -4,8 +4,9 @@
 #
 #   docs/render_report.sh RUN_DIR/report.html [OUT.png] [WIDTHxHEIGHT]
 #
-# OUT.png defaults to the report path with .png; the window defaults to 1280x2400 (the report is
-# long: raise the height to capture all three galleries). Needs Chromium: on Debian/Ubuntu
+# OUT.png defaults to the report path with .png; the window defaults to 1280 wide and as tall as the
+# report says it is (its <meta name="fastflow-page-height">), so that every gallery is in the picture
+# (1280x2400 for a report without it). Needs Chromium: on Debian/Ubuntu
 # `apt-get install -y chromium` (the binary may also be called chromium-browser or google-chrome;
 # set CHROMIUM=/path/to/binary to choose). The report is self-contained, so no network is used:
 # the flags below also switch off Chromium's own background traffic, and a throw-away profile
@@ -18,11 +19,12 @@ if [[ $# -lt 1 || $# -gt 3 ]]; then
 fi
 report=$1
 out=${2:-${report%.html}.png}
-size=${3:-1280x2400}
 if [[ ! -f $report ]]; then
   echo "$0: no such report: $report" >&2
   exit 2
 fi
+height=$(grep -o 'name="fastflow-page-height" content="[0-9]*"' "$report" | grep -o '[0-9]*"$' | tr -d '"' || true)
+size=${3:-1280x${height:-2400}}
 browser=${CHROMIUM:-}
 if [[ -z $browser ]]; then
   for name in chromium chromium-browser google-chrome; do

@@ -19,7 +19,7 @@ from fastflow.data import AnomalyDataset, Preprocess, load_samples
 from fastflow.demo import make_demo_dataset
 from fastflow.evaluate import Scored
 from fastflow.misalign import ROTATION_DEGREES, TRANSLATE, ZOOM, Affine, MisalignedDataset, apply_affine, draw_affine
-from fastflow.report import report_path_for, select_galleries
+from fastflow.report import THUMB, defect_types_from_paths, per_defect_type, report_path_for, select_galleries
 from fastflow.train import train
 
 METRIC_KEYS = {"image_auroc", "pixel_auroc", "pixel_aupro", "image_f1_max", "n_images", "n_normal", "n_anomalous",
@@ -51,13 +51,46 @@ def test_report_holds_metrics_and_embedded_images(evaluated):
         assert f"{m[key]:.4f}" in page and f"{m['misaligned'][key]:.4f}" in page
     for heading in ("Best detections", "Missed anomalies", "False alarms", "Curves", "non-aligned"):
         assert heading in page
-    images = re.findall(r"src='?\"?data:image/png;base64,([A-Za-z0-9+/=]+)", page)
-    # curves + histogram + 3 galleries x 3 images (3 anomalous / 3 normal test images, each gallery <= 3 rows)
-    assert len(images) >= 2 + 3 * 3
-    for data in images[:3]:
+    plots = re.findall(r"src='?\"?data:image/png;base64,([A-Za-z0-9+/=]+)", page)
+    thumbs = re.findall(r"src='?\"?data:image/jpeg;base64,([A-Za-z0-9+/=]+)", page)
+    # curves + histogram; 3 galleries x 3 images (3 anomalous / 3 normal test images, each gallery <= 3 rows)
+    assert len(plots) == 2 and len(thumbs) >= 3 * 3
+    for data in plots:
         with Image.open(io.BytesIO(base64.b64decode(data))) as im:
             assert im.format == "PNG" and im.width > 0
+    for data in thumbs[:3]:  # the 64x64 test images, enlarged to THUMB pixels
+        with Image.open(io.BytesIO(base64.b64decode(data))) as im:
+            assert im.format == "JPEG" and im.size == (THUMB, THUMB)
     assert "file://" not in page and "<script" not in page  # self-contained
+
+
+def test_report_shows_the_run_and_a_row_per_defect_type(evaluated):
+    page = evaluated["report"].read_text()
+    m = evaluated["metrics"]
+    assert "<h2>Run</h2>" in page and evaluated["root"] in page and f"category {evaluated['cat']}" in page
+    assert "normal images fitted" in page and "held out" in page and "preset efficientnet_lite0" in page
+    assert f"{m['threshold']:.4f}, calibrated at a false-alarm rate of 0.01" in page
+    rows = {r["defect_type"]: r for r in m["per_defect_type"]}  # also in metrics.json
+    assert set(rows) == {"good", "scratch", "spot"} and list(rows)[0] == "good"
+    assert sum(r["n_images"] for r in rows.values()) == m["n_images"]
+    assert rows["good"]["flagged"] == pytest.approx(m["false_alarm_rate"]) and rows["good"]["image_auroc"] is None
+    defects = [rows["scratch"], rows["spot"]]
+    assert sum(r["flagged"] * r["n_images"] for r in defects) / m["n_anomalous"] == pytest.approx(m["detection_rate"])
+    for r in rows.values():
+        assert f"<td>{r['defect_type']}</td><td>{r['label']}</td><td class='num'>{r['n_images']}</td>" in page
+
+
+def test_per_defect_type_on_hand_values():
+    scored = _scored([0.1, 0.5, 0.6, 0.3, 0.05, float("nan")], [0, 0, 1, 1, 1, 1])
+    rows = per_defect_type(scored, ["good", "good", "a", "a", "b", "c"], threshold=0.4)
+    assert [r["defect_type"] for r in rows] == ["good", "a", "b", "c"]
+    good, a, b, c = rows
+    assert (good["n_images"], good["median_score"], good["flagged"], good["label"]) == (2, 0.3, 0.5, "normal")
+    assert a["image_auroc"] == 0.75 and a["flagged"] == 0.5  # 0.6 beats both normals, 0.3 only 0.1
+    assert b["image_auroc"] == 0.0 and b["flagged"] == 0.0
+    assert c["image_auroc"] == 1.0 and c["flagged"] == 1.0  # a NaN score counts as the highest
+    assert per_defect_type(scored, ["good", "good", "a", "a", "b", "c"], threshold=None)[1]["flagged"] is None
+    assert defect_types_from_paths(["/d/test/scratch/000.png", "good/1.png"]) == ["scratch", "good"]
 
 
 def test_report_path_sits_beside_the_metrics():
@@ -95,6 +128,37 @@ def test_report_renders_in_headless_chromium(evaluated, tmp_path):
     with Image.open(png) as im:
         assert im.size == (1280, 1600)
         assert len(np.unique(np.asarray(im.convert("L").resize((64, 80))))) > 10  # not a blank page
+    # by default the window is as tall as the report says it is: the picture holds the last gallery
+    height = int(re.search(r'name="fastflow-page-height" content="(\d+)"', evaluated["report"].read_text())[1])
+    subprocess.run(["bash", script, str(evaluated["report"]), str(png)], check=True, timeout=120,
+                   capture_output=True)
+    with Image.open(png) as im:
+        assert im.size == (1280, height)
+
+
+@pytest.mark.skipif(not (shutil.which("chromedriver") and any(shutil.which(b) for b in ("chromium", "chromium-browser",
+                                                                                          "google-chrome")))
+                    and not os.environ.get("CI"),  # .ci/run installs Chromium and chromedriver
+                    reason="needs Chromium and chromedriver (apt-get install -y chromium chromium-driver)")
+def test_report_page_height_covers_every_gallery(evaluated):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    os.environ.setdefault("SE_OFFLINE", "true")  # never download a browser or driver
+    options = webdriver.ChromeOptions()
+    options.binary_location = next(shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome")
+                                   if shutil.which(b))
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+                 "--disable-background-networking", "--hide-scrollbars", "--window-size=1280,900"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(executable_path=shutil.which("chromedriver")), options=options)
+    try:
+        driver.get(evaluated["report"].as_uri())
+        actual = driver.execute_script("return document.documentElement.scrollHeight")
+        said = int(driver.execute_script("return document.querySelector('meta[name=fastflow-page-height]').content"))
+    finally:
+        driver.quit()
+    assert actual <= said <= actual + 800, (actual, said)  # all of it, without a long blank tail
 
 
 # -- the non-aligned test set ----------------------------------------------------------------

@@ -28,7 +28,29 @@ def test_colorize_and_overlay_on_hand_values():
     assert heat[0, 0, 2] > 100 and heat[0, 0, 0] == 0 and heat[1, 1, 0] > 100 and heat[1, 1, 2] == 0
     rgb = np.full((2, 2, 3), 100, np.uint8)
     assert np.array_equal(overlay(rgb, np.full((2, 2, 3), 200, np.uint8)), np.full((2, 2, 3), 150))
-    assert np.array_equal(heat_overlay(rgb, amap, 1.0, 2.0), overlay(rgb, heat))
+    assert np.array_equal(heat_overlay(rgb, amap, 1.0, 2.0, max_alpha=0.5)[1], overlay(rgb, heat)[1])  # at high
+
+
+def test_heat_overlay_leaves_the_part_visible_where_the_map_is_low():
+    rgb = np.random.default_rng(0).integers(0, 256, (4, 4, 3)).astype(np.uint8)
+    amap = np.array([[0.0, 1.0, 1.5, 2.0]] * 3 + [[9.0, np.nan, 1.25, 0.5]])
+    out = heat_overlay(rgb, amap, 1.0, 2.0, max_alpha=0.6).astype(float)
+    heat = colorize(amap, 1.0, 2.0).astype(float)
+    assert np.array_equal(out[:, 0][:3], rgb[:3, 0]) and np.array_equal(out[:3, 1], rgb[:3, 1])  # at or below low
+    for (y, x), alpha in {(0, 2): 0.3, (0, 3): 0.6, (3, 0): 0.6, (3, 1): 0.6, (3, 2): 0.15}.items():
+        assert np.allclose(out[y, x], rgb[y, x] * (1 - alpha) + heat[y, x] * alpha, atol=0.51), (y, x)
+
+
+def test_mask_outline_equals_scikit_images_inner_boundary():
+    from scipy import ndimage
+    from skimage.segmentation import find_boundaries
+
+    rng = np.random.default_rng(0)
+    for _ in range(20):  # blobs of every shape, touching the image border too
+        mask = ndimage.binary_opening(rng.random((24, 31)) > 0.45)
+        rgb = np.zeros((24, 31, 3), np.uint8)
+        red = (mask_overlay(rgb, mask) == [255, 0, 0]).all(axis=-1)
+        assert np.array_equal(red, find_boundaries(mask, mode="inner"))
 
 
 def test_denormalize_inverts_the_normalisation():

@@ -6,7 +6,7 @@
 
 __version__ = "0.1.0"
 
-__all__ = ["Predictor", "Prediction", "FastFlow", "DatasetError", "__version__"]
+__all__ = ["Predictor", "Prediction", "PredictionError", "FastFlow", "DatasetError", "__version__"]
 
 
 def __getattr__(name: str):
@@ -19,6 +19,10 @@ def __getattr__(name: str):
         from .predict import Prediction
 
         return Prediction
+    if name == "PredictionError":  # what Predictor.predict_iter yields for an item it cannot read
+        from .predict import PredictionError
+
+        return PredictionError
     if name == "DatasetError":  # raised for a missing, malformed or unreadable image or dataset
         from .data import DatasetError
 

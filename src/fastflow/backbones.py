@@ -24,6 +24,7 @@ from __future__ import annotations
 import copy
 import os
 import re
+import socket
 from dataclasses import dataclass, replace
 
 import torch
@@ -132,10 +133,54 @@ def load_lite_state(model: nn.Module, path: str) -> None:
     model.load_state_dict(remapped, strict=True)
 
 
+PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
+
+
+def hub_unreachable(timeout: float = 3.0) -> str | None:
+    """Why the Hugging Face hub (``HF_ENDPOINT``, default huggingface.co) cannot be reached from here, from one
+    TCP connection attempt of at most ``timeout`` seconds; None when it can, or when a proxy or
+    ``HF_HUB_OFFLINE`` is set (huggingface_hub then decides). Without this, an offline machine spends about
+    a minute in huggingface_hub's download retries before failing."""
+    if any(os.environ.get(k) for k in (*PROXY_VARIABLES, "HF_HUB_OFFLINE")):
+        return None
+    from urllib.parse import urlparse
+
+    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    host, port = url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as e:
+        return f"cannot reach {host}:{port} ({e.strerror or e})"
+    return None
+
+
+def cached_hub_weights(timm_name: str) -> str | None:
+    """The local file of ``timm_name``'s pretrained weights in the Hugging Face cache, or None."""
+    from huggingface_hub import try_to_load_from_cache
+    from timm.models import get_pretrained_cfg
+
+    cfg = get_pretrained_cfg(timm_name)
+    hub_id = getattr(cfg, "hf_hub_id", None) if cfg is not None else None
+    for filename in ("model.safetensors", "pytorch_model.bin") if hub_id else ():
+        path = try_to_load_from_cache(hub_id, filename)
+        if isinstance(path, str):
+            return path
+    return None
+
+
 def _create_timm(spec: BackboneSpec, weights: str) -> nn.Module:
     import timm
 
     if weights == "pretrained" and spec.lite_package is None:
+        offline = hub_unreachable()
+        if offline:  # fail at once, or load what an earlier download left in the cache
+            cached = cached_hub_weights(spec.timm_name)
+            if cached is None:
+                raise BackboneError(
+                    f"could not download ImageNet weights for {spec.name}: {offline}, and they are not in the "
+                    f"Hugging Face cache. Offline? Pass a local state-dict file (--weights PATH), use the offline "
+                    f"default backbone efficientnet_lite0, or --weights random for shape checks only.")
+            return timm.create_model(spec.timm_name, pretrained=True, pretrained_cfg_overlay={"file": cached})
         try:
             return timm.create_model(spec.timm_name, pretrained=True)
         except Exception as e:  # network, hub or cache problems: say what to do instead

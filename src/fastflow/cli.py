@@ -11,10 +11,14 @@
     fastflow invert   RUN_DIR IMAGE --region x0,y0,x1,y1 --output OUT_DIR [--strength S] [--level L (1: finest)]
     fastflow calibrate RUN_DIR --normal-dir DIR [--false-alarm-rate R]
     fastflow info     RUN_DIR [--json]
+    fastflow benchmark RUN_DIR [--batch-size B] [--iterations N] [--warmup W] [--images DIR] [--json FILE]
     fastflow presets  [--json]
     fastflow demo     [--output DIR]
-    (train, evaluate, predict, export, invert, demo: [--device auto|cpu|cuda|cuda:N|mps] [--threads N]
+    (train, evaluate, predict, export, invert, benchmark, demo: [--device auto|cpu|cuda|cuda:N|mps] [--threads N]
      and, but for export, [--precision fp32|bf16|fp16]; see device.py)
+
+Every command also takes --config FILE (its options from a TOML or YAML file; config_file.py) and
+--log-file FILE (what it prints, appended to FILE; log_file.py).
 
 A user mistake (missing path, bad option, unreadable file, unusable checkpoint) ends with one
 line on stderr and exit code 2, never a traceback.
@@ -23,6 +27,7 @@ line on stderr and exit code 2, never a traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -199,7 +204,16 @@ def _build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="fastflow", description=DESCRIPTION, epilog=EPILOG)
     parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_add_train_parser, _add_evaluate_parser, _add_invert_parser, _add_predict_parser,
+                _add_export_parser, _add_serve_parser, _add_presets_parser, _add_calibrate_parser,
+                _add_info_parser, _add_benchmark_parser, _add_demo_parser):
+        add(sub)
+    for verb in sub.choices.values():
+        _add_run_file_args(verb)
+    return parser
 
+
+def _add_train_parser(sub) -> None:
     t = sub.add_parser("train", help="train a model on normal images", description=(
         "Train a FastFlow model on normal (defect-free) images and write a run folder: model.pt (the model and its "
         "calibrated threshold), checkpoint.pt (for --resume), history.json and run.json. Options left out take the "
@@ -212,6 +226,29 @@ def _build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", metavar="RUN_DIR",
                    help="continue an interrupted run from its last checkpoint, with the options it was started "
                         "with; --epochs N extends a finished run to N epochs")
+    _add_train_length_args(t)
+    _add_train_model_args(t)
+    t.add_argument("--augment", nargs="?", const="paper", default=None, choices=["paper", "pose"],
+                   help="training augmentation: 'paper' (the default when given; Section 6.2: flips, rotation) or "
+                        "'pose' (random zoom 0.85-1.18, rotation +-15 degrees, shift 15%%: parts that are not "
+                        "aligned, README)")
+    t.add_argument("--no-cache", action="store_true", help="recompute backbone features every epoch")
+    t.add_argument("--val-fraction", type=float, default=None,
+                   help="normal training images held out to select the epoch and calibrate the threshold "
+                        "(default: 0.1)")
+    t.add_argument("--false-alarm-rate", type=float, default=None,
+                   help="threshold calibration on held-out normals (default 0.01)")
+    t.add_argument("--seed", type=int, default=None, help="random seed (default: 0)")
+    t.add_argument("--evaluate", action="store_true", help="evaluate on the test split after training")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_compute_args(t)
+    t.add_argument("--overwrite", action="store_true",
+                   help="train into a folder that already holds a run: delete that run's model, checkpoint, "
+                        "exports and metrics first (without it such a folder is refused)")
+
+
+def _add_train_length_args(t: argparse.ArgumentParser) -> None:
+    """train: the preset, its weights and the optimisation (how long, how fast)."""
     t.add_argument("--backbone", default=None,
                    help=f"preset / backbone: auto (the default: chooses among {', '.join(AUTO_CANDIDATES)} "
                         f"on synthetic defects pasted on held-out normal images), {', '.join(PRESETS)}")
@@ -230,6 +267,10 @@ def _build_parser() -> argparse.ArgumentParser:
     t.add_argument("--feature-noise", type=float, default=None,
                    help="noise regularisation: Gaussian noise x each level's feature std added to the training "
                         "features (lite presets 0.2, paper presets 0 = off)")
+
+
+def _add_train_model_args(t: argparse.ArgumentParser) -> None:
+    """train: the model's shape, its anomaly map and the preprocessing saved with it."""
     t.add_argument("--input-size", type=_size, default=None, help="N or H,W (default: the preset's)")
     t.add_argument("--flow-steps", type=int, default=None, help="flow steps per level (default: the preset's)")
     t.add_argument("--hidden-ratio", type=float, default=None,
@@ -253,24 +294,9 @@ def _build_parser() -> argparse.ArgumentParser:
     t.add_argument("--equalize", action="store_true",
                    help="equalise each image's histogram (per channel) before resizing, instead of a preset's "
                         "--autocontrast; saved with the model's preprocessing")
-    t.add_argument("--augment", nargs="?", const="paper", default=None, choices=["paper", "pose"],
-                   help="training augmentation: 'paper' (the default when given; Section 6.2: flips, rotation) or "
-                        "'pose' (random zoom 0.85-1.18, rotation +-15 degrees, shift 15%%: parts that are not "
-                        "aligned, README)")
-    t.add_argument("--no-cache", action="store_true", help="recompute backbone features every epoch")
-    t.add_argument("--val-fraction", type=float, default=None,
-                   help="normal training images held out to select the epoch and calibrate the threshold "
-                        "(default: 0.1)")
-    t.add_argument("--false-alarm-rate", type=float, default=None,
-                   help="threshold calibration on held-out normals (default 0.01)")
-    t.add_argument("--seed", type=int, default=None, help="random seed (default: 0)")
-    t.add_argument("--evaluate", action="store_true", help="evaluate on the test split after training")
-    t.add_argument("--quiet", action="store_true", help="no progress bar")
-    _add_compute_args(t)
-    t.add_argument("--overwrite", action="store_true",
-                   help="train into a folder that already holds a run: delete that run's model, checkpoint, "
-                        "exports and metrics first (without it such a folder is refused)")
 
+
+def _add_evaluate_parser(sub) -> None:
     e = sub.add_parser("evaluate", help="metrics of a trained run on a labelled test set", description=(
         "Image AUROC, pixel AUROC, AUPRO and F1-max of a trained run on the test split of a labelled dataset. "
         "--data, --category and --format default to those the run was trained with (its run.json)."),
@@ -288,6 +314,8 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_compute_args(e)
     e.add_argument("--quiet", action="store_true", help="no progress bar")
 
+
+def _add_invert_parser(sub) -> None:
     iv = sub.add_parser("invert", help="pollute the flow latent in a region and regenerate features (paper 4.5)",
                         description=(
         "Add noise to the flow's latent z in a region of an image, run the flow backwards and save a panel: the "
@@ -305,6 +333,8 @@ def _build_parser() -> argparse.ArgumentParser:
     iv.add_argument("--seed", type=int, default=0, help="seed of the noise")
     _add_compute_args(iv)
 
+
+def _add_predict_parser(sub) -> None:
     pd = sub.add_parser("predict", help="score new images: heatmaps, overlays, masks and a summary", description=(
         "Score images with a trained run: an anomaly score and decision per image, and heatmap/, overlay/ and mask/ "
         "PNGs with summary.csv and summary.json in the output folder. Unreadable images are reported and skipped; "
@@ -328,6 +358,8 @@ def _build_parser() -> argparse.ArgumentParser:
     pd.add_argument("--tile-overlap", type=float, default=0.25, help="fraction of a tile shared with its neighbour")
     pd.add_argument("--quiet", action="store_true", help="no progress bar")
 
+
+def _add_export_parser(sub) -> None:
     ex = sub.add_parser("export", help="export a run to ONNX (score and anomaly map) with a JSON sidecar",
                         description=(
         "Export a trained run to an ONNX graph (image batch -> score, anomaly map) and a JSON sidecar with the "
@@ -358,17 +390,16 @@ def _build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--calibration-method", choices=["minmax", "percentile", "entropy"], default="minmax",
                     help="how activation ranges are set from the calibration images (default minmax)")
 
-    _add_serve_parser(sub)
 
+def _add_presets_parser(sub) -> None:
     pr = sub.add_parser("presets", help="list the model presets", description=(
         "The model presets (fastflow train --backbone NAME): backbone, input size, feature levels, flow size, "
         "trainable parameters, training epochs and batch, and whether the backbone weights ship with the package "
         "(offline) or are downloaded."))
     pr.add_argument("--json", action="store_true", help="machine-readable output")
 
-    _add_calibrate_parser(sub)
-    _add_info_parser(sub)
 
+def _add_demo_parser(sub) -> None:
     d = sub.add_parser("demo", help="train and evaluate on a synthetic set: no data, no network", description=(
         "Make a small synthetic texture dataset, train on it and evaluate: a check that the installation works, "
         "with no data and no network."))
@@ -376,7 +407,6 @@ def _build_parser() -> argparse.ArgumentParser:
     d.add_argument("--epochs", type=int, default=None, help="training epochs (default: the demo's own)")
     _add_compute_args(d)
     d.add_argument("--quiet", action="store_true", help="no progress bar")
-    return parser
 
 
 DESCRIPTION = "fastflow: unsupervised anomaly detection and localisation with 2D normalising flows (FastFlow)."
@@ -387,8 +417,10 @@ the usual way:
   fastflow predict  runs/bottle new_images/ --output predictions/
   fastflow export   runs/bottle --format onnx
 
-fastflow COMMAND --help describes each command. A user mistake (missing path, bad option, unreadable file,
-unusable checkpoint) ends with one line on stderr and exit code 2, never a traceback."""
+fastflow COMMAND --help describes each command. Every command also takes --config FILE (its options
+from a TOML or YAML file; the command line wins) and --log-file FILE (what it prints, appended to FILE).
+A user mistake (missing path, bad option, unreadable file, unusable checkpoint) ends with one line on
+stderr and exit code 2, never a traceback."""
 
 
 def _add_serve_parser(sub) -> None:
@@ -461,42 +493,18 @@ def cmd_train(args) -> int:
 
 
 def _train(args, dist) -> int:
-    from .auto import CANDIDATES, choose
-    from .data import load_samples
+    from .auto import CANDIDATES
     from .distributed import SINGLE
-    from .train import train
 
     device, precision = _compute(args) if dist.world == 1 else (dist.device, args.precision)
     if args.resume:
-        _check_resume_options(args)
-        path = _run_file(args.resume)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path} not found: --resume takes a run folder written by "
-                                    f"fastflow train --output RUN_DIR")
-        try:
-            with open(path) as f:
-                saved = json.load(f)
-            model_cfg = from_dict(ModelConfig, saved["model_config"])
-            train_cfg = from_dict(TrainConfig, saved["train_config"])
-            data = saved["data"]
-        except (ValueError, KeyError, TypeError) as e:
-            raise ValueError(f"{path} is corrupt or from another version ({type(e).__name__}: {e}); "
-                             f"start a new run with --output") from e
-        train_cfg = _extended(args, model_cfg, train_cfg, path)
-        if train_cfg is None:
-            return 0
-        samples = load_samples(data["format"], data["root"], data["category"], "train", **data["options"])
-        res = train(model_cfg, train_cfg, samples, args.resume, weights=saved["weights"], resume=True,
-                    progress=not args.quiet, dist=dist, device=device, precision=precision)
-        if dist.is_main:
-            print(f"resumed and finished {args.resume}: best epoch {res.best_epoch}, threshold {res.threshold:.4f}")
-        return 0
+        return _train_resume(args, dist, device, precision)
     _folder_defaults(args)
     if not args.data or not args.category or not args.output:
         raise ValueError("train needs --data, --category and --output (or --resume RUN_DIR); the folder format "
                          "needs only --normal-dir and --output")
     auto = args.backbone in (None, "auto")
-    model_cfg, train_cfg = _configs(args, CANDIDATES[0] if auto else None)
+    configs = _configs(args, CANDIDATES[0] if auto else None)
     categories = _categories(args)
     opts = _data_options(args)
     _clear_run_dirs([args.output if len(categories) == 1 else os.path.join(args.output, c) for c in categories],
@@ -507,50 +515,103 @@ def _train(args, dist) -> int:
     rows = {}
     for cat in mine:
         run_dir = args.output if len(categories) == 1 else os.path.join(args.output, cat)
-        samples = load_samples(args.format, args.data, cat, "train", **opts)
-        say = print if cat_dist.is_main else (lambda *a, **k: None)
-        where = f" (rank {dist.rank} of {dist.world})" if cat_dist is not dist else ""
-        chosen = {}
-        if auto:  # every rank probes the same way (deterministic), rank 0 alone writes
-            os.makedirs(run_dir, exist_ok=True)
-            name, model_cfg, train_cfg, report = choose([(n, *_configs(args, n)) for n in CANDIDATES], samples,
-                                                        run_dir, weights=args.weights, log=say,
-                                                        probe_tag=f"{dist.rank}" if cat_dist.world > 1 else "",
-                                                        device=device, precision=precision,
-                                                        continue_in=run_dir if cat_dist.world == 1 else None)
-            chosen = {"preset": name, "auto": report}
-        if cat_dist.is_main:
-            os.makedirs(run_dir, exist_ok=True)
-            with open(_run_file(run_dir), "w") as f:
-                json.dump({"model_config": to_dict(model_cfg), "train_config": to_dict(train_cfg),
-                           "weights": args.weights, "data": {"format": args.format, "root": os.path.abspath(args.data),
-                                                             "category": cat, "options": opts}, **chosen}, f, indent=1)
-        say(f"[{cat}] training {chosen.get('preset') or args.backbone or model_cfg.backbone} on {len(samples)} normal images{where} -> {run_dir}")
-        try:
-            resume = "continued_after_epochs" in chosen.get("auto", {})  # from the chosen probe (auto.choose)
-            res = train(model_cfg, train_cfg, samples, run_dir, weights=args.weights, resume=resume,
-                        progress=not args.quiet and dist.is_main, dist=cat_dist, device=device, precision=precision)
-        except Exception:
-            if cat_dist.is_main:
-                _drop_orphan_run_file(run_dir)
-            raise
-        say(f"[{cat}] done in {res.train_seconds:.1f} s: best epoch {res.best_epoch}, "
-            f"val NLL {res.best_val_nll if res.best_val_nll is None else round(res.best_val_nll, 4)} nats/dim, "
-            f"threshold {res.threshold:.4f}")
-        if not cat_dist.is_main:
-            continue
-        rows[cat] = {"train": {"n_images": len(samples), "best_epoch": res.best_epoch, "best_val_nll": res.best_val_nll,
-                               "threshold": res.threshold, "seconds": round(res.train_seconds, 2),
-                               "ranks": [dist.rank] if cat_dist is not dist else list(range(dist.world))}}
-        if args.evaluate:
-            rows[cat].update(_evaluate_one(run_dir, args.format, args.data, cat, opts,
-                                           os.path.join(run_dir, "metrics.json"), 32, args.quiet,
-                                           device=device, precision=precision))
+        row = _train_category(args, cat, run_dir, opts, configs, auto, dist, cat_dist, device, precision)
+        if row is not None:
+            rows[cat] = row
     gathered = {c: r for part in dist.gather_objects(rows) for c, r in part.items()}  # rank 0 has them all
     rows = {c: gathered[c] for c in categories}
     if dist.is_main and (args.evaluate or len(categories) > 1):
         _print_summary(rows, args.output if len(categories) > 1 else None, args.evaluate)
     return 0
+
+
+def _train_resume(args, dist, device, precision) -> int:
+    """train --resume RUN_DIR: continue (or extend) the run with the configuration its run.json records."""
+    from .data import load_samples
+    from .train import train
+
+    _check_resume_options(args)
+    path = _run_file(args.resume)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} not found: --resume takes a run folder written by "
+                                f"fastflow train --output RUN_DIR")
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+        model_cfg = from_dict(ModelConfig, saved["model_config"])
+        train_cfg = from_dict(TrainConfig, saved["train_config"])
+        data = saved["data"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path} is corrupt or from another version ({type(e).__name__}: {e}); "
+                         f"start a new run with --output") from e
+    train_cfg = _extended(args, model_cfg, train_cfg, path)
+    if train_cfg is None:
+        return 0
+    samples = load_samples(data["format"], data["root"], data["category"], "train", **data["options"])
+    res = train(model_cfg, train_cfg, samples, args.resume, weights=saved["weights"], resume=True,
+                progress=not args.quiet, dist=dist, device=device, precision=precision)
+    if dist.is_main:
+        print(f"resumed and finished {args.resume}: best epoch {res.best_epoch}, threshold {res.threshold:.4f}")
+    return 0
+
+
+def _train_category(args, cat, run_dir, opts, configs, auto, dist, cat_dist, device, precision) -> dict | None:
+    """Train one category into ``run_dir`` (run.json first, removed again if training fails before its first
+    checkpoint); its summary row on the rank that writes it (None on the others)."""
+    from .data import load_samples
+    from .train import train
+
+    samples = load_samples(args.format, args.data, cat, "train", **opts)
+    say = print if cat_dist.is_main else (lambda *a, **k: None)
+    where = f" (rank {dist.rank} of {dist.world})" if cat_dist is not dist else ""
+    model_cfg, train_cfg, chosen = _start_run(args, cat, run_dir, opts, configs, auto, samples, dist, cat_dist,
+                                              say, device, precision)
+    say(f"[{cat}] training {chosen.get('preset') or args.backbone or model_cfg.backbone} on {len(samples)} "
+        f"normal images{where} -> {run_dir}")
+    resume = "continued_after_epochs" in chosen.get("auto", {})  # from the chosen probe (auto.choose)
+    try:
+        res = train(model_cfg, train_cfg, samples, run_dir, weights=args.weights, resume=resume,
+                    progress=not args.quiet and dist.is_main, dist=cat_dist, device=device, precision=precision)
+    except BaseException:  # an error, or Ctrl-C before the first checkpoint: nothing to resume
+        if cat_dist.is_main:
+            _drop_orphan_run_file(run_dir)
+        raise
+    say(f"[{cat}] done in {res.train_seconds:.1f} s: best epoch {res.best_epoch}, "
+        f"val NLL {res.best_val_nll if res.best_val_nll is None else round(res.best_val_nll, 4)} nats/dim, "
+        f"threshold {res.threshold:.4f}")
+    if not cat_dist.is_main:
+        return None
+    row = {"train": {"n_images": len(samples), "best_epoch": res.best_epoch, "best_val_nll": res.best_val_nll,
+                     "threshold": res.threshold, "seconds": round(res.train_seconds, 2),
+                     "ranks": [dist.rank] if cat_dist is not dist else list(range(dist.world))}}
+    if args.evaluate:
+        row.update(_evaluate_one(run_dir, args.format, args.data, cat, opts, os.path.join(run_dir, "metrics.json"),
+                                 32, args.quiet, device=device, precision=precision))
+    return row
+
+
+def _start_run(args, cat, run_dir, opts, configs, auto, samples, dist, cat_dist, say, device, precision) -> tuple:
+    """(model config, train config, {preset, auto report} or {}) for one category: the preset chosen by
+    ``--backbone auto`` or the one given; the writing rank records them in run_dir/run.json."""
+    from .auto import CANDIDATES, choose
+
+    model_cfg, train_cfg = configs
+    chosen = {}
+    if auto:  # every rank probes the same way (deterministic), rank 0 alone writes
+        os.makedirs(run_dir, exist_ok=True)
+        name, model_cfg, train_cfg, report = choose([(n, *_configs(args, n)) for n in CANDIDATES], samples,
+                                                    run_dir, weights=args.weights, log=say,
+                                                    probe_tag=f"{dist.rank}" if cat_dist.world > 1 else "",
+                                                    device=device, precision=precision,
+                                                    continue_in=run_dir if cat_dist.world == 1 else None)
+        chosen = {"preset": name, "auto": report}
+    if cat_dist.is_main:
+        os.makedirs(run_dir, exist_ok=True)
+        with open(_run_file(run_dir), "w") as f:
+            json.dump({"model_config": to_dict(model_cfg), "train_config": to_dict(train_cfg),
+                       "weights": args.weights, "data": {"format": args.format, "root": os.path.abspath(args.data),
+                                                         "category": cat, "options": opts}, **chosen}, f, indent=1)
+    return model_cfg, train_cfg, chosen
 
 
 def _run_file(run_dir: str) -> str:
@@ -600,7 +661,8 @@ def _drop_orphan_run_file(run_dir: str) -> None:
 
 
 # Options --resume accepts: the rest are the run's own, saved in run.json.
-RESUME_OPTIONS = ("command", "resume", "epochs", "quiet", "evaluate", "output", "device", "threads")
+RESUME_OPTIONS = ("command", "resume", "epochs", "quiet", "evaluate", "output", "device", "threads", "config",
+                  "log_file")
 
 
 def _check_resume_options(args) -> None:
@@ -658,6 +720,7 @@ def _evaluate_one(run_dir, fmt, root, category, opts, output, batch_size, quiet,
                   misalign=False, misalign_seed=0, device="cpu", precision="fp32") -> dict:
     from .data import Preprocess, load_samples
     from .evaluate import evaluate_model, format_table
+    from .report import per_defect_type
     from .run import load_run
 
     model, ckpt = load_run(run_dir)
@@ -674,15 +737,20 @@ def _evaluate_one(run_dir, fmt, root, category, opts, output, batch_size, quiet,
         print(f"[{category}] aligned vs non-aligned test set (paper Section 8):")
         print(format_table({"aligned": metrics, "misaligned": metrics["misaligned"]}))
     metrics["category"] = category
+    metrics["per_defect_type"] = per_defect_type(scored, [s.defect_type for s in samples], threshold)
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     with open(output, "w") as f:
         json.dump(metrics, f, indent=1)
     if report:
         from .data import AnomalyDataset
+        from .info import run_info
         from .report import report_path_for, write_report
 
         path = write_report(report_path_for(output), scored, metrics, AnomalyDataset(samples, pre, cache=False),
-                            pre.mean, pre.std, threshold, title=f"FastFlow: {category} ({run_dir})")
+                            pre.mean, pre.std, threshold, title=f"FastFlow: {category} ({run_dir})",
+                            run={**run_info(run_dir), "test_data": {"format": fmt, "root": root, "category": category,
+                                                                    "options": opts}},
+                            defect_types=[s.defect_type for s in samples])
         print(f"[{category}] report -> {path}")
     return metrics
 
@@ -882,6 +950,43 @@ def _add_info_parser(sub) -> None:
     i.add_argument("--json", action="store_true", help="machine-readable output")
 
 
+def _add_benchmark_parser(sub) -> None:
+    b = sub.add_parser("benchmark", help="latency and throughput of a run on this machine (torch and ONNX)",
+                       description=(
+        "Time a trained run on this machine: the median and 90th-percentile latency of one batch and the "
+        "throughput, for the network alone and end to end (preprocessing, network, map resized to the image), in "
+        "torch and, when RUN_DIR/model.onnx (fastflow export) and onnxruntime are there, in ONNX Runtime. Images "
+        "are synthetic at the run's input size unless --images is given; decoding files is not timed."),
+        epilog="example:\n  fastflow benchmark runs/bottle --batch-size 8 --iterations 100 --json bench.json")
+    b.add_argument("run_dir", help="run folder written by fastflow train (or its model.pt)")
+    b.add_argument("--batch-size", type=_positive(int), default=1, help="images per forward pass")
+    b.add_argument("--iterations", type=_positive(int), default=50, help="timed repetitions per measurement")
+    b.add_argument("--warmup", type=int, default=5, help="untimed repetitions first")
+    b.add_argument("--runtime", choices=["all", "torch", "onnx"], default="all",
+                   help="all: torch, and ONNX Runtime where the export is there; torch or onnx: that one only")
+    b.add_argument("--onnx", default=None, help="ONNX model to time (default: RUN_DIR/model.onnx)")
+    b.add_argument("--images", default=None, metavar="DIR",
+                   help="time on the first --batch-size images of this folder, at their own size "
+                        "(default: synthetic images at the run's input size)")
+    b.add_argument("--json", default=None, metavar="FILE", help="also write the measurements to this JSON file")
+    _add_compute_args(b)
+
+
+def cmd_benchmark(args) -> int:
+    from .benchmark import format_benchmark, measure
+
+    device, precision = _compute(args)
+    result = measure(args.run_dir, args.batch_size, args.iterations, args.warmup, args.runtime, device, precision,
+                     args.threads, args.images, args.onnx)
+    print(format_benchmark(result))
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+        print(f"measurements -> {args.json}")
+    return 0
+
+
 def cmd_info(args) -> int:
     from .info import format_info, run_info
 
@@ -947,7 +1052,7 @@ def cmd_demo(args) -> int:
 
 COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "invert": cmd_invert, "presets": cmd_presets,
             "demo": cmd_demo, "predict": cmd_predict, "export": cmd_export, "calibrate": cmd_calibrate,
-            "info": cmd_info, "serve": cmd_serve}
+            "info": cmd_info, "serve": cmd_serve, "benchmark": cmd_benchmark}
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -982,7 +1087,26 @@ def main(argv: list[str] | None = None) -> int:
     if "torch" not in sys.modules:  # read by OpenMP when torch loads it: see device.py
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     parser = _build_parser()
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    try:
+        argv = _with_config_file(parser, argv)
+    except ValueError as e:
+        print(f"fastflow {argv[0]}: error: {e}", file=sys.stderr)
+        return 2
     args = parser.parse_args(argv)
+    from .log_file import command_output
+
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(command_output(getattr(args, "log_file", None)))
+        except OSError as e:
+            print(f"fastflow {args.command}: error: --log-file {args.log_file}: {e.strerror or e}", file=sys.stderr)
+            return 2
+        return _run(args)
+
+
+def _run(args) -> int:
+    """Run the parsed command; user errors become one line on stderr (see ``main``)."""
     try:
         if hasattr(args, "threads"):
             from .device import set_threads
@@ -1006,6 +1130,35 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fastflow {args.command}: error: {e}", file=sys.stderr)
         return 2
 
+
+def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    return next(a.choices for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+
+
+def _with_config_file(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
+    """``argv`` with the options of its ``--config FILE`` (config_file.py) put before the command line's own,
+    so that those win."""
+    from .config_file import config_argv, config_path, read_options
+
+    verbs = _subparsers(parser)
+    if not argv or argv[0] not in verbs:
+        return argv
+    path = config_path(argv[1:])
+    if path is None:
+        return argv
+    tokens = config_argv(verbs[argv[0]], argv[0], list(verbs), read_options(path), argv[1:], path)
+    return [argv[0], *tokens, *argv[1:]]
+
+
+def _add_run_file_args(p: argparse.ArgumentParser) -> None:
+    """--config and --log-file, which every command has."""
+    g = p.add_argument_group("files")
+    g.add_argument("--config", metavar="FILE",
+                   help="read options from a TOML or YAML file (keys: the long option names, e.g. batch-size = 8; "
+                        "a [COMMAND] table for one command); options on the command line win")
+    g.add_argument("--log-file", metavar="FILE",
+                   help="also append what the command prints to FILE (progress bars as one line each, not every "
+                        "redraw)")
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -4,6 +4,8 @@
     predictor = Predictor.from_run("runs/bottle")            # or runtime="onnx" after `fastflow export`
     for r in predictor.predict(["a.png", "b.jpg"]):
         print(r.path, r.score, r.normalized_score, r.is_anomalous, r.anomaly_map.shape)
+    for r in predictor.predict_iter(Path("line").rglob("*.png"), batch_size=16):   # a stream: one batch in memory
+        print(r.to_dict())                  # r.ok is False for an unreadable file (PredictionError), not raised
 
     fastflow predict RUN_DIR IMAGE_OR_FOLDER... --output OUT_DIR [--threshold T] [--runtime torch|onnx]
 
@@ -29,7 +31,9 @@ import json
 import math
 import os
 import re
+import itertools
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,15 +89,33 @@ class Prediction:
                              f"{self.anomaly_map.shape[0]}: pass the image that was predicted")
         return overlay(rgb, self.heatmap(), alpha)
 
+    ok = True  # scored (``predict_iter`` yields a ``PredictionError`` for an item that could not be)
+
     def to_dict(self) -> dict:
         """The scalar results, JSON-ready (no arrays; NaN and infinity as None)."""
         def num(v: float) -> float | None:
             return v if math.isfinite(v) else None
 
-        return {"path": self.path, "score": num(self.score), "normalized_score": num(self.normalized_score),
+        return {"path": self.path, "status": "ok", "score": num(self.score), "normalized_score": num(self.normalized_score),
                 "is_anomalous": self.is_anomalous, "threshold": num(self.threshold),
                 "height": int(self.anomaly_map.shape[0]), "width": int(self.anomaly_map.shape[1]),
                 "anomalous_pixels": int(self.mask.sum())}
+
+
+@dataclass
+class PredictionError:
+    """An item ``Predictor.predict_iter`` could not score (unreadable file, bad array), in its place."""
+
+    path: str | None  # None for arrays and Pillow images
+    index: int  # the item's position in the input
+    error: str  # one line: what was wrong and with which file
+    ok = False
+
+    def __repr__(self) -> str:
+        return f"PredictionError({self.path or f'item {self.index}'!r}: {self.error})"
+
+    def to_dict(self) -> dict:
+        return {"path": self.path, "status": "error", "index": self.index, "error": self.error}
 
 
 class Predictor:
@@ -240,6 +262,31 @@ class Predictor:
         loaded = [load_input(item) for item in items]
         results = self.predict_loaded(loaded, batch_size)
         return results[0] if single else results
+
+    def predict_iter(self, items, batch_size: int | None = None) -> Iterator[Prediction | PredictionError]:
+        """Stream over ``items`` (any iterable of paths, arrays or Pillow images, e.g. a generator over a
+        folder of a million files): one result per item, in order, holding one batch of images at a time.
+
+        An item that cannot be read is not raised: a ``PredictionError`` (``ok`` False, with the reason) is
+        yielded in its place and the stream goes on. Errors of the model itself still raise."""
+        size = batch_size or self.batch_size
+        it = iter(items)
+        index = 0
+        while chunk := list(itertools.islice(it, size)):
+            results: list[Prediction | PredictionError | None] = []
+            loaded, where = [], []
+            for item in chunk:
+                try:
+                    loaded.append(load_input(item))
+                    where.append(len(results))
+                    results.append(None)
+                except (DatasetError, ValueError, OSError) as e:
+                    path = str(item) if isinstance(item, (str, Path)) else None
+                    results.append(PredictionError(path, index + len(results), " ".join(str(e).split())))
+            for i, res in zip(where, self.predict_loaded(loaded, size) if loaded else []):
+                results[i] = res
+            index += len(chunk)
+            yield from results
 
     def predict_loaded(self, loaded: list[tuple[np.ndarray, str | None]],
                        batch_size: int | None = None) -> list[Prediction]:

@@ -2,8 +2,13 @@
 
     fastflow evaluate RUN_DIR --data ROOT --category NAME --report      # -> report.html beside metrics.json
 
-One HTML file, images embedded as base64 PNG, no scripts, no external files:
+One HTML file, images embedded as base64 PNG/JPEG, no scripts, no external files:
+  * the run: data (format, folder, category), training images (fitted / held out), preset and model, the
+    threshold and how it was calibrated (rate, images, by training or ``fastflow calibrate``);
   * the metrics table (with the non-aligned metrics beside, after ``--misalign``);
+  * one row per defect type (the test set's folder names): images, median score, share flagged at the
+    threshold (detection rate; for normal images the false-alarm rate) and image AUROC of that type
+    against all normal test images;
   * image ROC, pixel ROC and PRO curves, and histograms of normal vs anomalous image scores with the
     decision threshold (calibrated on held-out normals at training time) marked;
   * three galleries, like the paper's Figures 3, 5 and 6: the best detections (highest-scored
@@ -11,9 +16,11 @@ One HTML file, images embedded as base64 PNG, no scripts, no external files:
     above it). Without a threshold, or when a gallery would be empty, the lowest-scored anomalies /
     highest-scored normals are shown instead, and the heading says so.
 Each gallery row shows the de-normalised image, the ground truth (red outline over a red tint) and
-the anomaly heatmap over the image, downscaled to ``THUMB`` pixels; heatmaps share one colour scale.
+the anomaly heatmap over the image (its opacity follows the map, so the part stays visible), at most
+``THUMB`` pixels a side; heatmaps share one colour scale.
 
-To look at it as a picture (e.g. on a headless server): ``docs/render_report.sh report.html``.
+To look at it as a picture (e.g. on a headless server): ``docs/render_report.sh report.html``; the page
+records its height (``<meta name="fastflow-page-height">``) so that the picture shows every gallery.
 """
 
 from __future__ import annotations
@@ -28,9 +35,9 @@ import numpy as np
 from PIL import Image
 
 from .evaluate import Scored
-from .visualize import denormalize, heat_overlay, mask_overlay
+from .visualize import HEAT_MAX_ALPHA, denormalize, heat_overlay, mask_overlay
 
-THUMB = 160  # pixels, longest side of a gallery thumbnail
+THUMB = 256  # pixels, longest side of a gallery thumbnail (JPEG: a report of 72 thumbnails stays ~2 MB)
 GALLERY = 8  # images per gallery
 PLOT_POINTS = 2000  # curve points drawn (the metrics use all of them)
 METRIC_ROWS = [("image_auroc", "image AUROC"), ("pixel_auroc", "pixel AUROC"),
@@ -50,6 +57,12 @@ def report_path_for(metrics_path: str) -> str:
 
 
 # -- images -----------------------------------------------------------------------------------
+def _jpeg(image: np.ndarray) -> str:
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="JPEG", quality=90)
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
 def _png(image: Image.Image | np.ndarray) -> str:
     if isinstance(image, np.ndarray):
         image = Image.fromarray(image)
@@ -74,11 +87,16 @@ def _figure_png(fig) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
+def _thumb_size(height: int, width: int) -> tuple[int, int]:
+    """(H, W) of a gallery picture: the longest side THUMB, the aspect ratio kept."""
+    scale = THUMB / max(height, width)
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
 def _thumb(rgb: np.ndarray) -> np.ndarray:
-    """(H, W, 3) uint8 -> downscaled so the longest side is at most THUMB."""
-    image = Image.fromarray(rgb)
-    image.thumbnail((THUMB, THUMB), Image.Resampling.BILINEAR)
-    return np.asarray(image)
+    """(H, W, 3) uint8 -> resized so the longest side is THUMB (small network inputs are enlarged)."""
+    h, w = _thumb_size(*rgb.shape[:2])
+    return np.asarray(Image.fromarray(rgb).resize((w, h), Image.Resampling.BILINEAR))
 
 
 # -- plots ------------------------------------------------------------------------------------
@@ -199,13 +217,106 @@ def _gallery_html(title: str, note: str, indices: list[int], scored: Scored, dat
                    f"<span class='dir'>{html.escape(os.path.dirname(scored.paths[i]))}</span><br>"
                    f"{'anomalous' if scored.labels[i] else 'normal'} &middot; score {scored.scores[i]:.4g}"
                    f"{verdict}{mask_note}</div>")
-        cells = "".join(f"<td><img src='{_png(t)}' alt='{alt}'></td>"
+        cells = "".join(f"<td><img src='{_jpeg(t)}' alt='{alt}'></td>"
                         for t, alt in zip(thumbs, ["image", "ground truth", "heatmap"]))
         rows.append(f"<tr><td>{caption}</td>{cells}</tr>")
     body = "".join(rows) if rows else "<tr><td colspan='4'>no images of this kind in the test set</td></tr>"
     return (f"<h2>{html.escape(title)}</h2><p class='note'>{html.escape(note)}</p>"
             f"<table class='gallery'><tr><th></th><th>image</th><th>ground truth</th><th>anomaly map</th></tr>"
             f"{body}</table>")
+
+
+# -- run and defect types -------------------------------------------------------------------
+def defect_types_from_paths(paths: list[str]) -> list[str]:
+    """Each test image's defect type: the name of its folder (``test/scratch/003.png`` -> ``scratch``)."""
+    return [os.path.basename(os.path.dirname(p)) or "?" for p in paths]
+
+
+def per_defect_type(scored: Scored, types: list[str], threshold: float | None) -> list[dict]:
+    """One row per defect type, normal types first: images, median image score, share flagged at the
+    threshold (the detection rate of a defect type, the false-alarm rate of normal images; None without a
+    threshold) and the image AUROC of the type's images against all normal test images (anomalous types
+    with normal images to compare; else None). A NaN score counts as the highest (as ``predict`` does)."""
+    from sklearn.metrics import roc_auc_score
+
+    types = np.asarray(types, dtype=object)
+    labels = scored.labels.astype(bool)
+    finite = scored.scores[np.isfinite(scored.scores)]
+    scores = np.nan_to_num(scored.scores, nan=(finite.max() + 1.0) if finite.size else 1.0)
+    normal_scores = scores[~labels]
+    has_t = threshold is not None and np.isfinite(threshold)
+    rows = []
+    for name in sorted(set(types), key=lambda t: (bool(labels[types == t].any()), t)):
+        sel = types == name
+        anomalous = bool(labels[sel].any())
+        s = scores[sel]
+        auroc = None
+        if anomalous and len(normal_scores):
+            y = np.r_[np.zeros(len(normal_scores)), np.ones(len(s))]
+            auroc = float(roc_auc_score(y, np.r_[normal_scores, s]))
+        rows.append({"defect_type": str(name), "label": "anomalous" if anomalous else "normal",
+                     "n_images": int(sel.sum()), "median_score": float(np.median(s)),
+                     "flagged": float((s > threshold).mean()) if has_t else None, "image_auroc": auroc})
+    return rows
+
+
+def defect_type_table(rows: list[dict]) -> str:
+    cells = []
+    for r in rows:
+        flagged = "&ndash;" if r["flagged"] is None else f"{r['flagged']:.1%}"
+        cells.append(f"<tr><td>{html.escape(r['defect_type'])}</td><td>{r['label']}</td>"
+                     f"<td class='num'>{r['n_images']}</td><td class='num'>{_fmt(r['median_score'])}</td>"
+                     f"<td class='num'>{flagged}</td><td class='num'>{_fmt(r['image_auroc'])}</td></tr>")
+    return ("<table class='types'><tr><th>defect type</th><th>label</th><th>images</th><th>median score</th>"
+            "<th>flagged at threshold</th><th>image AUROC vs normal</th></tr>" + "".join(cells) + "</table>"
+            "<p class='note'>Flagged: the detection rate of a defect type; for normal images, the false-alarm "
+            "rate.</p>")
+
+
+def run_rows(run: dict, scored: Scored, types: list[str]) -> list[tuple[str, str]]:
+    """(label, text) rows describing the run (``info.run_info``'s dict; ``test_data``, if there, is the
+    evaluated set's {format, root, category, options}, ``data`` the training set's from run.json)."""
+    labels = scored.labels.astype(bool)
+    n_types = len({t for t, lab in zip(types, labels) if lab})
+    rows = [("run", f"{run.get('run')} (written by fastflow {run.get('version')})")]
+    def where(data: dict) -> str:
+        options = f"; {data['options']}" if data.get("options") else ""
+        return f"{data['format']} {os.path.abspath(data['root'])}, category {data['category']}{options}"
+
+    tested, trained = run.get("test_data"), run.get("data")
+    if tested:
+        rows.append(("test data", where(tested)))
+    if trained and (not tested or where(trained) != where(tested)):
+        rows.append(("trained on", where(trained)))
+    rows.append(("test set", f"{len(labels)} images: {int((~labels).sum())} normal, {int(labels.sum())} anomalous "
+                             f"in {n_types} defect type(s)"))
+    tr, m = run.get("training") or {}, run.get("model_config") or {}
+    if tr.get("n_fit") is not None:
+        rows.append(("training", f"{tr['n_fit']} normal images fitted, {tr.get('n_val')} held out (epoch selection "
+                                 f"and threshold); best epoch {tr.get('best_epoch')}"))
+    size = "x".join(map(str, m.get("input_size") or [])) or "?"
+    chosen = " (chosen by --backbone auto)" if run.get("auto") else ""
+    rows.append(("model", f"preset {run.get('preset') or m.get('backbone')}{chosen}: backbone {m.get('backbone')}, "
+                          f"input {size}, {m.get('flow_steps')} flow steps per level"))
+    rows.append(("threshold", _threshold_text(run.get("threshold") or {}, str(run.get("run")))))
+    return rows
+
+
+def _threshold_text(th: dict, run_dir: str) -> str:
+    value = th.get("value")
+    if value is None or not np.isfinite(value):
+        return "none (no held-out images): set one with fastflow calibrate RUN_DIR --normal-dir DIR"
+    how = th.get("calibrated_on") or "held-out normal training images"
+    text = (f"{value:.4f}, calibrated at a false-alarm rate of {th.get('false_alarm_rate')} on {th.get('n_val')} "
+            f"normal images ({how}), never on this test set")
+    if th.get("val_median") is not None:
+        text += f"; their median score {th['val_median']:.4f}"
+    return text + (f". Warning: {th['warning'].replace('RUN_DIR', run_dir)}" if th.get("warning") else "")
+
+
+def run_table(rows: list[tuple[str, str]]) -> str:
+    body = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in rows)
+    return f"<table class='run'>{body}</table>"
 
 
 def _fmt(value) -> str:
@@ -234,34 +345,46 @@ h1{font-size:22px}h2{font-size:18px;margin-top:28px;border-bottom:1px solid #ddd
 table{border-collapse:collapse}td,th{padding:4px 10px;text-align:left;vertical-align:top}
 table.metrics td,table.metrics th{border-bottom:1px solid #eee}
 td.num{text-align:right;font-variant-numeric:tabular-nums}
-table.gallery img{display:block;width:160px;height:auto}.cap{max-width:260px;font-size:13px;word-break:break-all}
+table.gallery img{display:block;max-width:256px;height:auto}.cap{max-width:260px;font-size:13px;word-break:break-all}
+table.types td,table.types th,table.run td,table.run th{border-bottom:1px solid #eee}.warn{color:#a40}
 .dir{color:#888;font-size:11px}.note{color:#555}img.plot{max-width:100%}"""
 
 
 def write_report(path: str, scored: Scored, metrics: dict, dataset, mean, std, threshold: float | None = None,
-                 title: str = "FastFlow evaluation") -> str:
+                 title: str = "FastFlow evaluation", run: dict | None = None,
+                 defect_types: list[str] | None = None) -> str:
     """Write the HTML report to ``path``; returns it.
 
     scored: the results of ``score_dataset`` on ``dataset`` (same order); dataset: indexable, item ``i`` a
     dict with ``image`` (3, H, W) normalised by ``mean``/``std`` (only the gallery images are read).
-    metrics: as ``metrics_for`` (optionally with ``misaligned``).
+    metrics: as ``metrics_for`` (optionally with ``misaligned``). run: ``info.run_info(RUN_DIR)`` for the
+    run section (left out when None). defect_types: each test image's (``Sample.defect_type``; default:
+    the images' folder names).
     """
+    types = defect_types if defect_types is not None else defect_types_from_paths(scored.paths)
     finite = scored.maps[np.isfinite(scored.maps)]
     vmin, vmax = (np.percentile(finite, [1, 99.9]) if finite.size else (0.0, 1.0))
+    chosen = select_galleries(scored, threshold)
     galleries = "".join(_gallery_html(t, note, idx, scored, dataset, mean, std, float(vmin), float(vmax), threshold)
-                        for t, note, idx in select_galleries(scored, threshold))
+                        for t, note, idx in chosen)
+    rows, type_rows = (run_rows(run, scored, types) if run else []), per_defect_type(scored, types, threshold)
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     page = f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title><style>{CSS}</style></head>
+<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<meta name="fastflow-page-height" content="{_page_height(scored, chosen, len(rows), len(type_rows))}">
+<style>{CSS}</style></head>
 <body><h1>{html.escape(title)}</h1>
 <p class="note">{len(scored.scores)} test images &middot; written {stamp}. The threshold was calibrated on
 held-out normal training images, never on this test set; F1-max uses the best threshold on this set (an
 optimistic figure).</p>
+{f"<h2>Run</h2>{run_table(rows)}" if rows else ""}
 <h2>Metrics</h2>{metrics_table(metrics)}
+<h2>Per defect type</h2>{defect_type_table(type_rows)}
 <h2>Curves</h2><img class="plot" src="{curves_png(scored, metrics)}" alt="ROC and PRO curves">
 <h2>Image scores</h2><img class="plot" src="{histogram_png(scored, threshold)}" alt="score histograms">
 <p class="note">Heatmaps below share one colour scale: {vmin:.4g} (blue) to {vmax:.4g} (red), the 1st and
-99.9th percentiles of all anomaly-map values.</p>
+99.9th percentiles of all anomaly-map values; the heatmap is transparent at the bottom of the scale and
+{HEAT_MAX_ALPHA:.0%} opaque at its top, so the part shows through.</p>
 {galleries}
 </body></html>
 """
@@ -269,3 +392,13 @@ optimistic figure).</p>
     with open(path, "w", encoding="utf-8") as f:
         f.write(page)
     return path
+
+
+def _page_height(scored: Scored, galleries, n_run_rows: int, n_type_rows: int) -> int:
+    """About how tall the page is, in CSS pixels at 1280 px wide (for docs/render_report.sh): the headings
+    and tables, the two plots (their size at dpi 80) and every gallery row (a thumbnail's height)."""
+    thumb_h = _thumb_size(*scored.maps.shape[1:])[0] if len(scored.maps) else THUMB
+    tables = 32 * (n_run_rows + len(METRIC_ROWS) + 2 + n_type_rows) + 60
+    plots = 4.2 * 80 + 3.6 * 80
+    rows = sum(max(len(idx), 1) * (thumb_h + 10) + 120 for _, _, idx in galleries)
+    return int(400 + tables + plots + 100 + rows + 200)

@@ -50,10 +50,13 @@ def test_config_values_become_the_options_they_name(tmp_path):
                    'no-cache = false\nautocontrast = 2.5\nlr = 0.002\noutput = "runs/x"\n')
     args = parser.parse_args(_with_config_file(parser, ["train", "--config", str(cfg), "--lr", "0.1"]))
     assert args.normal_dir == ["a", "b"] and args.input_size == (64, 48) and args.levels == (1, 2)
-    assert args.augment is True and args.no_cache is False and args.autocontrast == 2.5
+    assert args.augment == "paper" and args.no_cache is False and args.autocontrast == 2.5  # true: --augment bare
     assert args.lr == 0.1 and args.output == "runs/x"  # the command line wins ...
     args = parser.parse_args(_with_config_file(parser, ["train", "--config", str(cfg), "--normal-dir", "c"]))
     assert args.normal_dir == ["c"]  # ... a repeatable option's list too
+    cfg.write_text('augment = "pose"\nautocontrast = true\n')
+    args = parser.parse_args(_with_config_file(parser, ["train", "--config", str(cfg)]))
+    assert args.augment == "pose" and args.autocontrast == 1.0  # a value, or true for the option's bare form
 
 
 def test_yaml_file_with_underscore_keys(tmp_path):

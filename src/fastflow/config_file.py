@@ -102,6 +102,8 @@ def _tokens(name: str, action: argparse.Action, value, path: str, given: list[st
         if not isinstance(value, bool):
             raise ValueError(f"--config {path}: {name[2:]} is a switch: give true or false, got {value!r}")
         return [name] if value else []
+    if action.nargs == "?" and isinstance(value, bool):  # an option whose value may be left out: true = given bare
+        return [name] if value else []
     if isinstance(action, argparse._AppendAction):
         if any(g == name or g.startswith(name + "=") for g in given):
             return []

@@ -35,7 +35,7 @@ import sys
 import traceback
 from dataclasses import replace
 
-from .config import AUTO_CANDIDATES, PRESETS, ModelConfig, TrainConfig, check_levels, from_dict, get_preset, to_dict
+from .config import AUTO_CANDIDATES, DEFAULT_PRESET, PRESETS, ModelConfig, TrainConfig, check_levels, from_dict, to_dict
 
 
 # -- shared option groups ---------------------------------------------------------------------
@@ -455,29 +455,24 @@ def _version() -> str:
 
 
 def _configs(args, name: str | None = None) -> tuple[ModelConfig, TrainConfig]:
-    """The preset ``name`` (default: ``--backbone``) with every option the user gave applied to it."""
-    preset = get_preset(name or args.backbone or "efficientnet_lite0")
-    m = preset.model
-    overrides = {"input_size": args.input_size, "flow_steps": args.flow_steps, "hidden_ratio": args.hidden_ratio,
-                 "kernels": args.kernels, "anomaly_map": args.anomaly_map, "smoothing_sigma": args.smoothing_sigma,
-                 "levels": args.levels, "norm_affine": False if args.no_norm_affine else None}
-    m = replace(m, **{k: v for k, v in overrides.items() if v is not None})
+    """The preset ``name`` (default: ``--backbone``, else ``DEFAULT_PRESET``) with every option the user gave
+    applied to it, through the same ``from_preset`` as the Python API (config.py)."""
+    name = name or args.backbone or DEFAULT_PRESET
+    given = {"input_size": args.input_size, "flow_steps": args.flow_steps, "hidden_ratio": args.hidden_ratio,
+             "kernels": args.kernels, "anomaly_map": args.anomaly_map, "smoothing_sigma": args.smoothing_sigma,
+             "levels": args.levels, "norm_affine": False if args.no_norm_affine else None}
+    model = {k: v for k, v in given.items() if v is not None}
     if args.autocontrast is not None:  # a cut-off, or "off" (None in the config)
-        m = replace(m, autocontrast=None if args.autocontrast == "off" else args.autocontrast)
+        model["autocontrast"] = None if args.autocontrast == "off" else args.autocontrast
     if args.equalize:  # replaces a preset's stretch; with an explicit --autocontrast CUTOFF, ModelConfig refuses both
         explicit = args.autocontrast not in (None, "off")
-        m = replace(m, equalize=True, autocontrast=m.autocontrast if explicit else None)
-    t = preset.train
-    if args.epochs is not None:  # an explicit epoch count is exact unless a step budget is given too
-        t = replace(t, epochs=args.epochs, steps=args.steps)
-    elif args.steps is not None:
-        t = replace(t, steps=args.steps)
-    overrides = {"batch_size": args.batch_size, "lr": args.lr, "weight_decay": args.weight_decay,
-                 "grad_clip": args.grad_clip, "feature_noise": args.feature_noise, "val_fraction": args.val_fraction,
-                 "false_alarm_rate": args.false_alarm_rate, "seed": args.seed}
-    t = replace(t, augment=args.augment, cache_features=not args.no_cache,
-                **{k: v for k, v in overrides.items() if v is not None})
-    return m, t
+        model.update(equalize=True, autocontrast=model.get("autocontrast") if explicit else None)
+    given = {"epochs": args.epochs, "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
+             "weight_decay": args.weight_decay, "grad_clip": args.grad_clip, "feature_noise": args.feature_noise,
+             "val_fraction": args.val_fraction, "false_alarm_rate": args.false_alarm_rate, "seed": args.seed}
+    train = {k: v for k, v in given.items() if v is not None}
+    train.update(augment=args.augment, cache_features=not args.no_cache)
+    return ModelConfig.from_preset(name, **model), TrainConfig.from_preset(name, **train)
 
 
 def cmd_train(args) -> int:

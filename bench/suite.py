@@ -168,8 +168,7 @@ def ours(group: str, spec, seed: int, work: Path) -> dict:
     for row, kind, rfmt, rroot, rcat in rows:
         mpath = work / "runs" / f"{group}_seed{seed}_{row}_metrics.json"
         cmd = [*FASTFLOW, "evaluate", str(run_dir), "--data", rroot, "--category", rcat, "--output", str(mpath), "--quiet"]
-        if rfmt != "mvtec":
-            cmd[5:5] = ["--format", rfmt]
+        cmd[5:5] = ["--format", rfmt]  # always: evaluate's default is the run's own format
         run(cmd, log)
         m = json.loads(mpath.read_text())
         out["rows"][row] = {k: m.get(k) for k in ("image_auroc", "pixel_auroc", "pixel_aupro", "false_alarm_rate",

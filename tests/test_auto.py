@@ -206,3 +206,13 @@ def test_synthetic_validation_shrinks_large_frames(tmp_path):
     assert len(defective) == len(masks) == 4
     assert [m.shape for m in masks] == [(341, MAX_SIDE)] * 2 + [(200, 200)] * 2
     np.testing.assert_array_equal(normals[1], small)  # small images are left as they are
+
+
+def test_a_later_candidate_must_lead_by_more_than_the_margin():
+    """Bottle seed 1's recorded synthetic scores: the texture recipe led by 0.001 and localised bottle's real
+    defects worse; the aligned recipe is kept. A clear lead (a texture set) changes the choice."""
+    from fastflow.auto import MARGIN, pick
+
+    assert pick({"efficientnet_lite0": 0.979, "lite0_texture": 0.980, "lite0_unaligned": 0.941}) == "efficientnet_lite0"
+    assert pick({"efficientnet_lite0": 0.88, "lite0_texture": 0.99, "lite0_unaligned": 0.85}) == "lite0_texture"
+    assert pick({"a": 0.5, "b": 0.5 + MARGIN + 1e-6}) == "b" and pick({"a": float("nan"), "b": 0.1}) == "b"

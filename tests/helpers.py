@@ -32,3 +32,16 @@ def assert_invertible(flow: nn.Module, x: torch.Tensor, atol: float = 1e-9) -> t
     torch.testing.assert_close(x_back, x, atol=atol, rtol=0)
     torch.testing.assert_close(log_det + log_det_inv, torch.zeros_like(log_det), atol=atol, rtol=0)
     return z, log_det
+
+
+def cli(capsys, *args) -> tuple[int, str, str]:
+    """Run ``fastflow ARGS`` in-process: (exit code, stdout, stderr)."""
+    from fastflow.cli import main
+
+    capsys.readouterr()
+    try:
+        rc = main([str(a) for a in args])
+    except SystemExit as e:  # argparse usage errors and --help
+        rc = e.code
+    out, err = capsys.readouterr()
+    return rc, out, err

@@ -14,16 +14,9 @@ from PIL import Image
 from fastflow.benchmark import benchmark_images, measure
 from fastflow.cli import main
 from fastflow.predict import Predictor
+from helpers import cli
 
 
-def cli(capsys, *args) -> tuple[int, str, str]:
-    capsys.readouterr()
-    try:
-        rc = main([str(a) for a in args])
-    except SystemExit as e:
-        rc = e.code
-    out, err = capsys.readouterr()
-    return rc, out, err
 
 
 def _check_stats(stats: dict, batch_size: int) -> None:

@@ -12,16 +12,9 @@ import pytest
 
 from fastflow.cli import _build_parser, _check_resume_options, _subparsers, _with_config_file, main
 from fastflow.log_file import LineLog, command_output
+from helpers import cli
 
 
-def cli(capsys, *args) -> tuple[int, str, str]:
-    capsys.readouterr()
-    try:
-        rc = main([str(a) for a in args])
-    except SystemExit as e:
-        rc = e.code
-    out, err = capsys.readouterr()
-    return rc, out, err
 
 
 def _image(tiny_run) -> str:

@@ -22,19 +22,11 @@ from PIL import Image
 
 from fastflow.cli import main
 from fastflow.demo import make_demo_dataset
+from helpers import cli
 
 TINY = ["--backbone", "efficientnet_lite0", "--input-size", "64", "--epochs", "1", "--batch-size", "4", "--flow-steps", "2", "--quiet"]
 
 
-def cli(capsys, *args) -> tuple[int, str, str]:
-    """Run ``fastflow ARGS`` in-process: (exit code, stdout, stderr)."""
-    capsys.readouterr()
-    try:
-        rc = main([str(a) for a in args])
-    except SystemExit as e:  # argparse usage errors and --help
-        rc = e.code
-    out, err = capsys.readouterr()
-    return rc, out, err
 
 
 @pytest.fixture(scope="module")

@@ -32,21 +32,13 @@ from fastflow.demo import make_demo_dataset
 from fastflow.model import FastFlow
 from fastflow.predict import Predictor, output_names, predict_to_folder
 from fastflow.train import TrainingError, train
+from helpers import cli
 
 EPOCHS = 4  # the subprocess is killed while saving epoch 3 of 4: mid-run, with an epoch left to resume
 TRAIN_ARGS = ["--category", "texture", "--input-size", "64", "--epochs", str(EPOCHS), "--batch-size", "4",
               "--flow-steps", "2", "--augment", "--quiet"]
 
 
-def cli(capsys, *args) -> tuple[int, str, str]:
-    """Run ``fastflow ARGS`` in-process: (exit code, stdout, stderr)."""
-    capsys.readouterr()
-    try:
-        rc = main([str(a) for a in args])
-    except SystemExit as e:  # argparse usage errors
-        rc = e.code
-    out, err = capsys.readouterr()
-    return rc, out, err
 
 
 def assert_one_line_error(rc: int, err: str, *words: str) -> None:

@@ -30,7 +30,7 @@ from __future__ import annotations
 import numpy as np
 from torch.utils.data import Dataset
 
-from .data.augment import TRANSLATE, ZOOM, Affine, apply_affine, border_colour  # noqa: F401 (re-exported)
+from .data.augment import TRANSLATE, ZOOM, Affine, apply_affine
 from .data.augment import POSE_DEGREES as ROTATION_DEGREES
 
 COPIES = 4  # paper Section 8: "expand the original test dataset by 4x"

@@ -23,10 +23,8 @@ from torchvision import tv_tensors
 from torchvision.transforms import InterpolationMode, v2
 from torchvision.transforms.v2 import functional as TF
 
-from ..config import AUGMENT_KINDS as KINDS  # noqa: F401
 from ..config import augment_kind
 
-KINDS = ("paper", "pose")
 ROTATION_DEGREES = 180.0  # "paper": any orientation; parts on a turntable or conveyor have no preferred angle
 
 _PIPELINE = v2.Compose([

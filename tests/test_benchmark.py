@@ -21,7 +21,8 @@ from helpers import cli
 
 def _check_stats(stats: dict, batch_size: int) -> None:
     assert 0 < stats["min_ms"] <= stats["median_ms"] <= stats["p90_ms"]
-    assert stats["images_per_s"] == pytest.approx(batch_size * 1000.0 / stats["median_ms"], rel=1e-3)
+    # both figures are rounded (median to 0.001 ms, rate to 0.01 img/s): a slow, loaded machine makes the rate small
+    assert stats["images_per_s"] == pytest.approx(batch_size * 1000.0 / stats["median_ms"], rel=1e-3, abs=0.006)
 
 
 def test_measure_times_the_torch_runtime_and_says_why_onnx_is_missing(tiny_run):

@@ -135,15 +135,50 @@ def test_default_threads_count_only_idle_cpus(monkeypatch):
     assert idle is None or 0.0 <= idle <= available_cpus() + 1e-9
 
 
-def test_cli_waits_passively_unless_told_otherwise():
-    code = ("import os, sys\nfrom fastflow.cli import main\ntry:\n    main(['--version'])\nexcept SystemExit:\n"
-            "    pass\nprint(os.environ.get('OMP_WAIT_POLICY'), 'torch' in sys.modules)")
+def _cli_env(argv: list[str], env: dict) -> list[str]:
+    """OMP_WAIT_POLICY and whether torch was loaded, as the CLI leaves them when its command starts."""
+    code = ("import os, sys\nimport fastflow.cli as cli\n"
+            "cli._run = lambda args: print(os.environ.get('OMP_WAIT_POLICY'), 'torch' in sys.modules) or 0\n"
+            f"cli.main({argv!r})")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    return out.stdout.split()[-2:]
+
+
+def test_cli_waits_passively_except_while_training():
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    assert out.stdout.split()[-2:] == ["PASSIVE", "False"]  # set before torch (and its OpenMP) loads
+    assert _cli_env(["presets"], env) == ["PASSIVE", "False"]  # set before torch (and its OpenMP) loads
+    train = ["train", "--data", "d", "--category", "c", "--output", "o"]
+    assert _cli_env(train, env) == ["None", "False"]  # spinning threads that follow the load (device.py)
     env["OMP_WAIT_POLICY"] = "ACTIVE"
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    assert out.stdout.split()[-2] == "ACTIVE"
+    assert _cli_env(["presets"], env)[0] == "ACTIVE"
+
+
+def test_thread_governor_follows_the_other_processes_load(monkeypatch):
+    import fastflow.device as device
+
+    monkeypatch.setattr(device, "available_cpus", lambda: 2)
+    ticks = device._TICKS
+    # (seconds, busy ticks of the CPUs, this process's ticks): each second, others use the CPUs given
+    samples = iter([(0.0, 0, 0), (0.5, 0, 0), (1.0, 2 * ticks, 2 * ticks), (2.0, 4 * ticks, 3 * ticks),
+                    (3.0, 5.7 * ticks, 4 * ticks), (4.0, 7 * ticks, 6 * ticks)])
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        gov = device.ThreadGovernor(limit=2, sample=lambda: next(samples))
+        seen = [gov() for _ in range(5)]
+        # too soon to measure; alone (2 threads); a neighbour on one core (1); on 0.7 of one (1); gone (2)
+        assert seen == [2, 2, 1, 1, 2] and torch.get_num_threads() == 2
+        idle = iter([(0.0, 0, 0), (1.0, 0, 0)])
+        assert device.ThreadGovernor(limit=1, sample=lambda: next(idle))() == 1  # never above the limit
+        assert device._cpu_ticks() is None or len(device._cpu_ticks()) == 3  # the real measurement reads
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        device.set_threads(None, adaptive=True)
+        assert device._GOVERNOR is not None
+        device.set_threads(1, adaptive=True)  # a fixed count: nothing follows the load
+        assert device._GOVERNOR is None and device.follow_load() == 1
+    finally:
+        device._GOVERNOR = None
+        torch.set_num_threads(before)
 
 
 # -- every verb with --device cpu -----------------------------------------------------------------------

@@ -29,6 +29,7 @@ from .config import AUTO_CANDIDATES, ModelConfig, TrainConfig
 from .data import Sample
 from .data.preprocess import _resize_bool, load_image
 from .data.synthetic import defect_set
+from .device import follow_load
 from .fused import for_inference
 from .metrics import image_auroc, pixel_auroc
 from .run import load_run, preprocess_for
@@ -63,6 +64,7 @@ def synthetic_score(model, normals: list[np.ndarray], defective: list[np.ndarray
     images = normals + defective
     scores, maps = [], []
     for i in range(0, len(images), batch_size):
+        follow_load()
         x = torch.stack([pre(im) for im in images[i:i + batch_size]])
         out = model(x.to(next(model.parameters()).device))
         scores.append(out.score.float().cpu().numpy())

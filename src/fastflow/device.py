@@ -18,12 +18,17 @@ AMX, slower elsewhere) and ``fp16`` is refused (CPU autocast has no float16 path
 Threads (CPU), the defaults of the CLI (``cli.main``) for a fair share of a shared machine:
   * intra-op threads = the CPUs this process may run on (affinity mask, cgroup CPU quota) that are idle
     when the command starts (measured over 0.2 s from /proc/stat), divided among torchrun's processes on
-    this machine (LOCAL_WORLD_SIZE), at least one; ``OMP_NUM_THREADS`` or ``--threads N`` override it;
-  * OpenMP waits passively (``OMP_WAIT_POLICY=PASSIVE`` unless the environment sets it; it must be set
-    before torch loads OpenMP, so the CLI sets it before importing torch): a thread without work sleeps
-    instead of spinning, and a thread descheduled by another process costs less at each barrier.
-The Python API changes neither (set ``OMP_WAIT_POLICY`` before importing torch, and
-``torch.set_num_threads`` or ``device.set_threads``, yourself).
+    this machine (LOCAL_WORLD_SIZE), at least one; ``OMP_NUM_THREADS`` or ``--threads N`` fix it;
+  * ``train`` and ``demo`` keep OpenMP's own wait policy (idle threads spin a moment before they sleep: 1.9x
+    faster training steps on an idle 2-core machine than passive waits) and, while they train, follow the
+    load (``follow_load``, called between steps): at most once a second the thread count is set again to
+    the CPUs other processes leave idle, so that a neighbour that starts later does not meet two spinning
+    threads (a step 136x slower beside one busy core) for more than a step;
+  * the other commands wait passively (``OMP_WAIT_POLICY=PASSIVE`` unless the environment sets it; it must
+    be set before torch loads OpenMP, so the CLI sets it before importing torch): a thread without work
+    sleeps instead of spinning, and a thread descheduled by another process costs less at each barrier.
+The figures: bench/README.md, "Threads that follow the load". The Python API changes none of this (set
+``OMP_WAIT_POLICY`` before importing torch, and ``device.set_threads(adaptive=True)``, yourself).
 """
 
 from __future__ import annotations
@@ -180,22 +185,96 @@ def default_threads() -> int:
     idle = idle_cpus()
     if idle is not None:
         cpus = max(1, min(cpus, int(idle + 0.5)))
-    local = os.environ.get("LOCAL_WORLD_SIZE", "1")  # torchrun: the processes of this machine share them
-    return max(1, cpus // max(1, int(local) if local.isdigit() else 1))
+    return _local_share(cpus)  # torchrun: the processes of this machine share them
 
 
-def set_threads(threads: int | None = None) -> int:
+def set_threads(threads: int | None = None, adaptive: bool = False) -> int:
     """Set torch's intra-op threads to ``threads`` (default: ``default_threads()``); returns the count.
 
-    Explicit ``OMP_NUM_THREADS`` in the environment is respected when ``threads`` is None."""
+    Explicit ``OMP_NUM_THREADS`` in the environment is respected when ``threads`` is None. ``adaptive`` (with
+    neither): ``follow_load`` keeps the count at the idle CPUs from then on; a fixed count switches it off."""
+    global _GOVERNOR
     if threads is not None and threads < 1:
         raise ValueError(f"--threads must be >= 1, got {threads}")
+    _GOVERNOR = None
     if threads is None:
         env = os.environ.get("OMP_NUM_THREADS", "").strip()
-        threads = int(env) if env.isdigit() and int(env) > 0 else default_threads()
+        fixed = env.isdigit() and int(env) > 0
+        threads = int(env) if fixed else default_threads()
+        if adaptive and not fixed:
+            _GOVERNOR = ThreadGovernor(_local_share(available_cpus()))
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
     return threads
+
+
+def follow_load() -> int:
+    """Between two steps of work: with ``set_threads(adaptive=True)``, torch's thread count set again to the
+    CPUs other processes leave idle (re-measured at most every ``ThreadGovernor.interval`` seconds); else
+    nothing. Returns the count in use."""
+    return _GOVERNOR() if _GOVERNOR is not None else torch.get_num_threads()
+
+
+class ThreadGovernor:
+    """Torch's thread count, kept at this process's share of the CPUs that other processes leave idle.
+
+    Each call after ``interval`` seconds measures, from /proc/stat and /proc/self/stat, how many CPUs the
+    other processes kept busy since the last measurement (all busy time of this process's CPUs minus this
+    process's own) and sets ``round(cpus - others)`` threads, between 1 and ``limit``. ``sample``: the
+    measurement, (seconds, busy ticks, own ticks), replaceable in tests."""
+
+    interval = 1.0
+
+    def __init__(self, limit: int, sample=None):
+        self.limit, self.cpus = max(1, limit), available_cpus()
+        self.sample = sample or _cpu_ticks
+        self.last = self.sample()
+
+    def __call__(self) -> int:
+        threads = torch.get_num_threads()
+        now = self.sample()
+        if now is None or self.last is None:
+            self.last = now
+            return threads
+        seconds = now[0] - self.last[0]
+        if seconds < self.interval:
+            return threads
+        others = max(0.0, (now[1] - self.last[1]) - (now[2] - self.last[2])) / _TICKS / seconds
+        self.last = now
+        want = max(1, min(self.limit, int(self.cpus - others + 0.5)))
+        if want != threads:
+            torch.set_num_threads(want)
+        return want
+
+
+_GOVERNOR: ThreadGovernor | None = None
+_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def _local_share(cpus: int) -> int:
+    """``cpus`` divided among torchrun's processes on this machine (LOCAL_WORLD_SIZE), at least one."""
+    local = os.environ.get("LOCAL_WORLD_SIZE", "1")
+    return max(1, cpus // max(1, int(local) if local.isdigit() else 1))
+
+
+def _cpu_ticks() -> tuple[float, int, int] | None:
+    """(monotonic seconds, busy clock ticks of this process's CPUs, this process's own ticks, all its
+    threads); None where /proc cannot be read (not Linux)."""
+    try:
+        allowed = {f"cpu{i}" for i in os.sched_getaffinity(0)}
+        busy = 0
+        with open("/proc/stat") as f:
+            for line in f:
+                parts = line.split()
+                if parts and parts[0] in allowed:
+                    vals = [int(v) for v in parts[1:9]]  # user nice system idle iowait irq softirq steal
+                    busy += sum(vals) - vals[3] - vals[4]
+        with open("/proc/self/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
+        own = int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of proc(5))
+    except (AttributeError, OSError, ValueError, IndexError):
+        return None
+    return time.monotonic(), busy, own
 
 
 # -- memory -----------------------------------------------------------------------------------------

@@ -38,7 +38,7 @@ class Scored:
 def score_dataset(model: FastFlow, dataset: AnomalyDataset, batch_size: int = 32, progress: bool = False,
                   precision: str = "fp32") -> Scored:
     """Scores and maps of every image, on the model's device (``precision``: device.py); CPU numpy out."""
-    from .device import autocast
+    from .device import autocast, follow_load
 
     device = next(model.parameters()).device
     model = for_inference(model)
@@ -50,6 +50,7 @@ def score_dataset(model: FastFlow, dataset: AnomalyDataset, batch_size: int = 32
     paths, scores, labels, maps, masks, has_mask = [], [], [], [], [], []
     t0 = time.perf_counter()
     for batch in loader:
+        follow_load()  # train --evaluate and demo follow the machine's load (device.py)
         with autocast(device, precision):
             out = model(batch["image"].to(device))
         paths += list(batch["path"])

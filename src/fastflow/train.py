@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader
 from .checkpoint import CheckpointError, load_safe, save_atomic
 from .config import DEFAULT_PRESET, ModelConfig, Preset, TrainConfig, get_preset, to_dict
 from .data import AnomalyDataset, Sample, check_readable
-from .device import autocast, fits_in_memory, grad_scaler, resolve_device
+from .device import autocast, fits_in_memory, follow_load, grad_scaler, resolve_device
 from .distributed import SINGLE, Dist
 from .flow import use_fast_backward
 from .fused import for_inference
@@ -80,6 +80,7 @@ def extract_features(model: FastFlow, dataset: AnomalyDataset | None, batch_size
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
     levels: list[list[torch.Tensor]] = []
     for batch in loader:
+        follow_load()
         with autocast(device, precision):
             feats = model.extract(batch["image"].to(device))
         if not levels:
@@ -125,6 +126,7 @@ class FeatureSource:
         else:
             order = torch.arange(n)
         for start in range(0, n, self.batch_size):
+            follow_load()  # the thread count, between two steps (CLI train: device.py)
             idx = order[start:start + self.batch_size]
             owned = idx[idx % world == self.dist.rank] if world > 1 else idx  # global image numbers
             mine = owned // world  # positions in the shard

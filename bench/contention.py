@@ -4,6 +4,7 @@
     python bench/contention.py --busy demo          # the busy process is a second `fastflow demo`
     python bench/contention.py --busy matmul        # ... a torch matmul loop with torch's default threads
     python bench/contention.py --busy yes           # ... one spinning core (`yes > /dev/null`)
+    python bench/contention.py --busy yes --busy-after 20   # ... that starts 20 s into the demo
     python bench/contention.py --threads 1 --env OMP_WAIT_POLICY=ACTIVE   # a variant of the demo's settings
     python bench/contention.py --probe --seconds 20 # small A/B: one training step's time per variant
 
@@ -33,7 +34,7 @@ SRC = os.path.join(os.path.dirname(HERE), "src")
 
 
 def _env(extra: dict[str, str]) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY")}
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
     env["PYTHONPATH"] = SRC + os.pathsep + env.get("PYTHONPATH", "")
     env.update(extra)
     return env
@@ -75,14 +76,30 @@ def _load() -> str:
 
 
 # -- the demo, alone and beside the busy process ------------------------------------------------------
-def run_demo(workdir: str, epochs: int | None, threads: int | None, env: dict[str, str]) -> float:
+def run_demo(workdir: str, epochs: int | None, threads: int | None, env: dict[str, str],
+             late: tuple[str, float] | None = None) -> float:
+    """The demo's wall time; ``late`` = (kind, seconds): a busy neighbour starts that long after the demo."""
     cmd = [sys.executable, "-m", "fastflow", "demo", "--output", os.path.join(workdir, "demo"), "--quiet"]
     if epochs:
         cmd += ["--epochs", str(epochs)]
     if threads:
         cmd += ["--threads", str(threads)]
+    busy = None
     t0 = time.perf_counter()
-    subprocess.run(cmd, env=_env(env), check=True, stdout=subprocess.DEVNULL)
+    demo = subprocess.Popen(cmd, env=_env(env), stdout=subprocess.DEVNULL)
+    try:
+        if late is not None:
+            try:
+                demo.wait(timeout=late[1])
+            except subprocess.TimeoutExpired:
+                busy = start_busy(late[0], workdir)
+        if demo.wait() != 0:
+            raise subprocess.CalledProcessError(demo.returncode, cmd)
+    finally:
+        if busy is not None:
+            stop_busy(busy)
+        if demo.poll() is None:
+            demo.kill()
     return time.perf_counter() - t0
 
 
@@ -93,18 +110,22 @@ def measure_demo(args) -> dict:
         for rep in range(args.repeats):
             load_alone = _load()
             alone = run_demo(workdir, args.epochs, args.threads, env)
-            busy = start_busy(args.busy, workdir)
-            try:
-                time.sleep(2.0)  # let the neighbour reach its steady state
+            if args.busy_after is not None:  # the neighbour arrives while the demo runs
                 load_busy = _load()
-                beside = run_demo(workdir, args.epochs, args.threads, env)
-            finally:
-                stop_busy(busy)
+                beside = run_demo(workdir, args.epochs, args.threads, env, (args.busy, args.busy_after))
+            else:
+                busy = start_busy(args.busy, workdir)
+                try:
+                    time.sleep(2.0)  # let the neighbour reach its steady state
+                    load_busy = _load()
+                    beside = run_demo(workdir, args.epochs, args.threads, env)
+                finally:
+                    stop_busy(busy)
             rows.append({"alone_s": round(alone, 2), "beside_s": round(beside, 2), "slowdown": round(beside / alone, 2),
                          "load_before_alone": load_alone, "load_before_beside": load_busy})
             print(f"repeat {rep + 1}: alone {alone:.1f} s, beside `{args.busy}` {beside:.1f} s: "
                   f"{beside / alone:.2f}x (goal <= 2.5x)", flush=True)
-    return {"mode": "demo", "busy": args.busy, "epochs": args.epochs, "threads": args.threads or "default",
+    return {"mode": "demo", "busy": args.busy, "busy_after_s": args.busy_after, "epochs": args.epochs, "threads": args.threads or "default",
             "env": env or "default", "cpus": os.cpu_count(), "runs": rows,
             "slowdown_median": statistics.median(r["slowdown"] for r in rows)}
 
@@ -137,6 +158,14 @@ def worker(seconds: float, threads: int) -> None:
                       "threads": torch.get_num_threads()}))
 
 
+def _policy_env(policy: str) -> dict[str, str]:
+    """A variant's OpenMP setting: ACTIVE / PASSIVE (``OMP_WAIT_POLICY``), SPIN<N> (``GOMP_SPINCOUNT=N``, how
+    long libgomp's idle threads spin before they sleep, with no wait policy) or DEFAULT (neither)."""
+    if policy.startswith("SPIN"):
+        return {"GOMP_SPINCOUNT": policy[4:]}
+    return {} if policy == "DEFAULT" else {"OMP_WAIT_POLICY": policy}
+
+
 def probe(args) -> dict:
     # 0 threads: what the CLI now does by default (the idle CPUs at start, passive waits)
     variants = [(int(t), policy.upper()) for t, policy in (v.split(":") for v in args.variants.split(","))]
@@ -152,7 +181,7 @@ def probe(args) -> dict:
                     load = _load()
                     out = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", "--seconds",
                                           str(args.seconds), "--threads", str(threads)],
-                                         env=_env({"OMP_WAIT_POLICY": policy}), check=True, capture_output=True,
+                                         env=_env(_policy_env(policy)), check=True, capture_output=True,
                                          text=True)
                 finally:
                     if busy:
@@ -173,6 +202,8 @@ def probe(args) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--busy", default="matmul", choices=["yes", "matmul", "demo"], help="the busy neighbour")
+    p.add_argument("--busy-after", type=float, default=None, metavar="SECONDS",
+                   help="start the neighbour this long after the demo (default: before it, already busy)")
     p.add_argument("--epochs", type=int, default=None, help="demo epochs (default: the demo's own)")
     p.add_argument("--threads", type=int, default=None, help="passed to `fastflow demo --threads`")
     p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="environment of the demo")
@@ -180,7 +211,8 @@ def main() -> None:
     p.add_argument("--probe", action="store_true", help="the quick per-step A/B instead of the demo")
     p.add_argument("--seconds", type=float, default=20.0, help="--probe: seconds per cell")
     p.add_argument("--variants", default="2:ACTIVE,2:PASSIVE,1:ACTIVE,1:PASSIVE,0:PASSIVE",
-                   help="--probe: THREADS:OMP_WAIT_POLICY,... (0 threads: fastflow's default count)")
+                   help="--probe: THREADS:POLICY,... (POLICY: ACTIVE, PASSIVE, SPIN<N> or DEFAULT; 0 threads: "
+                        "fastflow's default count)")
     p.add_argument("--output", default=None, help="JSON (default: bench/results/contention[_probe].json)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()

@@ -153,7 +153,15 @@ def variants(model, val, syn, test, d, labels, masked):
                    "test_img": round(image_auroc(ts, labels), 4)}
             if masked.all() and d["test_masks"].any():
                 row["test_pix"] = round(pixel_auroc(tm, d["test_masks"].numpy()), 4)
+                if a.aupro and sname == "max":
+                    row["test_aupro"] = round(pixel_aupro(tm, d["test_masks"].numpy()), 4)
             print(json.dumps(row), flush=True)
+    # the image score from the deepest level alone (its max), the map from the others' aggregation
+    vs, ss, ts = (x[-1].reshape(x.shape[1], -1).max(1) for x in (vl, sl, tl))
+    row = {"variant": "score from the deepest level's max",
+           "syn_img": round(image_auroc(np.r_[vs, ss], np.r_[np.zeros(n_val), np.ones(len(ss))]), 4),
+           "test_img": round(image_auroc(ts, labels), 4)}
+    print(json.dumps(row), flush=True)
 
 
 def main():

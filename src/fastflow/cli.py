@@ -1076,11 +1076,6 @@ def _is_user_error(e: BaseException) -> bool:
     return os.path.abspath(tb.tb_frame.f_code.co_filename).startswith(package + os.sep)
 
 
-# Commands whose threads spin (OpenMP's default wait policy) and follow the machine's load between training
-# steps (device.follow_load); the others wait passively. See device.py.
-FOLLOW_LOAD = ("train", "demo")
-
-
 def main(argv: list[str] | None = None) -> int:
     """The ``fastflow`` command. A user error is one line on stderr (exit 2); ``FASTFLOW_DEBUG=1`` in the
     environment prints its traceback too. Internal errors are raised with their traceback."""
@@ -1092,8 +1087,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fastflow {argv[0]}: error: {e}", file=sys.stderr)
         return 2
     args = parser.parse_args(argv)
-    if "torch" not in sys.modules and args.command not in FOLLOW_LOAD:  # read by OpenMP when torch loads it
-        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from .log_file import command_output
 
     with contextlib.ExitStack() as stack:
@@ -1111,8 +1104,8 @@ def _run(args) -> int:
         if hasattr(args, "threads"):
             from .device import set_threads
 
-            # the count in use: ONNX Runtime sessions get it too
-            args.threads = set_threads(args.threads, adaptive=args.command in FOLLOW_LOAD)
+            # the count in use (ONNX Runtime sessions get it too); with none given it follows the load (device.py)
+            args.threads = set_threads(args.threads, adaptive=True)
         return COMMANDS[args.command](args)
     except KeyboardInterrupt:
         print(f"fastflow {args.command}: interrupted", file=sys.stderr)

@@ -164,7 +164,7 @@ class Predictor:
 
         ``device``: auto (first GPU, else CPU), cpu, cuda, cuda:N or mps (device.py); ``precision``: fp32,
         bf16 or fp16 (torch runtime only). Batches go to the device, results come back as CPU numpy."""
-        from .device import autocast, check_precision, resolve_device
+        from .device import autocast, check_precision, follow_load, resolve_device
 
         if runtime not in RUNTIMES:
             raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
@@ -185,6 +185,7 @@ class Predictor:
 
         @torch.inference_mode()
         def infer(batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            follow_load()  # the CLI's threads follow the machine's load between batches (device.py)
             with autocast(target, precision):
                 out = model(torch.from_numpy(batch).to(target))
             return out.score.float().cpu().numpy(), out.anomaly_map.float().cpu().numpy()

@@ -167,7 +167,7 @@ def _policy_env(policy: str) -> dict[str, str]:
 
 
 def probe(args) -> dict:
-    # 0 threads: what the CLI now does by default (the idle CPUs at start, passive waits)
+    # 0 threads: the CLI's count at start (the idle CPUs); the wait policy is the variant's
     variants = [(int(t), policy.upper()) for t, policy in (v.split(":") for v in args.variants.split(","))]
     rows = []
     with tempfile.TemporaryDirectory() as workdir:

@@ -159,19 +159,22 @@ def test_thread_governor_follows_the_other_processes_load(monkeypatch):
 
     monkeypatch.setattr(device, "available_cpus", lambda: 2)
     ticks = device._TICKS
-    # (seconds, busy ticks of the CPUs, this process's ticks): each second, others use the CPUs given
-    samples = iter([(0.0, 0, 0), (0.5, 0, 0), (1.0, 2 * ticks, 2 * ticks), (2.0, 4 * ticks, 3 * ticks),
-                    (3.0, 5.7 * ticks, 4 * ticks), (4.0, 7 * ticks, 6 * ticks)])
+    # the clock, and (busy ticks of the CPUs, this process's ticks) when measured: each second, others use
+    # the CPUs given; the call at 0.5 s is too soon and must not measure (no sample for it)
+    times = iter([0.0, 0.5, 1.0, 2.0, 3.0, 4.0])
+    samples = iter([(0, 0), (2 * ticks, 2 * ticks), (4 * ticks, 3 * ticks), (5.7 * ticks, 4 * ticks),
+                    (7 * ticks, 6 * ticks)])
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
-        gov = device.ThreadGovernor(limit=2, sample=lambda: next(samples))
+        gov = device.ThreadGovernor(limit=2, sample=lambda: next(samples), clock=lambda: next(times))
         seen = [gov() for _ in range(5)]
         # too soon to measure; alone (2 threads); a neighbour on one core (1); on 0.7 of one (1); gone (2)
         assert seen == [2, 2, 1, 1, 2] and torch.get_num_threads() == 2
-        idle = iter([(0.0, 0, 0), (1.0, 0, 0)])
-        assert device.ThreadGovernor(limit=1, sample=lambda: next(idle))() == 1  # never above the limit
-        assert device._cpu_ticks() is None or len(device._cpu_ticks()) == 3  # the real measurement reads
+        idle, clock = iter([(0, 0), (0, 0)]), iter([0.0, 1.0])
+        gov = device.ThreadGovernor(limit=1, sample=lambda: next(idle), clock=lambda: next(clock))
+        assert gov() == 1  # never above the limit
+        assert device._cpu_ticks() is None or len(device._cpu_ticks()) == 2  # the real measurement reads
         monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
         device.set_threads(None, adaptive=True)
         assert device._GOVERNOR is not None

@@ -146,31 +146,33 @@ def available_cpus() -> int:
     return max(1, n)
 
 
+def _stat_ticks() -> tuple[int, int, int]:
+    """(this process's CPUs, their idle ticks, their total ticks) from /proc/stat; raises where it cannot be
+    read (not Linux)."""
+    allowed = {f"cpu{i}" for i in os.sched_getaffinity(0)}
+    idle = total = 0
+    with open("/proc/stat") as f:
+        for line in f:
+            parts = line.split()
+            if parts and parts[0] in allowed:
+                vals = [int(v) for v in parts[1:9]]  # user nice system idle iowait irq softirq steal
+                idle += vals[3] + vals[4]
+                total += sum(vals)
+    return len(allowed), idle, total
+
+
 def idle_cpus(seconds: float = 0.2) -> float | None:
     """How many of this process's CPUs were idle over the next ``seconds`` (per-CPU ticks of /proc/stat);
     None where that cannot be read (not Linux)."""
     try:
-        allowed = {f"cpu{i}" for i in os.sched_getaffinity(0)}
-
-        def ticks() -> tuple[int, int]:
-            idle = total = 0
-            with open("/proc/stat") as f:
-                for line in f:
-                    parts = line.split()
-                    if parts and parts[0] in allowed:
-                        vals = [int(v) for v in parts[1:9]]  # user nice system idle iowait irq softirq steal
-                        idle += vals[3] + vals[4]
-                        total += sum(vals)
-            return idle, total
-
-        idle0, total0 = ticks()
+        n, idle0, total0 = _stat_ticks()
         time.sleep(seconds)
-        idle1, total1 = ticks()
+        _, idle1, total1 = _stat_ticks()
     except (AttributeError, OSError, ValueError, IndexError):
         return None
     if total1 <= total0:
         return None
-    return len(allowed) * (idle1 - idle0) / (total1 - total0)
+    return n * (idle1 - idle0) / (total1 - total0)
 
 
 def default_threads() -> int:
@@ -216,29 +218,30 @@ def follow_load() -> int:
 class ThreadGovernor:
     """Torch's thread count, kept at this process's share of the CPUs that other processes leave idle.
 
-    Each call after ``interval`` seconds measures, from /proc/stat and /proc/self/stat, how many CPUs the
-    other processes kept busy since the last measurement (all busy time of this process's CPUs minus this
-    process's own) and sets ``round(cpus - others)`` threads, between 1 and ``limit``. ``sample``: the
-    measurement, (seconds, busy ticks, own ticks), replaceable in tests."""
+    A call reads only ``clock`` until ``interval`` seconds have passed since the last measurement; then it
+    measures (``sample``: busy ticks of this process's CPUs and this process's own ticks, from /proc) how
+    many CPUs the other processes kept busy in between and sets ``round(cpus - others)`` threads, between 1
+    and ``limit``. ``sample`` and ``clock`` are replaceable in tests."""
 
     interval = 1.0
 
-    def __init__(self, limit: int, sample=None):
+    def __init__(self, limit: int, sample=None, clock=time.monotonic):
         self.limit, self.cpus = max(1, limit), available_cpus()
-        self.sample = sample or _cpu_ticks
-        self.last = self.sample()
+        self.sample, self.clock = sample or _cpu_ticks, clock
+        self.since, self.last = clock(), self.sample()
 
     def __call__(self) -> int:
         threads = torch.get_num_threads()
-        now = self.sample()
-        if now is None or self.last is None:
-            self.last = now
-            return threads
-        seconds = now[0] - self.last[0]
+        now = self.clock()
+        seconds = now - self.since
         if seconds < self.interval:
             return threads
-        others = max(0.0, (now[1] - self.last[1]) - (now[2] - self.last[2])) / _TICKS / seconds
-        self.last = now
+        ticks = self.sample()
+        if ticks is None or self.last is None:
+            self.since, self.last = now, ticks
+            return threads
+        others = max(0.0, (ticks[0] - self.last[0]) - (ticks[1] - self.last[1])) / _TICKS / seconds
+        self.since, self.last = now, ticks
         want = max(1, min(self.limit, int(self.cpus - others + 0.5)))
         if want != threads:
             torch.set_num_threads(want)
@@ -255,24 +258,17 @@ def _local_share(cpus: int) -> int:
     return max(1, cpus // max(1, int(local) if local.isdigit() else 1))
 
 
-def _cpu_ticks() -> tuple[float, int, int] | None:
-    """(monotonic seconds, busy clock ticks of this process's CPUs, this process's own ticks, all its
-    threads); None where /proc cannot be read (not Linux)."""
+def _cpu_ticks() -> tuple[int, int] | None:
+    """(busy clock ticks of this process's CPUs, this process's own ticks, all its threads); None where
+    /proc cannot be read (not Linux)."""
     try:
-        allowed = {f"cpu{i}" for i in os.sched_getaffinity(0)}
-        busy = 0
-        with open("/proc/stat") as f:
-            for line in f:
-                parts = line.split()
-                if parts and parts[0] in allowed:
-                    vals = [int(v) for v in parts[1:9]]  # user nice system idle iowait irq softirq steal
-                    busy += sum(vals) - vals[3] - vals[4]
+        _, idle, total = _stat_ticks()
         with open("/proc/self/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
         own = int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of proc(5))
     except (AttributeError, OSError, ValueError, IndexError):
         return None
-    return time.monotonic(), busy, own
+    return total - idle, own
 
 
 # -- memory -----------------------------------------------------------------------------------------

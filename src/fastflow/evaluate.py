@@ -50,7 +50,7 @@ def score_dataset(model: FastFlow, dataset: AnomalyDataset, batch_size: int = 32
     paths, scores, labels, maps, masks, has_mask = [], [], [], [], [], []
     t0 = time.perf_counter()
     for batch in loader:
-        follow_load()  # train --evaluate and demo follow the machine's load (device.py)
+        follow_load()  # the CLI's threads follow the machine's load between batches (device.py)
         with autocast(device, precision):
             out = model(batch["image"].to(device))
         paths += list(batch["path"])

@@ -244,6 +244,36 @@ def test_threshold_on_few_images_warns_and_says_how_many_are_needed(demo, tmp_pa
     assert threshold["value"] == threshold["val_max"]  # the largest held-out score, as the warning says
 
 
+def test_threshold_below_the_images_a_rate_needs_is_a_normal_prediction_bound():
+    from scipy.stats import norm
+
+    from fastflow.calibrate import MIN_FIT, threshold_from_scores
+
+    rng = np.random.default_rng(0)
+    # 2000 draws of 10 normal scores each (a texture's held-out count): how often a new good image exceeds the
+    # threshold. The largest of 10 is exceeded with probability 1 / 11 whatever the rate asked for; the bound
+    # keeps the rate asked for.
+    rates = {"max": [], "bound": []}
+    for _ in range(2000):
+        held_out = rng.normal(1.0, 0.2, 10)
+        th = threshold_from_scores(held_out, 0.01, "test")
+        assert th["method"] == "normal prediction bound" and not th["reachable"] and "normal fit" in th["warning"]
+        rates["bound"].append(norm.sf(th["value"], 1.0, 0.2))
+        rates["max"].append(norm.sf(held_out.max(), 1.0, 0.2))
+    assert 0.08 < np.mean(rates["max"]) < 0.10
+    assert 0.008 < np.mean(rates["bound"]) < 0.012
+    # one outlier among many ordinary scores no longer sets the threshold by itself (Magnetic Tile's case)
+    scores = np.concatenate([rng.normal(0.5, 0.2, 75), [5.5]])
+    th = threshold_from_scores(scores, 0.01, "test")
+    assert th["value"] < 5.5 and th["val_max"] == 5.5 and (scores > th["value"]).sum() == 1
+    # enough images: the order statistic, as before; too few to fit: the largest score
+    scores = rng.normal(0, 1, 200)
+    th = threshold_from_scores(scores, 0.01, "test")
+    assert th["method"] == "order statistic" and th["reachable"] and (scores > th["value"]).sum() == 2
+    th = threshold_from_scores(scores[:MIN_FIT - 1], 0.01, "test")
+    assert th["method"] == "largest score" and th["value"] == scores[:MIN_FIT - 1].max()
+
+
 def test_calibrate_sets_the_threshold_again_from_more_good_images(tiny_run, tmp_path, capsys):
     run, category = tiny_run
     copy = tmp_path / "run"

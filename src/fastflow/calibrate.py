@@ -2,13 +2,18 @@
 
     fastflow calibrate RUN_DIR --normal-dir DIR [--false-alarm-rate R]
 
-Training calibrates the threshold on its held-out normal images (train.py). With few of them the
-requested false-alarm rate cannot be reached: of n scores, a rate r leaves floor(r * n) above the
-threshold, which is 0 while n < 1 / r, so the threshold is simply the largest held-out score (a 1%
-rate needs at least 100 images). The threshold dict then says so (``reachable: false``,
-``n_needed``, ``warning``), training prints the warning, and ``fastflow calibrate`` sets the threshold
-again from a folder of good images without retraining: it rewrites the threshold in model.pt and in
-the sidecar of an ONNX export beside it, and keeps the previous value in ``previous``.
+Training calibrates the threshold on its held-out normal images (train.py). With n of them, a rate r
+leaves floor(r * n) scores above the threshold, so the threshold is read off the scores (an order
+statistic) once n >= 1 / r (a 1% rate: 100 images). With fewer, the largest held-out score would be the
+only order statistic left, and a new good image exceeds the largest of n with probability 1 / (n + 1)
+(9% for 10 images, whatever r was asked for). Below 1 / r the threshold is therefore the upper 1 - r
+prediction bound of a normal distribution fitted to the scores: mean + t(1 - r, n - 1) * sd * sqrt(1 + 1/n),
+which a new score from the same normal distribution exceeds with probability exactly r (below
+``MIN_FIT`` images, the largest score); what it changed on the suite's runs: bench/README.md, twelfth
+round. The threshold dict says which rule set it (``method``) and
+warns while n < 1 / r (``reachable: false``, ``n_needed``, ``warning``); ``fastflow calibrate`` sets the
+threshold again from a folder of good images without retraining: it rewrites the threshold in model.pt
+and in the sidecar of an ONNX export beside it, and keeps the previous value in ``previous``.
 """
 
 from __future__ import annotations
@@ -26,17 +31,40 @@ def images_needed(false_alarm_rate: float) -> int:
     return math.ceil(1.0 / false_alarm_rate - 1e-9)
 
 
+MIN_FIT = 3  # fewest normal scores a normal fit is made on; below it the threshold is their largest
+
+
+def normal_prediction_bound(scores, false_alarm_rate: float) -> float:
+    """The upper 1 - rate prediction bound for one more score, the scores being a normal sample:
+    mean + t(1 - rate, n - 1) * sd * sqrt(1 + 1 / n) (sd with n - 1 degrees of freedom)."""
+    from scipy.stats import t
+
+    scores = np.asarray(scores, dtype=np.float64).ravel()
+    n = scores.size
+    if n < 2:
+        raise ValueError(f"a prediction bound needs at least 2 scores, got {n}")
+    return float(scores.mean() + t.ppf(1.0 - false_alarm_rate, n - 1) * scores.std(ddof=1) * math.sqrt(1 + 1 / n))
+
+
 def threshold_from_scores(scores, false_alarm_rate: float, calibrated_on: str) -> dict:
     """The threshold dict of a run from the image scores of normal images (see the module docstring)."""
     scores = np.asarray(scores, dtype=np.float64).ravel()
     n, needed = int(scores.size), images_needed(false_alarm_rate)
-    out = {"value": float(threshold_at_fpr(scores, false_alarm_rate)), "false_alarm_rate": false_alarm_rate,
+    if n >= needed:
+        value, method = threshold_at_fpr(scores, false_alarm_rate), "order statistic"
+    elif n >= MIN_FIT:
+        value, method = normal_prediction_bound(scores, false_alarm_rate), "normal prediction bound"
+    else:
+        value, method = scores.max(), "largest score"
+    out = {"value": float(value), "false_alarm_rate": false_alarm_rate, "method": method,
            "n_val": n, "val_median": float(np.median(scores)), "val_max": float(scores.max()),
            "calibrated_on": calibrated_on, "reachable": n >= needed, "n_needed": needed}
     if n < needed:
+        rule = ("the largest of their scores" if method == "largest score" else
+                f"the {1 - false_alarm_rate:g} prediction bound of a normal fit to their scores")
         out["warning"] = (f"the threshold rests on {n} normal image(s): a false-alarm rate of {false_alarm_rate:g} "
-                          f"needs at least {needed}, so the threshold is the largest of their scores; calibrate "
-                          f"it on more good images with fastflow calibrate RUN_DIR --normal-dir DIR")
+                          f"needs at least {needed} to be read off their scores, so the threshold is {rule}; "
+                          f"calibrate it on more good images with fastflow calibrate RUN_DIR --normal-dir DIR")
     return out
 
 

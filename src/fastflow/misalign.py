@@ -19,7 +19,7 @@ follows its image. Draws are seeded per (seed, image index, copy): the set is re
 not depend on the order items are read in.
 
 Fill: uncovered corners get the image's own background colour, the per-channel median of its
-outermost pixels (black for MVTec bottle), so the test measures misalignment rather than a flat grey
+outermost pixels (white for MVTec bottle), so the test measures misalignment rather than a flat grey
 patch the model never saw (with a constant grey fill, a bottle model flagged every image: false-alarm
 rate 1.0, pixel AUROC 0.42). ``fill=<float>`` forces a constant in normalised units instead. The mask
 is filled with 0: uncovered pixels are normal.

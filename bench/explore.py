@@ -6,11 +6,12 @@
 
 Splits the training images exactly as ``fastflow train`` does (10% held out, seed 0), caches the lite0
 features of levels 1-4 of the fit set, the held-out normals, synthetic defects pasted on the held-out
-normals (data/synthetic.py, two per image) and the test split, trains the flows of one recipe with the
-trainer's optimiser and feature noise for a budget of optimiser steps, and every ``--every`` steps
-prints one JSON line: the held-out NLL, the synthetic-defect image / pixel AUROC (what a choice without
-defective images can see) and the test split's image / pixel AUROC (what a user would get; reported,
-never used inside). AUPRO on the test split at the end (``--aupro``).
+normals (data/synthetic.py, two per image) and the test split (``--backbone`` lite1 / lite2: cached
+apart), trains the flows of one recipe with the trainer's optimiser and feature noise for a budget of
+optimiser steps, and every ``--every`` steps prints one JSON line: the held-out NLL, the synthetic-defect
+image / pixel AUROC (what a choice without defective images can see) and the test split's image / pixel
+AUROC (what a user would get; reported, never used inside). AUPRO on the test split at the end
+(``--aupro``).
 """
 
 from __future__ import annotations
@@ -59,8 +60,9 @@ def features(a) -> dict:
     import hashlib
 
     import fastflow.data.synthetic as synthetic
-    path = f"/tmp/explore_{a.category}_{a.size}_s{a.split_seed}.pt"
-    model = FastFlow(ModelConfig(input_size=(a.size, a.size), levels=ALL_LEVELS))
+    tag = "" if a.backbone == "efficientnet_lite0" else f"_{a.backbone}"
+    path = f"/tmp/explore_{a.category}_{a.size}_s{a.split_seed}{tag}.pt"
+    model = FastFlow(ModelConfig(a.backbone, input_size=(a.size, a.size), levels=ALL_LEVELS))
     pre = Preprocess((a.size, a.size), model.backbone.mean, model.backbone.std)
     if os.path.exists(path):
         d = torch.load(path, weights_only=False)
@@ -85,7 +87,7 @@ def features(a) -> dict:
         print(json.dumps({"features_s": round(time.time() - t0, 1), "n_fit": len(fit_s), "n_val": len(val_s),
                           "n_test": len(test)}), flush=True)
     key = hashlib.sha1(open(synthetic.__file__, "rb").read()).hexdigest()[:8]
-    spath = f"/tmp/explore_syn_{a.category}_{a.size}_s{a.split_seed}_{key}.pt"
+    spath = f"/tmp/explore_syn_{a.category}_{a.size}_s{a.split_seed}{tag}_{key}.pt"
     if os.path.exists(spath):
         d.update(torch.load(spath, weights_only=False))
     else:
@@ -171,6 +173,7 @@ def main():
     ap.add_argument("--data", default="/work/shared/data/mvtec_ad")
     ap.add_argument("--category", default="bottle")
     ap.add_argument("--size", type=int, default=256)
+    ap.add_argument("--backbone", default="efficientnet_lite0", help="efficientnet_lite0 / 1 / 2 (offline weights)")
     ap.add_argument("--split-seed", type=int, default=0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--levels", default="1,2,3")
@@ -195,8 +198,8 @@ def main():
     keep = [ALL_LEVELS.index(int(x)) for x in a.levels.split(",")]
     pick = lambda feats: [feats[i] for i in keep]
     from fastflow.backbones import build_backbone
-    real = build_backbone("efficientnet_lite0", "random", ALL_LEVELS)
-    cfg = ModelConfig(input_size=(a.size, a.size), levels=tuple(int(x) for x in a.levels.split(",")),
+    real = build_backbone(a.backbone, "random", ALL_LEVELS)
+    cfg = ModelConfig(a.backbone, input_size=(a.size, a.size), levels=tuple(int(x) for x in a.levels.split(",")),
                       hidden_ratio=a.ratio, kernels=a.kernels, flow_steps=a.flow_steps, norm_affine=not a.no_affine, norm_logdet=a.ln_logdet,
                       smoothing_sigma=a.sigma)
     torch.manual_seed(a.seed)

@@ -13,6 +13,7 @@ Each training group is trained with exactly the command a user types (plus ``--s
     mtd_synth       Magnetic Tile's 191 test/good images and a pasted copy of each (group mtd)
     brick, grass, moon  scikit-image textures: 96 training crops, 24 good and 24 pasted-defect test crops,
                     all random 192 px crops and quarter turns of the same picture (groups of their own)
+    bottle_posed    bottle, every image (training and test) in its own random pose, real defects (group posed)
 
 Pasted defects come from src/fastflow/data/synthetic.py with a fixed seed (the same sets every run);
 test images never enter training. PatchCore-lite0 (anomalib 2.7.0 in bench/.venv-anomalib, see
@@ -61,6 +62,7 @@ def groups(work: Path) -> dict:
     }
     for t in TEXTURES:
         g[t] = ("mvtec", synth, t, [(t, "synthetic", "mvtec", synth, t)])
+    g["posed"] = ("mvtec", synth, "bottle_posed", [("bottle_posed", "real, posed", "mvtec", synth, "bottle_posed")])
     return g
 
 
@@ -108,6 +110,38 @@ def prepare(work: Path) -> None:
             continue
         _texture_set(t, out)
         (out / ".done").write_text("")
+    out = data / "bottle_posed"
+    if not (out / ".done").exists():
+        _posed_set(SHARED / "mvtec_ad" / "bottle", out)
+        (out / ".done").write_text("")
+
+
+def _posed_set(src: Path, out: Path) -> None:
+    """Every bottle image, training and test alike, in its own random pose (misalign.py's ranges: zoom
+    0.85-1.18, +-15 degrees, 15% shift; border-colour fill), masks with it: an object that is not aligned in
+    training either, unlike ``evaluate --misalign``, which poses the test images only."""
+    import torch
+
+    from fastflow.data import load_image
+    from fastflow.data.augment import apply_affine
+    from fastflow.misalign import draw_affine
+
+    k = 0
+    for split in ("train", "test"):
+        for kind in sorted(p.name for p in (src / split).iterdir()):
+            (out / split / kind).mkdir(parents=True, exist_ok=True)
+            for f in sorted((src / split / kind).iterdir()):
+                image = torch.from_numpy(np.array(load_image(str(f)))).permute(2, 0, 1).contiguous()
+                mask_path = src / "ground_truth" / kind / f"{f.stem}_mask.png"
+                mask = (torch.from_numpy(np.array(Image.open(mask_path).convert("L"))).unsqueeze(0)
+                        if mask_path.exists() else torch.zeros(1, *image.shape[1:], dtype=torch.uint8))
+                image, mask = apply_affine(image, mask, draw_affine(SYNTH_SEED, k, 0, tuple(image.shape[1:])))
+                k += 1
+                Image.fromarray(image.permute(1, 2, 0).numpy()).save(out / split / kind / f.name)
+                if kind != "good":
+                    (out / "ground_truth" / kind).mkdir(parents=True, exist_ok=True)
+                    Image.fromarray((mask[0].numpy() > 127).astype(np.uint8) * 255).save(
+                        out / "ground_truth" / kind / f"{f.stem}_mask.png")
 
 
 def _texture_set(name: str, out: Path, crop: int = 192, n_train: int = 96, n_test: int = 24) -> None:
@@ -234,7 +268,7 @@ def table(result: dict) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--groups", default=",".join(["bottle", "mtd", *TEXTURES]))
+    ap.add_argument("--groups", default=",".join(["bottle", "mtd", *TEXTURES, "posed"]))
     ap.add_argument("--work", default="/tmp/fastflow-suite")
     ap.add_argument("--out", required=True, help="JSON file; re-runs add to it (finished group/seed pairs are kept)")
     ap.add_argument("--no-peer", action="store_true", help="skip PatchCore")

@@ -96,6 +96,39 @@ def test_validation_nll_nan_at_every_epoch_is_a_clear_training_error(dataset, tm
         _tiny_train(dataset, tmp_path / "run")
 
 
+@pytest.mark.parametrize("keep, nlls, kept", [("best", [0.5, 0.2, 0.4, 0.3], 2), ("last", [0.5, 0.2, 0.4, 0.3], 4),
+                                              ("last", [0.5, 0.2, 0.4, float("nan")], 3)])
+def test_keep_epoch_keeps_the_lowest_held_out_nll_or_the_last_finite_epoch(dataset, tmp_path, monkeypatch, keep,
+                                                                          nlls, kept):
+    import fastflow.train as train_module
+
+    script = iter(nlls)
+    monkeypatch.setattr(train_module, "_mean_nll", lambda model, source: next(script))
+    states = []
+    real = train_module.trainable_state
+    monkeypatch.setattr(train_module, "trainable_state", lambda m: states.append(real(m)) or states[-1])
+    samples = load_samples("mvtec", dataset, "texture", "train")
+    tcfg = TrainConfig(epochs=4, batch_size=4, keep_epoch=keep)
+    result = train(ModelConfig(input_size=(64, 64)), tcfg, samples, str(tmp_path / "run"), progress=False,
+                   log=lambda *_: None)
+    assert result.best_epoch == kept
+    saved = torch.load(tmp_path / "run" / "model.pt", weights_only=True)["state"]
+    epoch_state = dict(zip(_epochs_that_replaced(nlls, keep), states))
+    assert all(torch.equal(saved[k], epoch_state[kept][k].to(saved[k].device)) for k in epoch_state[kept])
+    with pytest.raises(ValueError, match="keep_epoch"):
+        TrainConfig(keep_epoch="first")
+
+
+def _epochs_that_replaced(nlls, keep):
+    """The epochs (from 1) whose state became the kept one, in order."""
+    out, best = [], float("inf")
+    for e, v in enumerate(nlls, 1):
+        if (keep == "last" and v == v) or v < best:
+            out.append(e)
+            best = min(best, v) if keep == "best" else v
+    return out
+
+
 def test_evaluate_cli_writes_metrics_json(run, dataset, tmp_path, capsys):
     out = tmp_path / "metrics.json"
     assert main(["evaluate", run, "--data", dataset, "--category", "texture", "--output", str(out), "--quiet"]) == 0

@@ -238,6 +238,9 @@ def _add_train_parser(sub) -> None:
                         "(default: 0.1)")
     t.add_argument("--false-alarm-rate", type=float, default=None,
                    help="threshold calibration on held-out normals (default 0.01)")
+    t.add_argument("--keep-epoch", choices=["best", "last"], default=None,
+                   help="the model kept: the epoch of lowest held-out NLL (paper presets) or the last one (lite "
+                        "presets: their step budget is the stopping rule)")
     t.add_argument("--seed", type=int, default=None, help="random seed (default: 0)")
     t.add_argument("--evaluate", action="store_true", help="evaluate on the test split after training")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -469,7 +472,8 @@ def _configs(args, name: str | None = None) -> tuple[ModelConfig, TrainConfig]:
         model.update(equalize=True, autocontrast=model.get("autocontrast") if explicit else None)
     given = {"epochs": args.epochs, "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
              "weight_decay": args.weight_decay, "grad_clip": args.grad_clip, "feature_noise": args.feature_noise,
-             "val_fraction": args.val_fraction, "false_alarm_rate": args.false_alarm_rate, "seed": args.seed}
+             "val_fraction": args.val_fraction, "false_alarm_rate": args.false_alarm_rate, "seed": args.seed,
+             "keep_epoch": args.keep_epoch}
     train = {k: v for k, v in given.items() if v is not None}
     train.update(augment=args.augment, cache_features=not args.no_cache)
     return ModelConfig.from_preset(name, **model), TrainConfig.from_preset(name, **train)

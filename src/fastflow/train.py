@@ -3,8 +3,9 @@
     fastflow train --data ROOT --category NAME --output RUN_DIR
 
 The recipe: Adam (lr 1e-3, weight decay 1e-5), batch 32, the preset's epochs. Part of the normal
-training images is held out as a validation set: its likelihood selects the best epoch and its
-image scores calibrate the decision threshold. The test set never steers training.
+training images is held out as a validation set: its likelihood selects the best epoch (or, with
+``keep_epoch="last"`` as in the lite presets, only watches for a diverged one) and its image scores
+calibrate the decision threshold. The test set never steers training.
 
 The backbone is frozen, so without augmentation its features are computed once and reused every
 epoch (``cache_features``): exactly the same model, several times faster.
@@ -382,7 +383,8 @@ def _resume(loop: _Loop, model_cfg: ModelConfig, run_dir: str, epochs: int, log)
 
 
 def _run_epochs(loop: _Loop, epochs: int, progress: bool) -> None:
-    """Epochs ``loop.start_epoch`` to ``epochs``: train, validate, keep the best, save the training state."""
+    """Epochs ``loop.start_epoch`` to ``epochs``: train, validate, keep the best (or the last, ``keep_epoch``),
+    save the training state."""
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -395,7 +397,8 @@ def _run_epochs(loop: _Loop, epochs: int, progress: bool) -> None:
         if loop.val is not None:
             with loop.amp():
                 row["val_nll"] = _mean_nll(loop.model, loop.val)
-            if row["val_nll"] < loop.best["val_nll"]:
+            last = loop.train_cfg.keep_epoch == "last" and math.isfinite(row["val_nll"])
+            if last or row["val_nll"] < loop.best["val_nll"]:  # "last": any finite epoch replaces the kept one
                 loop.best = {"epoch": epoch, "val_nll": row["val_nll"], "state": trainable_state(loop.model)}
         else:
             loop.best = {"epoch": epoch, "val_nll": math.inf, "state": trainable_state(loop.model)}

@@ -550,7 +550,7 @@ def _train_resume(args, dist, device, precision) -> int:
     res = train(model_cfg, train_cfg, samples, args.resume, weights=saved["weights"], resume=True,
                 progress=not args.quiet, dist=dist, device=device, precision=precision)
     if dist.is_main:
-        print(f"resumed and finished {args.resume}: best epoch {res.best_epoch}, threshold {res.threshold:.4f}")
+        print(f"resumed and finished {args.resume}: kept epoch {res.best_epoch}, threshold {res.threshold:.4f}")
     return 0
 
 
@@ -575,7 +575,7 @@ def _train_category(args, cat, run_dir, opts, configs, auto, dist, cat_dist, dev
         if cat_dist.is_main:
             _drop_orphan_run_file(run_dir)
         raise
-    say(f"[{cat}] done in {res.train_seconds:.1f} s: best epoch {res.best_epoch}, "
+    say(f"[{cat}] done in {res.train_seconds:.1f} s: kept epoch {res.best_epoch}, "
         f"val NLL {res.best_val_nll if res.best_val_nll is None else round(res.best_val_nll, 4)} nats/dim, "
         f"threshold {res.threshold:.4f}")
     if not cat_dist.is_main:
@@ -759,7 +759,7 @@ def _print_summary(rows: dict, folder: str | None, metrics: bool = True) -> None
 
     trained = {c: r["train"] for c, r in rows.items() if "train" in r}
     if trained:  # from fastflow train: one line per category
-        print(f"{'category':<16}{'images':>8}{'best epoch':>12}{'val NLL':>10}{'threshold':>11}{'seconds':>9}  ranks")
+        print(f"{'category':<16}{'images':>8}{'kept epoch':>12}{'val NLL':>10}{'threshold':>11}{'seconds':>9}  ranks")
         for c, t in trained.items():
             nll = "-" if t["best_val_nll"] is None else f"{t['best_val_nll']:.4f}"
             print(f"{c:<16}{t['n_images']:>8}{t['best_epoch']:>12}{nll:>10}{t['threshold']:>11.4f}"

@@ -3,7 +3,7 @@
     fastflow info runs/bottle [--json]
 
 Configuration (preset values as trained), the data it was trained on, the threshold and how it was
-calibrated, training (best epoch, time), metrics when ``evaluate`` wrote them, the fastflow version that
+calibrated, training (kept epoch, time), metrics when ``evaluate`` wrote them, the fastflow version that
 wrote the model, and the files with their sizes.
 """
 
@@ -66,7 +66,7 @@ def format_info(info: dict) -> str:
         f"{m['input_size'][1]}, levels {levels}, {m['flow_steps']} steps, hidden ratio {m['hidden_ratio']}, "
         f"kernels {m['kernels']}, map {m['anomaly_map']} (blur sigma {m['smoothing_sigma']})",
         f"training   {_length(t)} at batch {t['batch_size']}, lr {t['lr']:g}, feature noise "
-        f"{t['feature_noise']:g}, seed {t['seed']}; best epoch {tr['best_epoch']}"
+        f"{t['feature_noise']:g}, seed {t['seed']}; kept epoch {tr['best_epoch']}"
         + (f", {tr['train_seconds']:.0f} s" if tr.get("train_seconds") else "")
         + (f"; {tr['n_fit']} images fitted, {tr['n_val']} held out" if tr.get("n_fit") is not None else ""),
     ]

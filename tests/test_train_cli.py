@@ -102,31 +102,22 @@ def test_keep_epoch_keeps_the_lowest_held_out_nll_or_the_last_finite_epoch(datas
                                                                           nlls, kept):
     import fastflow.train as train_module
 
-    script = iter(nlls)
-    monkeypatch.setattr(train_module, "_mean_nll", lambda model, source: next(script))
-    states = []
-    real = train_module.trainable_state
-    monkeypatch.setattr(train_module, "trainable_state", lambda m: states.append(real(m)) or states[-1])
+    script, weights = iter(nlls), []  # weights[e - 1]: the model as epoch e was validated
+
+    def scripted_nll(model, source):
+        weights.append({k: v.detach().clone() for k, v in train_module.trainable_state(model).items()})
+        return next(script)
+
+    monkeypatch.setattr(train_module, "_mean_nll", scripted_nll)
     samples = load_samples("mvtec", dataset, "texture", "train")
     tcfg = TrainConfig(epochs=4, batch_size=4, keep_epoch=keep)
     result = train(ModelConfig(input_size=(64, 64)), tcfg, samples, str(tmp_path / "run"), progress=False,
                    log=lambda *_: None)
-    assert result.best_epoch == kept
+    assert result.best_epoch == kept and len(weights) == 4
     saved = torch.load(tmp_path / "run" / "model.pt", weights_only=True)["state"]
-    epoch_state = dict(zip(_epochs_that_replaced(nlls, keep), states))
-    assert all(torch.equal(saved[k], epoch_state[kept][k].to(saved[k].device)) for k in epoch_state[kept])
+    assert all(torch.equal(saved[k], weights[kept - 1][k].to(saved[k].device)) for k in weights[kept - 1])
     with pytest.raises(ValueError, match="keep_epoch"):
         TrainConfig(keep_epoch="first")
-
-
-def _epochs_that_replaced(nlls, keep):
-    """The epochs (from 1) whose state became the kept one, in order."""
-    out, best = [], float("inf")
-    for e, v in enumerate(nlls, 1):
-        if (keep == "last" and v == v) or v < best:
-            out.append(e)
-            best = min(best, v) if keep == "best" else v
-    return out
 
 
 def test_evaluate_cli_writes_metrics_json(run, dataset, tmp_path, capsys):

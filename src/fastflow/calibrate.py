@@ -10,10 +10,10 @@ only order statistic left, and a new good image exceeds the largest of n with pr
 prediction bound of a normal distribution fitted to the scores: mean + t(1 - r, n - 1) * sd * sqrt(1 + 1/n),
 which a new score from the same normal distribution exceeds with probability exactly r (below
 ``MIN_FIT`` images, the largest score); what it changed on the suite's runs: bench/README.md, twelfth
-round. The threshold dict says which rule set it (``method``) and
-warns while n < 1 / r (``reachable: false``, ``n_needed``, ``warning``); ``fastflow calibrate`` sets the
-threshold again from a folder of good images without retraining: it rewrites the threshold in model.pt
-and in the sidecar of an ONNX export beside it, and keeps the previous value in ``previous``.
+round. The threshold dict says which rule set it (``method``) and warns while n < 1 / r (``reachable:
+false``, ``n_needed``, ``warning``); ``fastflow calibrate`` sets the threshold again from a folder of good
+images without retraining: it rewrites the threshold in model.pt and in the sidecar of an ONNX export
+beside it, and keeps the previous value in ``previous``.
 """
 
 from __future__ import annotations

@@ -97,8 +97,9 @@ def test_validation_nll_nan_at_every_epoch_is_a_clear_training_error(dataset, tm
 
 
 @pytest.mark.parametrize("keep, nlls, kept", [("best", [0.5, 0.2, 0.4, 0.3], 2), ("last", [0.5, 0.2, 0.4, 0.3], 4),
-                                              ("last", [0.5, 0.2, 0.4, float("nan")], 3)])
-def test_keep_epoch_keeps_the_lowest_held_out_nll_or_the_last_finite_epoch(dataset, tmp_path, monkeypatch, keep,
+                                              ("last", [0.5, 0.2, 0.4, float("nan")], 3),
+                                              ("last", [0.5, 0.2, 0.6, 0.75], 3)])
+def test_keep_epoch_keeps_the_lowest_held_out_nll_or_the_last_sound_epoch(dataset, tmp_path, monkeypatch, keep,
                                                                           nlls, kept):
     import fastflow.train as train_module
 
@@ -118,6 +119,8 @@ def test_keep_epoch_keeps_the_lowest_held_out_nll_or_the_last_finite_epoch(datas
     assert all(torch.equal(saved[k], weights[kept - 1][k].to(saved[k].device)) for k in weights[kept - 1])
     with pytest.raises(ValueError, match="keep_epoch"):
         TrainConfig(keep_epoch="first")
+    with pytest.raises(ValueError, match="keep_last_within"):
+        TrainConfig(keep_last_within=-1.0)
 
 
 def test_evaluate_cli_writes_metrics_json(run, dataset, tmp_path, capsys):

@@ -4,7 +4,7 @@
 
 The recipe: Adam (lr 1e-3, weight decay 1e-5), batch 32, the preset's epochs. Part of the normal
 training images is held out as a validation set: its likelihood selects the best epoch (or, with
-``keep_epoch="last"`` as in the lite presets, only watches for a diverged one) and its image scores
+``keep_epoch="last"`` as in the lite presets, only skips epochs that diverged from it) and its image scores
 calibrate the decision threshold. The test set never steers training.
 
 The backbone is frozen, so without augmentation its features are computed once and reused every
@@ -270,6 +270,9 @@ def _train(model_cfg: ModelConfig, train_cfg: TrainConfig, samples: list[Sample]
     if resume:
         _resume(loop, model_cfg, run_dir, epochs, log)
     _run_epochs(loop, epochs, progress)
+    if train_cfg.keep_epoch == "last" and loop.val is not None and loop.best["epoch"] + 1 < len(loop.history):
+        log(f"kept epoch {loop.best['epoch'] + 1}, not the last: the held-out NLL of every later epoch was more "
+            f"than {train_cfg.keep_last_within:g} nats/dim above its lowest (overfitting: fewer epochs or more images)")
     threshold = _select_best(loop, run_dir, log)
     seconds = time.perf_counter() - t_start
     _write_run(loop, threshold, run_dir, len(fit_samples), len(val_samples), {
@@ -397,8 +400,12 @@ def _run_epochs(loop: _Loop, epochs: int, progress: bool) -> None:
         if loop.val is not None:
             with loop.amp():
                 row["val_nll"] = _mean_nll(loop.model, loop.val)
-            last = loop.train_cfg.keep_epoch == "last" and math.isfinite(row["val_nll"])
-            if last or row["val_nll"] < loop.best["val_nll"]:  # "last": any finite epoch replaces the kept one
+            if loop.train_cfg.keep_epoch == "last":  # the latest epoch not diverged from the lowest NLL so far
+                finite = [h["val_nll"] for h in loop.history + [row] if math.isfinite(h.get("val_nll", math.nan))]
+                keep = math.isfinite(row["val_nll"]) and row["val_nll"] <= min(finite) + loop.train_cfg.keep_last_within
+            else:
+                keep = row["val_nll"] < loop.best["val_nll"]
+            if keep:
                 loop.best = {"epoch": epoch, "val_nll": row["val_nll"], "state": trainable_state(loop.model)}
         else:
             loop.best = {"epoch": epoch, "val_nll": math.inf, "state": trainable_state(loop.model)}

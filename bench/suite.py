@@ -14,6 +14,8 @@ Each training group is trained with exactly the command a user types (plus ``--s
     brick, grass, moon  scikit-image textures: 96 training crops, 24 good and 24 pasted-defect test crops,
                     all random 192 px crops and quarter turns of the same picture (groups of their own)
     bottle_posed    bottle, every image (training and test) in its own random pose, real defects (group posed)
+    gravel_wide     scikit-image gravel in 144x512 frames (half turns only), pasted defects sized by the
+                    short side: large non-square frames, stretched to the square input (group wide)
 
 Pasted defects come from src/fastflow/data/synthetic.py with a fixed seed (the same sets every run);
 test images never enter training. PatchCore-lite0 (anomalib 2.7.0 in bench/.venv-anomalib, see
@@ -48,6 +50,7 @@ SYNTH_SEED = 2026
 
 # group -> (format, root, category, rows as (row name, format, root, category))
 TEXTURES = ("brick", "grass", "moon")
+WIDE = (144, 512)  # gravel_wide: frames 3.6 times as wide as high, defects sized by the short side
 
 
 def groups(work: Path) -> dict:
@@ -62,6 +65,7 @@ def groups(work: Path) -> dict:
     }
     for t in TEXTURES:
         g[t] = ("mvtec", synth, t, [(t, "synthetic", "mvtec", synth, t)])
+    g["wide"] = ("mvtec", synth, "gravel_wide", [("gravel_wide", "synthetic, wide", "mvtec", synth, "gravel_wide")])
     g["posed"] = ("mvtec", synth, "bottle_posed", [("bottle_posed", "real, posed", "mvtec", synth, "bottle_posed")])
     return g
 
@@ -110,6 +114,10 @@ def prepare(work: Path) -> None:
             continue
         _texture_set(t, out)
         (out / ".done").write_text("")
+    out = data / "gravel_wide"
+    if not (out / ".done").exists():
+        _texture_set("gravel", out, crop=WIDE)
+        (out / ".done").write_text("")
     out = data / "bottle_posed"
     if not (out / ".done").exists():
         _posed_set(SHARED / "mvtec_ad" / "bottle", out)
@@ -144,10 +152,11 @@ def _posed_set(src: Path, out: Path) -> None:
                         out / "ground_truth" / kind / f"{f.stem}_mask.png")
 
 
-def _texture_set(name: str, out: Path, crop: int = 192, n_train: int = 96, n_test: int = 24) -> None:
+def _texture_set(name: str, out: Path, crop: int | tuple[int, int] = 192, n_train: int = 96, n_test: int = 24) -> None:
     """Crops of one scikit-image texture at random places and quarter turns, all drawn alike (as different
     photographs of one material would be): training crops, good test crops, and test crops with a pasted
-    defect. Test crops are other draws than the training crops (they may overlap them on the picture)."""
+    defect. Test crops are other draws than the training crops (they may overlap them on the picture).
+    A (height, width) crop that is not square turns by half turns only, so every frame has that shape."""
     import skimage.data
 
     from fastflow.data.synthetic import add_defect
@@ -155,11 +164,13 @@ def _texture_set(name: str, out: Path, crop: int = 192, n_train: int = 96, n_tes
     picture = getattr(skimage.data, name)()
     picture = np.repeat(picture[..., None], 3, axis=2) if picture.ndim == 2 else picture[..., :3]
     h, w = picture.shape[:2]
+    ch, cw = (crop, crop) if isinstance(crop, int) else crop
     rng = np.random.default_rng((SYNTH_SEED, len(name)))
 
     def draw() -> np.ndarray:
-        y, x = int(rng.integers(0, h - crop + 1)), int(rng.integers(0, w - crop + 1))
-        return np.ascontiguousarray(np.rot90(picture[y:y + crop, x:x + crop], int(rng.integers(4))))
+        y, x = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
+        turns = int(rng.integers(4)) if ch == cw else 2 * int(rng.integers(2))
+        return np.ascontiguousarray(np.rot90(picture[y:y + ch, x:x + cw], turns))
 
     sets = {"train/good": [draw() for _ in range(n_train)], "test/good": [draw() for _ in range(n_test)]}
     bad = [add_defect(draw(), np.random.default_rng((SYNTH_SEED, 1000 + i))) for i in range(n_test)]
@@ -268,7 +279,7 @@ def table(result: dict) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--groups", default=",".join(["bottle", "mtd", *TEXTURES, "posed"]))
+    ap.add_argument("--groups", default=",".join(["bottle", "mtd", *TEXTURES, "posed", "wide"]))
     ap.add_argument("--work", default="/tmp/fastflow-suite")
     ap.add_argument("--out", required=True, help="JSON file; re-runs add to it (finished group/seed pairs are kept)")
     ap.add_argument("--no-peer", action="store_true", help="skip PatchCore")

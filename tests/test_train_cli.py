@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from fastflow.cli import main
-from fastflow.config import DEFAULT_PRESET, ModelConfig, TrainConfig, get_preset, to_dict
+from fastflow.config import DEFAULT_PRESET, ModelConfig, TrainConfig, from_dict, get_preset, to_dict
 from fastflow.data import load_samples
 from fastflow.demo import make_demo_dataset
 from fastflow.flow import use_fast_backward
@@ -121,6 +121,13 @@ def test_keep_epoch_keeps_the_lowest_held_out_nll_or_the_last_sound_epoch(datase
         TrainConfig(keep_epoch="first")
     with pytest.raises(ValueError, match="keep_last_within"):
         TrainConfig(keep_last_within=-1.0)
+
+
+def test_train_config_of_an_older_run_loads_without_its_retired_fields():
+    saved = {**to_dict(TrainConfig(epochs=7)), "num_workers": 0}  # what runs before its removal saved
+    assert from_dict(TrainConfig, saved) == TrainConfig(epochs=7)
+    with pytest.raises(ValueError, match="unknown TrainConfig fields"):
+        from_dict(TrainConfig, {**saved, "nonsense": 1})
 
 
 def test_evaluate_cli_writes_metrics_json(run, dataset, tmp_path, capsys):

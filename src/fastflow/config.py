@@ -145,7 +145,6 @@ class TrainConfig:
     # its 86 images until the held-out NLL went from 0.40 to 351 (bench/README.md, thirteenth round).
     keep_last_within: float = 0.5
     seed: int = 0
-    num_workers: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "augment", augment_kind(self.augment))
@@ -330,8 +329,12 @@ def to_dict(cfg: Any) -> dict:
     return d
 
 
+RETIRED = {"TrainConfig": {"num_workers"}}  # fields older runs saved that this version ignores (they did nothing)
+
+
 def from_dict(cls: type, d: dict) -> Any:
     names = {f.name for f in fields(cls)}
+    d = {k: v for k, v in d.items() if k not in RETIRED.get(cls.__name__, ())}
     unknown = set(d) - names
     if unknown:
         raise ValueError(f"unknown {cls.__name__} fields {sorted(unknown)}; this version knows {sorted(names)}")

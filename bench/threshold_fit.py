@@ -25,7 +25,7 @@ from fastflow.calibrate import threshold_from_scores
 from fastflow.data import load_samples
 from fastflow.train import split_validation
 
-GROUPS = ("bottle", "mtd", "brick", "grass", "moon", "posed")
+GROUPS = ("bottle", "mtd", "brick", "grass", "moon", "posed", "wide")
 SYNTH = {"bottle": "bottle_synth", "mtd": "mtd_synth"}
 
 

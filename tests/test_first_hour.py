@@ -20,6 +20,7 @@ import pytest
 import torch
 from PIL import Image
 
+from fastflow.checkpoint import load_safe, save_atomic
 from fastflow.cli import main
 from fastflow.demo import make_demo_dataset
 from helpers import cli
@@ -153,6 +154,17 @@ def test_resume_refuses_other_options_and_extends_a_finished_run(demo, tmp_path,
         assert rc == 2 and name in err and "options it was started with" in err, err
     rc, out, err = cli(capsys, "train", "--resume", run, "--quiet")  # finished: says so, changes nothing
     assert rc == 0 and "finished all its 1 epochs" in out and "--epochs" in out
+    # a run folder written before TrainConfig lost num_workers and gained keep_last_within resumes all the same
+    def as_older_version(cfg: dict) -> None:
+        cfg["num_workers"] = 0
+        del cfg["keep_last_within"]
+
+    saved = json.loads((run / "run.json").read_text())
+    as_older_version(saved["train_config"])
+    (run / "run.json").write_text(json.dumps(saved))
+    state = load_safe(str(run / "checkpoint.pt"))
+    as_older_version(state["train_config"])
+    save_atomic(state, str(run / "checkpoint.pt"))
     rc, out, err = cli(capsys, "train", "--resume", run, "--epochs", "2", "--output", run, "--quiet")
     assert rc == 0, err
     assert "resuming" in out and "at epoch 2/2" in out

@@ -683,14 +683,13 @@ def _extended(args, model_cfg: ModelConfig, train_cfg: TrainConfig, run_json: st
     run.json; a step budget no longer applies). None when the run has already finished all its epochs (a
     message says how to extend it)."""
     from .checkpoint import CheckpointError, load_safe
-    from .train import planned_epochs
+    from .train import checkpoint_matches, planned_epochs
 
     ckpt_path = os.path.join(args.resume, "checkpoint.pt")
     done = 0
     if os.path.isfile(ckpt_path):
         state = load_safe(ckpt_path)
-        saved_train = {**(state.get("train_config") or {}), "epochs": train_cfg.epochs, "steps": train_cfg.steps}
-        if state.get("model_config") != to_dict(model_cfg) or saved_train != to_dict(train_cfg):
+        if not checkpoint_matches(state, model_cfg, train_cfg):
             raise CheckpointError(f"{ckpt_path}: its config differs from this run's ({run_json}); resume with the "
                                   f"same options, or start a new run folder")
         done = int(state.get("epoch", -1)) + 1

@@ -35,7 +35,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from .checkpoint import CheckpointError, load_safe, save_atomic
-from .config import DEFAULT_PRESET, ModelConfig, Preset, TrainConfig, get_preset, to_dict
+from .config import DEFAULT_PRESET, ModelConfig, Preset, TrainConfig, from_dict, get_preset, to_dict
 from .data import AnomalyDataset, Sample, check_readable
 from .device import autocast, fits_in_memory, follow_load, grad_scaler, resolve_device
 from .distributed import SINGLE, Dist
@@ -359,6 +359,18 @@ def _remove_partial_saves(run_dir: str, dist: Dist) -> None:
             os.unlink(os.path.join(run_dir, name))
 
 
+def checkpoint_matches(state: dict, model_cfg: ModelConfig, train_cfg: TrainConfig) -> bool:
+    """Whether a training checkpoint was written with these configs, its length aside (a longer ``epochs`` or
+    ``steps`` extends a run). Its training config is read as this version reads it (``config.from_dict``: fields
+    an older version saved and this one retired are dropped, fields added since take their defaults)."""
+    try:
+        saved = to_dict(from_dict(TrainConfig, state.get("train_config") or {}))
+    except (TypeError, ValueError):
+        return False
+    length = {"epochs": train_cfg.epochs, "steps": train_cfg.steps}
+    return state.get("model_config") == to_dict(model_cfg) and {**saved, **length} == to_dict(train_cfg)
+
+
 def _resume(loop: _Loop, model_cfg: ModelConfig, run_dir: str, epochs: int, log) -> None:
     """Continue from the run's ``checkpoint.pt`` (model, optimiser, history, best epoch, random state), which
     must have been written with the same configs (a longer ``epochs``/``steps`` extends the run)."""
@@ -367,9 +379,7 @@ def _resume(loop: _Loop, model_cfg: ModelConfig, run_dir: str, epochs: int, log)
         log(f"no checkpoint in {run_dir} yet (stopped during the first epoch): starting from epoch 1")
         return
     state = load_safe(ckpt_path)
-    length = {"epochs": train_cfg.epochs, "steps": train_cfg.steps}  # a longer run extends this one
-    same_train = {**(state.get("train_config") or {}), **length} == to_dict(train_cfg)
-    if state.get("model_config") != to_dict(model_cfg) or not same_train:
+    if not checkpoint_matches(state, model_cfg, train_cfg):
         raise CheckpointError(f"{ckpt_path}: its config differs from this run's; resume with the same "
                               f"options, or start a new run folder")
     try:

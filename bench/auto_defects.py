@@ -7,8 +7,8 @@ held-out image (an experiment for small sets, where 10 held-out normals give the
 For each category and seed: the held-out split ``fastflow train`` makes, each candidate of ``auto.CANDIDATES``
 trained as a probe exactly as ``auto.choose`` trains it (its preset, that seed), then scored by
 ``auto.synthetic_score`` on the synthetic set of each size (drawn as ``auto.synthetic_validation`` draws it).
-Prints one JSON line per category and seed: the scores and the choice (``auto.MARGIN`` applied) at each
-size. The test split is never read.
+Prints one JSON line per category and seed: the scores and the choice (``auto.pick``, as ``auto.choose``
+makes it) at each size. The test split is never read.
 """
 
 from __future__ import annotations
@@ -26,16 +26,6 @@ from fastflow.run import load_run
 from fastflow.train import split_validation, train
 
 
-def pick(scores: dict) -> str:
-    """``auto.choose``'s rule: a later candidate replaces the kept one only with a lead over ``auto.MARGIN``."""
-    names = list(scores)
-    best = names[0]
-    for name in names[1:]:
-        if scores[name] > scores[best] + auto.MARGIN:
-            best = name
-    return best
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data", required=True, help="an MVTec-layout root")
@@ -45,16 +35,13 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     out = {}
+    presets = {n: get_preset(n) for n in auto.CANDIDATES}
+    val_fraction = presets[auto.CANDIDATES[0]].train.val_fraction
     for category in a.categories.split(","):
         samples = load_samples("mvtec", a.data, category, "train")
         for seed in a.seeds:
-            presets = {n: get_preset(n) for n in auto.CANDIDATES}
-            val_fraction = presets[auto.CANDIDATES[0]].train.val_fraction
             _, val = split_validation(samples, val_fraction, seed)
-            sets = {}
-            for k in a.sizes:
-                auto.DEFECTS_PER_IMAGE = k
-                sets[k] = auto.synthetic_validation(val, seed)
+            sets = {k: auto.synthetic_validation(val, seed, per_image=k) for k in a.sizes}
             scores = {k: {} for k in a.sizes}
             for name, preset in presets.items():
                 probe = auto.probe_config(replace(preset.train, seed=seed), len(samples) - len(val))
@@ -65,7 +52,7 @@ def main() -> None:
                 for k, (normals, defective, masks) in sets.items():
                     scores[k][name] = round(auto.synthetic_score(model, normals, defective, masks)["score"], 4)
             row = {"category": category, "seed": seed, "n_val": len(val),
-                   **{f"per_image_{k}": {"scores": scores[k], "chosen": pick(scores[k])} for k in a.sizes}}
+                   **{f"per_image_{k}": {"scores": scores[k], "chosen": auto.pick(scores[k])} for k in a.sizes}}
             out[f"{category}_seed{seed}"] = row
             print(json.dumps(row), flush=True)
     if a.out:

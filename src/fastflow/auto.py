@@ -45,12 +45,13 @@ DEFECTS_PER_IMAGE = 2
 MAX_SIDE = 1024  # held-out images are shrunk to this before defects are pasted (the inputs are ~256 px)
 
 
-def synthetic_validation(val_samples: list[Sample], seed: int) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
+def synthetic_validation(val_samples: list[Sample], seed: int, per_image: int = DEFECTS_PER_IMAGE
+                         ) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
     """Held-out normal images (shrunk to at most ``MAX_SIDE`` pixels a side, so that large frames do not fill
-    the memory), and ``DEFECTS_PER_IMAGE`` defective copies of each with their masks: (normals, defectives,
+    the memory), and ``per_image`` defective copies of each with their masks: (normals, defectives,
     masks), all (H, W[, 3]) arrays, deterministic by ``seed``."""
     normals = [_shrunk(np.asarray(load_image(s.path)) if s.array is None else s.array) for s in val_samples]
-    defective, masks, _ = defect_set(normals, seed=seed, per_image=DEFECTS_PER_IMAGE)
+    defective, masks, _ = defect_set(normals, seed=seed, per_image=per_image)
     return normals, defective, masks
 
 

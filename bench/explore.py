@@ -38,10 +38,10 @@ ALL_LEVELS = (1, 2, 3, 4)
 class _Shapes(torch.nn.Module):
     """A stand-in backbone that only reports feature shapes (the features are cached)."""
 
-    def __init__(self, real, keep: list[int]):
+    def __init__(self, real, keep: list[int], shapes=None):
         super().__init__()
         self.needs_norm, self.mean, self.std = real.needs_norm, real.mean, real.std
-        self._shapes = [real.feature_shapes((a.size, a.size))[i] for i in keep]
+        self._shapes = shapes or [real.feature_shapes((a.size, a.size))[i] for i in keep]
         self.num_parameters = 0
 
     def feature_shapes(self, input_size):
@@ -166,6 +166,23 @@ def variants(model, val, syn, test, d, labels, masked):
     print(json.dumps(row), flush=True)
 
 
+def transform(feats: list[torch.Tensor], pool: int, fuse: bool, bs: int = 64) -> list[torch.Tensor]:
+    """PatchCore's ingredients on cached features: a ``pool`` x ``pool`` local average (stride 1), and the
+    levels fused into one (deeper ones upsampled bilinearly to the finest one's grid, channels concatenated)."""
+    import torch.nn.functional as F
+    out = []
+    for i in range(0, feats[0].shape[0], bs):
+        part = [f[i:i + bs] for f in feats]
+        if pool > 1:
+            part = [F.avg_pool2d(f, pool, 1, pool // 2, count_include_pad=False) for f in part]
+        if fuse:
+            size = part[0].shape[-2:]
+            part = [torch.cat([part[0]] + [F.interpolate(f, size=size, mode="bilinear", align_corners=False)
+                                           for f in part[1:]], 1)]
+        out.append(part)
+    return [torch.cat(x) for x in zip(*out)]
+
+
 def main():
     global a
     ap = argparse.ArgumentParser()
@@ -192,6 +209,8 @@ def main():
     ap.add_argument("--tag", default="")
     ap.add_argument("--variants", action="store_true",
                     help="at the end, also score with each level's map standardised on the held-out normals")
+    ap.add_argument("--pool", type=int, default=1, help="local average of the features (PatchCore: 3)")
+    ap.add_argument("--fuse", action="store_true", help="one flow on the levels concatenated at the finest grid")
     a = ap.parse_args()
     torch.set_num_threads(2)
     d = features(a)
@@ -202,10 +221,10 @@ def main():
     cfg = ModelConfig(a.backbone, input_size=(a.size, a.size), levels=tuple(int(x) for x in a.levels.split(",")),
                       hidden_ratio=a.ratio, kernels=a.kernels, flow_steps=a.flow_steps, norm_affine=not a.no_affine, norm_logdet=a.ln_logdet,
                       smoothing_sigma=a.sigma)
+    fit, val, syn, test = (transform(pick(d[k]), a.pool, a.fuse) for k in ("fit", "val", "syn", "test"))
     torch.manual_seed(a.seed)
-    model = FastFlow(cfg, backbone=_Shapes(real, keep))
+    model = FastFlow(cfg, backbone=_Shapes(real, keep, [tuple(f.shape[1:]) for f in fit]))
     opt = torch.optim.Adam(model.trainable_parameters(), lr=a.lr, weight_decay=1e-5, fused=True)
-    fit, val, syn, test = pick(d["fit"]), pick(d["val"]), pick(d["syn"]), pick(d["test"])
     n = fit[0].shape[0]
     labels = d["test_labels"].numpy()
     masked = d["test_has_mask"].numpy()

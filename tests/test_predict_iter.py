@@ -55,3 +55,34 @@ def test_predict_iter_streams_in_order_with_errors_in_place(tiny_run, predictor,
 
 def test_predict_iter_on_an_empty_input_yields_nothing(predictor):
     assert list(predictor.predict_iter(iter([]))) == []
+
+
+def test_images_are_decoded_in_a_pool_in_order_and_outputs_are_lossless(tiny_run, predictor, tmp_path, monkeypatch):
+    import threading
+
+    import fastflow.predict as predict_module
+    from PIL import Image
+
+    paths = sorted(str(p) for p in Path(tiny_run[1], "test").rglob("*.png"))[:5]
+    real, threads = predict_module.load_image, []
+
+    def spy(path):
+        threads.append(threading.current_thread().name)
+        return real(path)
+
+    monkeypatch.setattr(predict_module, "load_image", spy)
+    pooled = predictor.predict(paths, batch_size=2)
+    assert [r.path for r in pooled] == paths
+    assert len(paths) >= 3 and len(threads) == len(paths) and all(name.startswith("fastflow-decode") for name in threads)
+    serial = predictor.predict_loaded([(np.asarray(real(p)), p) for p in paths], batch_size=2)
+    assert [r.score for r in pooled] == [r.score for r in serial]
+    assert predict_module.decode_workers(1) == 1 and 1 <= predict_module.decode_workers(100) <= 4
+
+    # fastflow predict's PNGs (encoded in the same pool, zlib level 1) hold exactly the predicted mask
+    summary = predict_module.predict_to_folder(predictor, paths, str(tmp_path / "out"), batch_size=2, progress=False,
+                                               log=lambda *a: None)
+    by_path = {r["path"]: r for r in summary["results"]}
+    for r in serial:
+        mask = np.asarray(Image.open(tmp_path / "out" / by_path[r.path]["mask"])) > 0
+        assert mask.shape == r.mask.shape and (mask == r.mask).all()
+        assert by_path[r.path]["score"] == r.score

@@ -33,7 +33,8 @@ import os
 import re
 import itertools
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,6 +47,7 @@ from .checkpoint import atomic_write
 from .data import IMAGE_EXTENSIONS, DatasetError, Preprocess, load_image
 from .data.files import is_image_file
 from .data.preprocess import to_rgb
+from .device import available_cpus
 from .fused import for_inference
 from .run import INPUT_NAME, ONNX_FILE, OUTPUT_NAMES, load_run, run_folder, sidecar_path
 from .visualize import COLORMAP, OVERLAY_ALPHA, colorize, overlay
@@ -260,7 +262,8 @@ class Predictor:
         """
         single = not isinstance(images, (list, tuple))
         items = [images] if single else list(images)
-        loaded = [load_input(item) for item in items]
+        with decoders(len(items)) as pool:
+            loaded = list(pool.map(load_input, items))  # the first unreadable item raises, in order
         results = self.predict_loaded(loaded, batch_size)
         return results[0] if single else results
 
@@ -273,21 +276,22 @@ class Predictor:
         size = batch_size or self.batch_size
         it = iter(items)
         index = 0
-        while chunk := list(itertools.islice(it, size)):
-            results: list[Prediction | PredictionError | None] = []
-            loaded, where = [], []
-            for item in chunk:
-                try:
-                    loaded.append(load_input(item))
-                    where.append(len(results))
-                    results.append(None)
-                except (DatasetError, ValueError, OSError) as e:
-                    path = str(item) if isinstance(item, (str, Path)) else None
-                    results.append(PredictionError(path, index + len(results), " ".join(str(e).split())))
-            for i, res in zip(where, self.predict_loaded(loaded, size) if loaded else []):
-                results[i] = res
-            index += len(chunk)
-            yield from results
+        with decoders(size) as pool:
+            while chunk := list(itertools.islice(it, size)):
+                results: list[Prediction | PredictionError | None] = []
+                loaded, where = [], []
+                for item, got in zip(chunk, pool.map(attempt(load_input), chunk)):
+                    if isinstance(got, Exception):
+                        path = str(item) if isinstance(item, (str, Path)) else None
+                        results.append(PredictionError(path, index + len(results), " ".join(str(got).split())))
+                    else:
+                        loaded.append(got)
+                        where.append(len(results))
+                        results.append(None)
+                for i, res in zip(where, self.predict_loaded(loaded, size) if loaded else []):
+                    results[i] = res
+                index += len(chunk)
+                yield from results
 
     def predict_loaded(self, loaded: list[tuple[np.ndarray, str | None]],
                        batch_size: int | None = None) -> list[Prediction]:
@@ -384,6 +388,29 @@ def _tile_starts(length: int, tile: int, overlap: float) -> list[int]:
     step = max(1, int(tile * (1.0 - overlap)))
     starts = list(range(0, length - tile, step))
     return starts + [length - tile]
+
+
+def decode_workers(n_items: int) -> int:
+    """Images decoded at once: the CPUs this process may use, at most 4 and at most ``n_items``."""
+    return max(1, min(4, available_cpus(), n_items))
+
+
+def decoders(n_items: int) -> ThreadPoolExecutor:
+    """A pool of ``decode_workers(n_items)`` threads to decode images with: Pillow releases the GIL while it
+    decodes, and decoding was over 40% of ``predict``'s time, on one core (bench/README.md, fourteenth
+    round). Use it as a context manager; its ``map`` keeps the order."""
+    return ThreadPoolExecutor(decode_workers(n_items), thread_name_prefix="fastflow-decode")
+
+
+def attempt(load: Callable) -> Callable:
+    """``load`` returning, instead of raising, the error of an unreadable item (DatasetError, ValueError,
+    OSError): for streams that report a bad file and go on."""
+    def attempted(item):
+        try:
+            return load(item)
+        except (DatasetError, ValueError, OSError) as e:
+            return e
+    return attempted
 
 
 def load_input(item) -> tuple[np.ndarray, str | None]:
@@ -507,6 +534,9 @@ SUMMARY_FIELDS = ["path", "status", "score", "normalized_score", "is_anomalous",
                   "error"]
 KINDS = ("heatmap", "overlay", "mask")
 PIXEL_BUDGET = 1 << 24  # full-size images held at once (16M pixels): a batch of large images is split
+# zlib level of the written PNGs: 1 encodes a 900 px overlay in 39 ms against 142 ms at Pillow's default 6, for
+# files 25% larger (bench/README.md, fourteenth round); encoding was over half of `fastflow predict`'s time.
+PNG_COMPRESS_LEVEL = 1
 
 
 def predict_to_folder(predictor: Predictor, inputs: list[str], out_dir: str, batch_size: int = 16,
@@ -539,22 +569,29 @@ def predict_to_folder(predictor: Predictor, inputs: list[str], out_dir: str, bat
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(todo), desc="predict", unit="img", dynamic_ncols=True)
-    for start in range(0, len(todo), batch_size):
-        chunk = todo[start:start + batch_size]
-        loaded, pixels = [], 0
-        for i, p in enumerate(chunk):
-            try:
-                loaded.append((np.asarray(load_image(p)), str(p)))
-                pixels += loaded[-1][0].shape[0] * loaded[-1][0].shape[1]
-            except DatasetError as e:
-                records[str(p)] = {"path": str(p), "name": names[str(p)], "status": "error", "error": str(e)}
-            if loaded and (pixels >= PIXEL_BUDGET or i == len(chunk) - 1):  # large images: fewer at once
-                for res, (rgb, _) in zip(predictor.predict_loaded(loaded, batch_size), loaded):
-                    records[res.path] = _write_outputs(predictor, res, rgb, out_dir, names[res.path])
-                loaded, pixels = [], 0
-        _write_summary(out_dir, header, records)
-        if bar is not None:
-            bar.update(len(chunk))
+    read = attempt(lambda p: (np.asarray(load_image(p)), str(p)))
+    with decoders(batch_size) as pool:
+        width = decode_workers(batch_size)  # decoded at once: memory stays near PIXEL_BUDGET plus this many
+        for start in range(0, len(todo), batch_size):
+            chunk = todo[start:start + batch_size]
+            loaded, pixels = [], 0
+            for g in range(0, len(chunk), width):
+                group = chunk[g:g + width]
+                for i, (p, got) in enumerate(zip(group, pool.map(read, group)), start=g):
+                    if isinstance(got, Exception):
+                        records[str(p)] = {"path": str(p), "name": names[str(p)], "status": "error", "error": str(got)}
+                    else:
+                        loaded.append(got)
+                        pixels += got[0].shape[0] * got[0].shape[1]
+                    if loaded and (pixels >= PIXEL_BUDGET or i == len(chunk) - 1):  # large images: fewer at once
+                        done = zip(predictor.predict_loaded(loaded, batch_size), loaded)
+                        for record in pool.map(lambda d: _write_outputs(predictor, d[0], d[1][0], out_dir,
+                                                                        names[d[0].path]), done):
+                            records[record["path"]] = record  # PNGs encoded in the pool too (Pillow lets go of the GIL)
+                        loaded, pixels = [], 0
+            _write_summary(out_dir, header, records)
+            if bar is not None:
+                bar.update(len(chunk))
     if bar is not None:
         bar.close()
     summary = _write_summary(out_dir, header, records, skipped=skipped)
@@ -570,7 +607,7 @@ def _write_outputs(predictor: Predictor, res: Prediction, rgb: np.ndarray, out_d
                           ("mask", res.mask.astype(np.uint8) * 255)):
         target = os.path.join(out_dir, files[kind])
         assert os.path.dirname(os.path.abspath(target)) == os.path.abspath(os.path.join(out_dir, kind))
-        Image.fromarray(picture).save(target)
+        Image.fromarray(picture).save(target, compress_level=PNG_COMPRESS_LEVEL)
     return {"path": res.path, "name": name, "status": "ok", "score": res.score,
             "normalized_score": None if math.isnan(res.normalized_score) else res.normalized_score,
             "is_anomalous": res.is_anomalous, **files, "error": None}

@@ -60,10 +60,10 @@ def features(a) -> dict:
     import hashlib
 
     import fastflow.data.synthetic as synthetic
-    tag = "" if a.backbone == "efficientnet_lite0" else f"_{a.backbone}"
+    tag = ("" if a.backbone == "efficientnet_lite0" else f"_{a.backbone}") + (f"_ac{a.autocontrast:g}" if a.autocontrast else "")
     path = f"/tmp/explore_{a.category}_{a.size}_s{a.split_seed}{tag}.pt"
     model = FastFlow(ModelConfig(a.backbone, input_size=(a.size, a.size), levels=ALL_LEVELS))
-    pre = Preprocess((a.size, a.size), model.backbone.mean, model.backbone.std)
+    pre = Preprocess((a.size, a.size), model.backbone.mean, model.backbone.std, autocontrast=a.autocontrast or None)
     if os.path.exists(path):
         d = torch.load(path, weights_only=False)
         if "val_images" not in d:  # caches from before the images were kept
@@ -211,6 +211,8 @@ def main():
                     help="at the end, also score with each level's map standardised on the held-out normals")
     ap.add_argument("--pool", type=int, default=1, help="local average of the features (PatchCore: 3)")
     ap.add_argument("--fuse", action="store_true", help="one flow on the levels concatenated at the finest grid")
+    ap.add_argument("--autocontrast", type=float, default=0.0,
+                    help="per-image contrast stretch (ModelConfig.autocontrast; cached apart; defects pasted after it)")
     a = ap.parse_args()
     torch.set_num_threads(2)
     d = features(a)

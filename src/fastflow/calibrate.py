@@ -77,7 +77,8 @@ def calibrate_run(run_dir: str, inputs: list[str], false_alarm_rate: float | Non
 
     from .checkpoint import load_safe, save_atomic
     from .data import load_image
-    from .predict import Predictor, collect_inputs, decoders
+    from .data.dataset import decoders
+    from .predict import Predictor, collect_inputs
 
     if false_alarm_rate is not None and not 0.0 < false_alarm_rate < 1.0:
         raise ValueError(f"--false-alarm-rate must be in (0, 1), got {false_alarm_rate}")

@@ -34,7 +34,6 @@ import re
 import itertools
 import warnings
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,8 +45,8 @@ from PIL import Image
 from .checkpoint import atomic_write
 from .data import IMAGE_EXTENSIONS, DatasetError, Preprocess, load_image
 from .data.files import is_image_file
+from .data.dataset import decode_workers, decoders
 from .data.preprocess import to_rgb
-from .device import available_cpus
 from .fused import for_inference
 from .run import INPUT_NAME, ONNX_FILE, OUTPUT_NAMES, load_run, run_folder, sidecar_path
 from .visualize import COLORMAP, OVERLAY_ALPHA, colorize, overlay
@@ -388,18 +387,6 @@ def _tile_starts(length: int, tile: int, overlap: float) -> list[int]:
     step = max(1, int(tile * (1.0 - overlap)))
     starts = list(range(0, length - tile, step))
     return starts + [length - tile]
-
-
-def decode_workers(n_items: int) -> int:
-    """Images decoded at once: the CPUs this process may use, at most 4 and at most ``n_items``."""
-    return max(1, min(4, available_cpus(), n_items))
-
-
-def decoders(n_items: int) -> ThreadPoolExecutor:
-    """A pool of ``decode_workers(n_items)`` threads to decode images with: Pillow releases the GIL while it
-    decodes, and decoding was over 40% of ``predict``'s time, on one core (bench/README.md, fourteenth
-    round). Use it as a context manager; its ``map`` keeps the order."""
-    return ThreadPoolExecutor(decode_workers(n_items), thread_name_prefix="fastflow-decode")
 
 
 def attempt(load: Callable) -> Callable:

@@ -76,9 +76,8 @@ def calibrate_run(run_dir: str, inputs: list[str], false_alarm_rate: float | Non
     import json
 
     from .checkpoint import load_safe, save_atomic
-    from .data import load_image
     from .data.dataset import decoders
-    from .predict import Predictor, collect_inputs
+    from .predict import Predictor, collect_inputs, load_input
 
     if false_alarm_rate is not None and not 0.0 < false_alarm_rate < 1.0:
         raise ValueError(f"--false-alarm-rate must be in (0, 1), got {false_alarm_rate}")
@@ -96,7 +95,7 @@ def calibrate_run(run_dir: str, inputs: list[str], false_alarm_rate: float | Non
     scores = []
     with decoders(batch_size) as pool:
         for start in range(0, len(paths), batch_size):
-            chunk = list(pool.map(lambda p: (np.asarray(load_image(p)), str(p)), paths[start:start + batch_size]))
+            chunk = list(pool.map(load_input, paths[start:start + batch_size]))
             scores += [r.score for r in predictor.predict_loaded(chunk)]
             if bar is not None:
                 bar.update(len(chunk))

@@ -275,11 +275,12 @@ class Predictor:
         size = batch_size or self.batch_size
         it = iter(items)
         index = 0
+        read = attempt(load_input)
         with decoders(size) as pool:
             while chunk := list(itertools.islice(it, size)):
                 results: list[Prediction | PredictionError | None] = []
                 loaded, where = [], []
-                for item, got in zip(chunk, pool.map(attempt(load_input), chunk)):
+                for item, got in zip(chunk, pool.map(read, chunk)):
                     if isinstance(got, Exception):
                         path = str(item) if isinstance(item, (str, Path)) else None
                         results.append(PredictionError(path, index + len(results), " ".join(str(got).split())))
@@ -398,6 +399,12 @@ def attempt(load: Callable) -> Callable:
         except (DatasetError, ValueError, OSError) as e:
             return e
     return attempted
+
+
+def _in_groups(pool, function, items: list, width: int) -> Iterator:
+    """(item, ``function(item)``) for every item in order, ``width`` of them computed at once in ``pool``."""
+    for g in range(0, len(items), width):
+        yield from zip(items[g:g + width], pool.map(function, items[g:g + width]))
 
 
 def load_input(item) -> tuple[np.ndarray, str | None]:
@@ -556,26 +563,23 @@ def predict_to_folder(predictor: Predictor, inputs: list[str], out_dir: str, bat
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(todo), desc="predict", unit="img", dynamic_ncols=True)
-    read = attempt(lambda p: (np.asarray(load_image(p)), str(p)))
+    read, write = attempt(load_input), lambda d: _write_outputs(predictor, d[0], d[1][0], out_dir, names[d[0].path])
     with decoders(batch_size) as pool:
         width = decode_workers(batch_size)  # decoded at once: memory stays near PIXEL_BUDGET plus this many
         for start in range(0, len(todo), batch_size):
             chunk = todo[start:start + batch_size]
             loaded, pixels = [], 0
-            for g in range(0, len(chunk), width):
-                group = chunk[g:g + width]
-                for i, (p, got) in enumerate(zip(group, pool.map(read, group)), start=g):
-                    if isinstance(got, Exception):
-                        records[str(p)] = {"path": str(p), "name": names[str(p)], "status": "error", "error": str(got)}
-                    else:
-                        loaded.append(got)
-                        pixels += got[0].shape[0] * got[0].shape[1]
-                    if loaded and (pixels >= PIXEL_BUDGET or i == len(chunk) - 1):  # large images: fewer at once
-                        done = zip(predictor.predict_loaded(loaded, batch_size), loaded)
-                        for record in pool.map(lambda d: _write_outputs(predictor, d[0], d[1][0], out_dir,
-                                                                        names[d[0].path]), done):
-                            records[record["path"]] = record  # PNGs encoded in the pool too (Pillow lets go of the GIL)
-                        loaded, pixels = [], 0
+            for i, (p, got) in enumerate(_in_groups(pool, read, chunk, width)):
+                if isinstance(got, Exception):
+                    records[str(p)] = {"path": str(p), "name": names[str(p)], "status": "error", "error": str(got)}
+                else:
+                    loaded.append(got)
+                    pixels += got[0].shape[0] * got[0].shape[1]
+                if loaded and (pixels >= PIXEL_BUDGET or i == len(chunk) - 1):  # large images: fewer at once
+                    done = zip(predictor.predict_loaded(loaded, batch_size), loaded)
+                    for record in pool.map(write, done):  # PNGs encoded in the pool too (Pillow lets go of the GIL)
+                        records[record["path"]] = record
+                    loaded, pixels = [], 0
             _write_summary(out_dir, header, records)
             if bar is not None:
                 bar.update(len(chunk))

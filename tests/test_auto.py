@@ -219,3 +219,20 @@ def test_a_later_candidate_must_lead_by_more_than_the_margin():
     assert pick({"efficientnet_lite0": 0.979, "lite0_texture": 0.980, "lite0_unaligned": 0.941}) == "efficientnet_lite0"
     assert pick({"efficientnet_lite0": 0.88, "lite0_texture": 0.99, "lite0_unaligned": 0.85}) == "lite0_texture"
     assert pick({"a": 0.5, "b": 0.5 + MARGIN + 1e-6}) == "b" and pick({"a": float("nan"), "b": 0.1}) == "b"
+
+
+def test_too_few_held_out_images_keeps_the_first_candidate_and_says_why(tmp_path):
+    """With fewer than two held-out normals there is nothing to paste defects on: the first candidate is
+    kept without probing, and the reason is printed (not only saved in run.json)."""
+    from fastflow.auto import choose
+    from fastflow.config import AUTO_CANDIDATES, get_preset
+    from fastflow.data import Sample
+
+    samples = [Sample(str(tmp_path / f"{i}.png"), 0, "good") for i in range(14)]  # never read: no probe runs
+    candidates = [(n, get_preset(n).model, get_preset(n).train) for n in AUTO_CANDIDATES]
+    said = []
+    name, _, _, report = choose(candidates, samples, str(tmp_path), log=said.append)
+    assert name == AUTO_CANDIDATES[0] and report["candidates"] == {}
+    assert "only 1 held-out image(s)" in report["why"] and len(said) == 1
+    assert said[0].startswith(f"auto: chose {name}: only 1 held-out") and "--backbone" in said[0]
+    assert not list(tmp_path.iterdir())  # no probe folder was made

@@ -108,8 +108,10 @@ def choose(candidates: list[tuple[str, ModelConfig, TrainConfig]], samples: list
     _, val_samples = split_validation(samples, candidates[0][2].val_fraction, seed)
     if len(val_samples) < 2:
         name, m, t = candidates[0]
-        return name, m, t, {"chosen": name, "why": f"only {len(val_samples)} held-out image(s): no choice possible, "
-                                                   f"kept the first candidate", "candidates": {}}
+        why = (f"only {len(val_samples)} held-out image(s) (val_fraction {t.val_fraction} of {len(samples)}): "
+               f"no choice possible, kept the first candidate")
+        log(f"auto: chose {name}: {why}; name a preset with --backbone, hold out more with --val-fraction, or give more normal images")
+        return name, m, t, {"chosen": name, "why": why, "candidates": {}}
     t0 = time.perf_counter()
     normals, defective, masks = synthetic_validation(val_samples, seed)
     results = {}

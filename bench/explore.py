@@ -166,6 +166,41 @@ def variants(model, val, syn, test, d, labels, masked):
     print(json.dumps(row), flush=True)
 
 
+def locnorm(model, fit, val, syn, test, d, labels, masked):
+    """Image / pixel AUROC of the map standardised per location: minus the normal images' mean map at that
+    pixel (fit = the training images' maps, val = the held-out normals'), and divided by their std there."""
+    _, fm = scores_and_maps(model, fit)
+    vs0, vm = scores_and_maps(model, val)
+    _, sm = scores_and_maps(model, syn)
+    _, tm = scores_and_maps(model, test)
+    n_val = len(vm)
+    stats = {"fit": (fm.mean(0), fm.std(0)), "val": (vm.mean(0), vm.std(0))}
+    del fm
+    for name in ("none", "fit-mean", "fit-z", "val-mean", "val-z", "fit-z-global"):
+        if name == "none":
+            f = lambda m: m
+        else:
+            mu, sd = stats[name.split("-")[0]]
+            if name.endswith("mean"):
+                f = lambda m, mu=mu: m - mu
+            elif name.endswith("global"):  # the std map floored at its median: no division by near-zero stds
+                fl = np.maximum(sd, np.median(sd))
+                f = lambda m, mu=mu, fl=fl: (m - mu) / fl
+            else:
+                f = lambda m, mu=mu, sd=sd: (m - mu) / (sd + 1e-3 * sd.mean())
+        v, s_, t = f(vm), f(sm), f(tm)
+        vs, ss, ts = (x.reshape(len(x), -1).max(1) for x in (v, s_, t))
+        row = {"locnorm": name,
+               "syn_img": round(image_auroc(np.r_[vs, ss], np.r_[np.zeros(n_val), np.ones(len(ss))]), 4),
+               "syn_pix": round(pixel_auroc(np.r_[v, s_], np.r_[np.zeros_like(v, bool), d["syn_masks"].numpy()]), 4),
+               "test_img": round(image_auroc(ts, labels), 4)}
+        if masked.all() and d["test_masks"].any():
+            row["test_pix"] = round(pixel_auroc(t, d["test_masks"].numpy()), 4)
+            if a.aupro:
+                row["test_aupro"] = round(pixel_aupro(t, d["test_masks"].numpy()), 4)
+        print(json.dumps(row), flush=True)
+
+
 def transform(feats: list[torch.Tensor], pool: int, fuse: bool, bs: int = 64) -> list[torch.Tensor]:
     """PatchCore's ingredients on cached features: a ``pool`` x ``pool`` local average (stride 1), and the
     levels fused into one (deeper ones upsampled bilinearly to the finest one's grid, channels concatenated)."""
@@ -209,6 +244,9 @@ def main():
     ap.add_argument("--tag", default="")
     ap.add_argument("--variants", action="store_true",
                     help="at the end, also score with each level's map standardised on the held-out normals")
+    ap.add_argument("--locnorm", action="store_true",
+                    help="at the end, also score with the map standardised per location on normal images' maps")
+    ap.add_argument("--save-maps", default="", help="at the end, save the test maps, scores and truth (.npz)")
     ap.add_argument("--pool", type=int, default=1, help="local average of the features (PatchCore: 3)")
     ap.add_argument("--fuse", action="store_true", help="one flow on the levels concatenated at the finest grid")
     ap.add_argument("--autocontrast", type=float, default=0.0,
@@ -263,6 +301,11 @@ def main():
                 print(json.dumps(row), flush=True)
                 if a.variants and step == a.budget:
                     variants(model, val, syn, test, d, labels, masked)
+                if a.save_maps and step == a.budget:
+                    np.savez_compressed(a.save_maps, maps=tm.astype(np.float32), scores=ts, labels=labels,
+                                        masks=d["test_masks"].numpy())
+                if a.locnorm and step == a.budget:
+                    locnorm(model, fit, val, syn, test, d, labels, masked)
                 t0 = time.time() - row["train_s"]
             if step >= a.budget:
                 break

@@ -201,6 +201,23 @@ def locnorm(model, fit, val, syn, test, d, labels, masked):
         print(json.dumps(row), flush=True)
 
 
+def with_context(feats: list[torch.Tensor], k: int, bs: int = 64) -> list[torch.Tensor]:
+    """Each level's features with ``k`` channels of context appended: the image's spatial mean of that
+    level's features, projected by a fixed random orthonormal matrix (seed 0) and broadcast over the map,
+    so the flow models each location jointly with the image's overall look."""
+    out = []
+    for f in feats:
+        g = torch.Generator().manual_seed(0)
+        proj = torch.linalg.qr(torch.randn(f.shape[1], k, generator=g))[0] * (f.shape[1] / k) ** 0.5
+        parts = []
+        for i in range(0, f.shape[0], bs):
+            x = f[i:i + bs]
+            ctx = (x.mean((2, 3)) @ proj)[:, :, None, None].expand(-1, -1, *x.shape[2:])
+            parts.append(torch.cat([x, ctx], 1))
+        out.append(torch.cat(parts))
+    return out
+
+
 def transform(feats: list[torch.Tensor], pool: int, fuse: bool, bs: int = 64) -> list[torch.Tensor]:
     """PatchCore's ingredients on cached features: a ``pool`` x ``pool`` local average (stride 1), and the
     levels fused into one (deeper ones upsampled bilinearly to the finest one's grid, channels concatenated)."""
@@ -247,6 +264,8 @@ def main():
     ap.add_argument("--locnorm", action="store_true",
                     help="at the end, also score with the map standardised per location on normal images' maps")
     ap.add_argument("--save-maps", default="", help="at the end, save the test maps, scores and truth (.npz)")
+    ap.add_argument("--context", type=int, default=0,
+                    help="append K channels of the image's mean feature (randomly projected) at every location")
     ap.add_argument("--pool", type=int, default=1, help="local average of the features (PatchCore: 3)")
     ap.add_argument("--fuse", action="store_true", help="one flow on the levels concatenated at the finest grid")
     ap.add_argument("--autocontrast", type=float, default=0.0,
@@ -262,6 +281,8 @@ def main():
                       hidden_ratio=a.ratio, kernels=a.kernels, flow_steps=a.flow_steps, norm_affine=not a.no_affine, norm_logdet=a.ln_logdet,
                       smoothing_sigma=a.sigma)
     fit, val, syn, test = (transform(pick(d[k]), a.pool, a.fuse) for k in ("fit", "val", "syn", "test"))
+    if a.context:
+        fit, val, syn, test = (with_context(x, a.context) for x in (fit, val, syn, test))
     torch.manual_seed(a.seed)
     model = FastFlow(cfg, backbone=_Shapes(real, keep, [tuple(f.shape[1:]) for f in fit]))
     opt = torch.optim.Adam(model.trainable_parameters(), lr=a.lr, weight_decay=1e-5, fused=True)

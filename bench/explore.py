@@ -248,6 +248,8 @@ def main():
     ap.add_argument("--levels", default="1,2,3")
     ap.add_argument("--no-affine", action="store_true")
     ap.add_argument("--ln-logdet", action="store_true")
+    ap.add_argument("--map-levels", default="", help="levels of the anomaly map (ModelConfig.map_levels); all if empty")
+    ap.add_argument("--score-levels", default="", help="levels of the image score (ModelConfig.score_levels)")
     ap.add_argument("--ratio", type=float, default=0.5)
     ap.add_argument("--kernels", default="3-1")
     ap.add_argument("--flow-steps", type=int, default=8)
@@ -279,7 +281,9 @@ def main():
     real = build_backbone(a.backbone, "random", ALL_LEVELS)
     cfg = ModelConfig(a.backbone, input_size=(a.size, a.size), levels=tuple(int(x) for x in a.levels.split(",")),
                       hidden_ratio=a.ratio, kernels=a.kernels, flow_steps=a.flow_steps, norm_affine=not a.no_affine, norm_logdet=a.ln_logdet,
-                      smoothing_sigma=a.sigma)
+                      smoothing_sigma=a.sigma,
+                      map_levels=tuple(int(x) for x in a.map_levels.split(",")) if a.map_levels else None,
+                      score_levels=tuple(int(x) for x in a.score_levels.split(",")) if a.score_levels else None)
     fit, val, syn, test = (transform(pick(d[k]), a.pool, a.fuse) for k in ("fit", "val", "syn", "test"))
     if a.context:
         fit, val, syn, test = (with_context(x, a.context) for x in (fit, val, syn, test))

@@ -63,3 +63,21 @@ def test_preprocess_is_derived_from_the_model_config():
     assert Preprocess.from_config(eq, (0.5,) * 3, (0.25,) * 3).equalize
     assert not pre.agrees_with(ModelConfig.from_preset("lite0_unaligned"))  # another size
     assert not pre.agrees_with(ModelConfig.from_preset(input_size=(48, 64)))  # no stretch
+
+
+def test_cli_levels_reset_a_presets_level_roles_unless_roles_are_given():
+    """--levels with a preset whose map and score come from different levels (or with the automatic choice,
+    which applies the options to every candidate) gives every named level both roles; --map-levels and
+    --score-levels set them."""
+    from fastflow.cli import _build_parser, _configs
+
+    parse = lambda *extra: _build_parser().parse_args(["train", "--output", "run", *extra])
+    fine = get_preset("lite0_unaligned_fine").model
+    assert (fine.levels, fine.map_levels, fine.score_levels) == ((2, 3, 4), (2, 3), (4,))
+    assert _configs(parse(), "lite0_unaligned_fine")[0] == fine
+    model, _ = _configs(parse("--levels", "1,2"), "lite0_unaligned_fine")
+    assert (model.levels, model.map_levels, model.score_levels) == ((1, 2), None, None)
+    model, _ = _configs(parse("--levels", "2,3,4", "--map-levels", "2", "--score-levels", "3,4"), "efficientnet_lite0")
+    assert (model.levels, model.map_levels, model.score_levels) == ((2, 3, 4), (2,), (3, 4))
+    with pytest.raises(ValueError, match="subset of levels"):
+        _configs(parse("--score-levels", "4"), "efficientnet_lite0")  # its levels are 1, 2, 3

@@ -128,6 +128,24 @@ def test_vit_backbone_and_blur_export(tmp_path):
     assert check_parity(path, model, batch=3)["max_abs_diff_map"] < TOL
 
 
+def test_level_roles_export_with_the_score_from_their_own_levels(tmp_path):
+    """A model whose map and image score come from different levels (lite0_unaligned_fine's design) exports
+    both outputs; the score is not the map's max, so a graph that got it from the map would fail here."""
+    from fastflow.export import ScoreAndMap, _export, check_parity
+    from fastflow.model import FastFlow
+
+    torch.manual_seed(0)
+    model = FastFlow(ModelConfig(input_size=(64, 64), levels=(2, 3, 4), map_levels=(2, 3), score_levels=(4,),
+                                 flow_steps=2, hidden_ratio=0.5, norm_affine=False), weights="random").eval()
+    path = str(tmp_path / "roles.onnx")
+    _export(ScoreAndMap(model), torch.randn(2, 3, 64, 64), path, 18, "torchscript")
+    parity = check_parity(path, model, batch=3)
+    assert parity["max_abs_diff_map"] < TOL and parity["max_abs_diff_score"] < TOL, parity
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, 64, 64))
+    assert not torch.allclose(out.score, out.anomaly_map.flatten(1).amax(1))
+
+
 def test_dynamo_exporter_smoke(tmp_path):
     """The torch.export-based exporter on a tiny model: it traces the reference flow (no version or
     storage caches left to trip over fake tensors) and ONNX Runtime agrees with torch."""

@@ -333,7 +333,8 @@ def test_presets_prints_in_under_5_s_without_torch(tmp_path):
     row = next(r for r in rows if r.startswith("efficientnet_lite0"))
     length = f"{lite0.steps} steps" if lite0.steps else f"{lite0.epochs} epochs"
     assert length in row and row.split()[-3:] == [str(lite0.batch_size), "aligned", "offline"]
-    assert next(r for r in rows if r.startswith("lite0_unaligned")).split()[-2:] == ["unaligned", "offline"]
+    assert next(r for r in rows if r.startswith("lite0_unaligned ")).split()[-2:] == ["unaligned", "offline"]
+    assert next(r for r in rows if r.startswith("lite0_unaligned_fine ")).split()[-2:] == ["unaligned", "offline"]
     row = next(r for r in rows if r.startswith("cait"))
     assert f"{cait.epochs} epochs" in row and row.split()[-3:] == [str(cait.batch_size), "aligned", "download"]
 
@@ -354,12 +355,14 @@ def test_preset_arithmetic_equals_the_built_networks():
         for kernels in ("3-1", "3-3"):
             assert kernel_sizes(steps, kernels) == flow.kernel_sizes(steps, kernels)
     built = {}
-    for name, levels in (("resnet18", (1, 2, 3)), ("efficientnet_lite0", (1, 2, 3)), ("efficientnet_lite0", (4,))):
+    for name, levels in (("resnet18", (1, 2, 3)), ("efficientnet_lite0", (1, 2, 3)), ("efficientnet_lite0", (4,)),
+                         ("efficientnet_lite0", (2, 3, 4))):
         bb = backbones.build_backbone(name, "random", levels)
         facts = FACTS[name]
         assert bb.channels == [facts.channels[i] for i in levels] and bb.strides == [facts.strides[i] for i in levels]
         built[name, levels] = bb
     configs = [PRESETS["resnet18"].model, PRESETS["efficientnet_lite0"].model, PRESETS["lite0_unaligned"].model,
+               PRESETS["lite0_unaligned_fine"].model,
                ModelConfig("resnet18", (100, 72), flow_steps=3, hidden_ratio=0.16, kernels="3-1"),
                ModelConfig("efficientnet_lite0", (90, 130), flow_steps=2, hidden_ratio=1.3, norm_affine=False)]
     for cfg in configs:

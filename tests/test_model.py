@@ -110,6 +110,13 @@ def test_presets_json_reports_reference_parameter_counts(capsys):
     unaligned = rows["lite0_unaligned"]  # the stride-32 level alone, 3x3 kernels, ratio 2.0, no LayerNorm affine
     assert [lv["stride"] for lv in unaligned["levels"]] == [32] and unaligned["kernels"] == "3-3"
     assert unaligned["hidden_ratio"] == 2.0 and unaligned["params_norm"] == 0
+    assert unaligned["map_levels"] is None and unaligned["score_levels"] is None
+    fine = rows["lite0_unaligned_fine"]  # its stride-32 flow scores the image, the stride-8 and -16 flows map
+    assert [lv["stride"] for lv in fine["levels"]] == [8, 16, 32]
+    assert fine["map_levels"] == [2, 3] and fine["score_levels"] == [4]
+    assert fine["params_trainable"] == unaligned["params_trainable"] + rows["lite0_texture"]["params_trainable"]
+    assert main(["presets"]) == 0
+    assert "lite0_unaligned_fine: the map from stride 8, 16, the image score from stride 32" in capsys.readouterr().out
 
 
 def test_levels_choose_the_flows_and_survive_serialisation():
@@ -130,6 +137,32 @@ def test_levels_choose_the_flows_and_survive_serialisation():
     assert _levels("1,2") == (1, 2)
     with pytest.raises(argparse.ArgumentTypeError, match="levels"):
         _levels("2,1")
+
+
+def test_level_roles_map_from_some_levels_and_score_from_others():
+    from fastflow.config import from_dict, to_dict
+
+    base = dict(input_size=(64, 64), flow_steps=2, norm_affine=False, smoothing_sigma=2.0)
+    torch.manual_seed(0)
+    roles = FastFlow(ModelConfig(levels=(1, 2, 3), map_levels=(1, 2), score_levels=(3,), **base), weights="random")
+    fine = FastFlow(ModelConfig(levels=(1, 2), **base), weights="random")  # the map levels alone
+    deep = FastFlow(ModelConfig(levels=(3,), **base), weights="random")  # the score level alone
+    for i in range(2):
+        fine.flows[i].load_state_dict(roles.flows[i].state_dict())
+    deep.flows[0].load_state_dict(roles.flows[2].state_dict())
+    feats = roles.extract(torch.randn(2, 3, 64, 64))
+    with torch.no_grad():
+        out, f, d = roles.forward_features(feats), fine.forward_features(feats[:2]), deep.forward_features(feats[2:])
+    torch.testing.assert_close(out.anomaly_map, f.anomaly_map)  # the map: levels 1 and 2 only
+    torch.testing.assert_close(out.score, d.score)  # the score: level 3's own map, not the map's max
+    assert not torch.allclose(out.score, f.score)
+    torch.testing.assert_close(out.loss, f.loss + d.loss)  # every level is trained all the same
+    cfg = roles.config
+    assert from_dict(ModelConfig, json.loads(json.dumps(to_dict(cfg)))) == cfg
+    with pytest.raises(ValueError, match="subset of levels"):
+        ModelConfig(levels=(2, 3), map_levels=(4,))
+    with pytest.raises(ValueError, match="subset of levels"):
+        ModelConfig(score_levels=(4,))  # levels left to the backbone's default
 
 
 @pytest.mark.parametrize("shape,sigma", [((2, 1, 64, 48), 4.0), ((1, 1, 5, 40), 8.0), ((1, 1, 1, 7), 2.0)])

@@ -284,6 +284,11 @@ def _add_train_model_args(t: argparse.ArgumentParser) -> None:
     t.add_argument("--levels", type=_levels, default=None,
                    help="backbone feature levels, one flow each (CNN: 1=stride 4, 2=stride 8, 3=stride 16, "
                         "4=stride 32)")
+    t.add_argument("--map-levels", type=_levels, default=None,
+                   help="the levels whose maps make the anomaly map (default: every level; --levels alone resets "
+                        "a preset's roles)")
+    t.add_argument("--score-levels", type=_levels, default=None,
+                   help="the levels whose own map's max is the image score (default: the anomaly map's max)")
     t.add_argument("--no-norm-affine", action="store_true",
                    help="LayerNorm without its learned per-location affine: position-free, and the loss stays a "
                         "proper likelihood; for parts that are not aligned (Magnetic Tile: README)")
@@ -466,6 +471,9 @@ def _configs(args, name: str | None = None) -> tuple[ModelConfig, TrainConfig]:
              "kernels": args.kernels, "anomaly_map": args.anomaly_map, "smoothing_sigma": args.smoothing_sigma,
              "levels": args.levels, "norm_affine": False if args.no_norm_affine else None}
     model = {k: v for k, v in given.items() if v is not None}
+    if "levels" in model:  # other levels: every level maps and scores, unless roles are given too
+        model.update(map_levels=args.map_levels, score_levels=args.score_levels)
+    model.update({k: v for k in ("map_levels", "score_levels") if (v := getattr(args, k)) is not None})
     if args.autocontrast is not None:  # a cut-off, or "off" (None in the config)
         model["autocontrast"] = None if args.autocontrast == "off" else args.autocontrast
     if args.equalize:  # replaces a preset's stretch; with an explicit --autocontrast CUTOFF, ModelConfig refuses both
@@ -843,14 +851,19 @@ def cmd_presets(args) -> int:
     if args.json:
         print(json.dumps(rows, indent=1))
         return 0
-    print(f"{'preset':<20}{'backbone':<34}{'size':>5}{'levels (C@stride)':>22}{'steps':>6}{'ratio':>6}"
+    print(f"{'preset':<22}{'backbone':<34}{'size':>5}{'levels (C@stride)':>22}{'steps':>6}{'ratio':>6}"
           f"{'kern':>5}{'trainable':>12}  {'training':<11}{'batch':>5}  {'parts':<10}weights")
     for r in rows:
         levels = " ".join(f"{lv['channels']}@{lv['stride']}" for lv in r["levels"])
         length = f"{r['train_steps']} steps" if r.get("train_steps") else f"{r['epochs']} epochs"
-        print(f"{r['name']:<20}{r['backbone']:<34}{r['input_size'][0]:>5}{levels:>22}{r['flow_steps']:>6}"
+        print(f"{r['name']:<22}{r['backbone']:<34}{r['input_size'][0]:>5}{levels:>22}{r['flow_steps']:>6}"
               f"{r['hidden_ratio']:>6}{r['kernels']:>5}{r['params_trainable']:>12,}  {length:<11}"
               f"{r['batch_size']:>5}  {'aligned' if r['aligned'] else 'unaligned':<10}{r['weights']}")
+    for r in rows:  # per-level roles (ModelConfig.map_levels / score_levels)
+        if r["map_levels"] is not None or r["score_levels"] is not None:
+            strides = lambda sub: ", ".join(str(lv["stride"]) for lv in r["levels"] if sub is None or lv["level"] in sub)
+            print(f"{r['name']}: the map from stride {strides(r['map_levels'])}, "
+                  f"the image score from stride {strides(r['score_levels'] or r['map_levels'])}")
     return 0
 
 

@@ -6,6 +6,8 @@
       -> z_i (B, C_i, H_i, W_i), log|det| map_i (B, H_i, W_i)
       -> anomaly map (B, 1, H, W): per-level map, bilinearly upsampled, averaged over levels
       -> image score (B,): max of the map
+    With per-level roles (``ModelConfig.map_levels`` / ``score_levels``) the map averages only the map levels
+    and the score is the max of the score levels' own map; every level's flow is trained all the same.
 
 Two anomaly maps (``ModelConfig.anomaly_map``):
   * ``reference`` — what anomalib / gathierry compute: ``-exp(-0.5 * mean_C z^2)``; ignores log|det|.
@@ -142,7 +144,13 @@ class FastFlow(nn.Module):
             Flow2D(c, config.flow_steps, config.hidden_ratio, config.kernels, config.clamp)
             for c, _, _ in shapes
         )
-        self._map_matrices(config.input_size, shapes)  # built now, so that tracing and torch.export see constants
+        # Per-level roles (ModelConfig.map_levels / score_levels) as indices into the levels; None: all.
+        levels = config.levels or tuple(range(len(shapes)))
+        index = lambda sub: tuple(range(len(shapes))) if sub is None else tuple(levels.index(i) for i in sub)
+        self.map_index = index(config.map_levels)
+        self.score_index = index(config.score_levels) if config.score_levels is not None else self.map_index
+        for idx in {self.map_index, self.score_index}:  # built now, so that tracing and torch.export see constants
+            self._map_matrices(config.input_size, [shapes[i] for i in idx])
 
     def _level_weight(self, channels: int) -> float:
         """A level's factor in the map: 1 (reference map), or 1 / (2 C) (log-likelihood, nats per channel)."""
@@ -203,8 +211,10 @@ class FastFlow(nn.Module):
         if not with_map:
             return FastFlowOutput(zs, log_dets, loss, nll_per_dim, None, None)
         size = output_size or self.config.input_size
-        anomaly_map = self.anomaly_map(zs, log_dets, size)
-        score = anomaly_map.flatten(1).amax(dim=1)
+        pick = lambda idx: ([zs[i] for i in idx], [log_dets[i] for i in idx])
+        anomaly_map = self.anomaly_map(*pick(self.map_index), size)
+        score_map = anomaly_map if self.score_index == self.map_index else self.anomaly_map(*pick(self.score_index), size)
+        score = score_map.flatten(1).amax(dim=1)
         return FastFlowOutput(zs, log_dets, loss, nll_per_dim, anomaly_map, score)
 
     def anomaly_map(self, zs: list[torch.Tensor], log_dets: list[torch.Tensor],

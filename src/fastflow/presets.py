@@ -56,16 +56,16 @@ def kernel_sizes(steps: int, kernels: str) -> list[int]:
 
 
 def feature_levels(cfg: ModelConfig) -> list[dict]:
-    """Per level of ``cfg``: {"channels", "stride", "shape": [C, H, W]} from ``FACTS`` (no network)."""
+    """Per level of ``cfg``: {"level", "channels", "stride", "shape": [C, H, W]} from ``FACTS`` (no network)."""
     facts = FACTS[cfg.backbone]
     height, width = cfg.input_size
     if facts.kind == "vit":
         c, s = facts.channels[0], facts.strides[0]
-        return [{"channels": c, "stride": s, "shape": [c, height // s, width // s]}]
+        return [{"level": (cfg.levels or facts.levels)[0], "channels": c, "stride": s, "shape": [c, height // s, width // s]}]
     out = []
     for i in cfg.levels or facts.levels:  # "same"-padded and ResNet stages round up: ceil(H / stride)
         c, s = facts.channels[i], facts.strides[i]
-        out.append({"channels": c, "stride": s, "shape": [c, math.ceil(height / s), math.ceil(width / s)]})
+        out.append({"level": i, "channels": c, "stride": s, "shape": [c, math.ceil(height / s), math.ceil(width / s)]})
     return out
 
 
@@ -87,6 +87,10 @@ def parameter_counts(cfg: ModelConfig) -> dict[str, int]:
             "backbone": facts.params[max(cfg.levels or facts.levels)]}
 
 
+def _listed(levels: tuple[int, ...] | None) -> list[int] | None:
+    return None if levels is None else list(levels)
+
+
 def presets_table() -> list[dict]:
     """Every preset: shapes, parameter counts, and what a user chooses by (epochs, batch, aligned parts or
     not, weights shipped with the package or downloaded)."""
@@ -96,6 +100,7 @@ def presets_table() -> list[dict]:
         rows.append({
             "name": p.name, "backbone": p.model.backbone, "input_size": list(p.model.input_size),
             "levels": feature_levels(p.model),
+            "map_levels": _listed(p.model.map_levels), "score_levels": _listed(p.model.score_levels),
             "flow_steps": p.model.flow_steps, "hidden_ratio": p.model.hidden_ratio, "kernels": p.model.kernels,
             "epochs": p.epochs, "train_steps": p.train.steps,  # a step budget (epochs: its cap), or None
             "batch_size": p.train.batch_size,

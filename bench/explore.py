@@ -279,11 +279,11 @@ def main():
     pick = lambda feats: [feats[i] for i in keep]
     from fastflow.backbones import build_backbone
     real = build_backbone(a.backbone, "random", ALL_LEVELS)
-    cfg = ModelConfig(a.backbone, input_size=(a.size, a.size), levels=tuple(int(x) for x in a.levels.split(",")),
+    listed = lambda text: tuple(int(x) for x in text.split(",")) if text else None
+    cfg = ModelConfig(a.backbone, input_size=(a.size, a.size), levels=listed(a.levels),
                       hidden_ratio=a.ratio, kernels=a.kernels, flow_steps=a.flow_steps, norm_affine=not a.no_affine, norm_logdet=a.ln_logdet,
                       smoothing_sigma=a.sigma,
-                      map_levels=tuple(int(x) for x in a.map_levels.split(",")) if a.map_levels else None,
-                      score_levels=tuple(int(x) for x in a.score_levels.split(",")) if a.score_levels else None)
+                      map_levels=listed(a.map_levels), score_levels=listed(a.score_levels))
     fit, val, syn, test = (transform(pick(d[k]), a.pool, a.fuse) for k in ("fit", "val", "syn", "test"))
     if a.context:
         fit, val, syn, test = (with_context(x, a.context) for x in (fit, val, syn, test))

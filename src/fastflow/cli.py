@@ -471,9 +471,9 @@ def _configs(args, name: str | None = None) -> tuple[ModelConfig, TrainConfig]:
              "kernels": args.kernels, "anomaly_map": args.anomaly_map, "smoothing_sigma": args.smoothing_sigma,
              "levels": args.levels, "norm_affine": False if args.no_norm_affine else None}
     model = {k: v for k, v in given.items() if v is not None}
-    if "levels" in model:  # other levels: every level maps and scores, unless roles are given too
-        model.update(map_levels=args.map_levels, score_levels=args.score_levels)
-    model.update({k: v for k in ("map_levels", "score_levels") if (v := getattr(args, k)) is not None})
+    roles = {"map_levels": args.map_levels, "score_levels": args.score_levels}
+    # other levels: every level maps and scores (the preset's roles reset), unless roles are given too
+    model.update(roles if "levels" in model else {k: v for k, v in roles.items() if v is not None})
     if args.autocontrast is not None:  # a cut-off, or "off" (None in the config)
         model["autocontrast"] = None if args.autocontrast == "off" else args.autocontrast
     if args.equalize:  # replaces a preset's stretch; with an explicit --autocontrast CUTOFF, ModelConfig refuses both

@@ -145,8 +145,7 @@ class FastFlow(nn.Module):
             for c, _, _ in shapes
         )
         # Per-level roles (ModelConfig.map_levels / score_levels) as indices into the levels; None: all.
-        levels = config.levels or tuple(range(len(shapes)))
-        index = lambda sub: tuple(range(len(shapes))) if sub is None else tuple(levels.index(i) for i in sub)
+        index = lambda sub: tuple(range(len(shapes))) if sub is None else tuple(config.levels.index(i) for i in sub)
         self.map_index = index(config.map_levels)
         self.score_index = index(config.score_levels) if config.score_levels is not None else self.map_index
         for idx in {self.map_index, self.score_index}:  # built now, so that tracing and torch.export see constants

@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .config import PRESETS, ModelConfig
+from .config import PRESETS, ModelConfig, to_dict
 
 
 @dataclass(frozen=True)
@@ -87,20 +87,16 @@ def parameter_counts(cfg: ModelConfig) -> dict[str, int]:
             "backbone": facts.params[max(cfg.levels or facts.levels)]}
 
 
-def _listed(levels: tuple[int, ...] | None) -> list[int] | None:
-    return None if levels is None else list(levels)
-
-
 def presets_table() -> list[dict]:
     """Every preset: shapes, parameter counts, and what a user chooses by (epochs, batch, aligned parts or
     not, weights shipped with the package or downloaded)."""
     rows = []
     for p in PRESETS.values():
-        counts = parameter_counts(p.model)
+        counts, saved = parameter_counts(p.model), to_dict(p.model)
         rows.append({
             "name": p.name, "backbone": p.model.backbone, "input_size": list(p.model.input_size),
             "levels": feature_levels(p.model),
-            "map_levels": _listed(p.model.map_levels), "score_levels": _listed(p.model.score_levels),
+            "map_levels": saved["map_levels"], "score_levels": saved["score_levels"],  # as run.json saves them
             "flow_steps": p.model.flow_steps, "hidden_ratio": p.model.hidden_ratio, "kernels": p.model.kernels,
             "epochs": p.epochs, "train_steps": p.train.steps,  # a step budget (epochs: its cap), or None
             "batch_size": p.train.batch_size,

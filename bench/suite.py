@@ -209,7 +209,7 @@ def ours(group: str, spec, seed: int, work: Path) -> dict:
     info = json.loads((run_dir / "run.json").read_text())
     hist = json.loads((run_dir / "history.json").read_text())
     out = {"train_wall_s": round(wall, 1), "train_peak_rss_mb": round(rss), "preset": info.get("preset"),
-           "auto": info.get("auto"), "best_epoch": hist.get("best_epoch"), "epochs": len(hist["history"]), "rows": {}}
+           "auto": info.get("auto"), "best_epoch": hist.get("best_epoch"), "kept_epochs": hist.get("kept_epochs"), "epochs": len(hist["history"]), "rows": {}}
     for row, kind, rfmt, rroot, rcat in rows:
         mpath = work / "runs" / f"{group}_seed{seed}_{row}_metrics.json"
         cmd = [*FASTFLOW, "evaluate", str(run_dir), "--data", rroot, "--category", rcat, "--output", str(mpath), "--quiet"]

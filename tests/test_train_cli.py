@@ -14,6 +14,7 @@ from fastflow.config import DEFAULT_PRESET, ModelConfig, TrainConfig, from_dict,
 from fastflow.data import load_samples
 from fastflow.demo import make_demo_dataset
 from fastflow.flow import use_fast_backward
+from fastflow.model import FastFlow
 from fastflow.run import load_run
 from fastflow.train import add_feature_noise, split_validation, train
 
@@ -91,7 +92,7 @@ def test_validation_nll_nan_at_every_epoch_is_a_clear_training_error(dataset, tm
     import fastflow.train as train_module
     from fastflow.train import TrainingError
 
-    monkeypatch.setattr(train_module, "_mean_nll", lambda model, source: float("nan"))
+    monkeypatch.setattr(train_module, "_mean_nll", lambda model, source: [float("nan")] * len(model.flows))
     with pytest.raises(TrainingError, match="validation NLL was not finite"):
         _tiny_train(dataset, tmp_path / "run")
 
@@ -107,7 +108,7 @@ def test_keep_epoch_keeps_the_lowest_held_out_nll_or_the_last_sound_epoch(datase
 
     def scripted_nll(model, source):
         weights.append({k: v.detach().clone() for k, v in train_module.trainable_state(model).items()})
-        return next(script)
+        return [next(script)] * len(model.flows)  # every flow alike: one epoch for all
 
     monkeypatch.setattr(train_module, "_mean_nll", scripted_nll)
     samples = load_samples("mvtec", dataset, "texture", "train")
@@ -121,6 +122,48 @@ def test_keep_epoch_keeps_the_lowest_held_out_nll_or_the_last_sound_epoch(datase
         TrainConfig(keep_epoch="first")
     with pytest.raises(ValueError, match="keep_last_within"):
         TrainConfig(keep_last_within=-1.0)
+
+
+@pytest.mark.parametrize("keep, per_flow, kept", [
+    ("best", [[0.5, 0.2, 0.4, 0.3], [0.5, 0.4, 0.3, 0.2], [0.3, 0.2, 0.1, 0.4]], [2, 4, 3]),
+    # the lite presets' rule: flow 3 overfits from epoch 3 on; the others keep the last epoch all the same
+    ("last", [[0.5, 0.2, 0.4, 0.3], [0.5, 0.4, 0.3, 0.2], [0.1, 0.2, 0.9, 5.0]], [4, 4, 2])])
+def test_each_flow_keeps_its_own_epoch(dataset, tmp_path, monkeypatch, keep, per_flow, kept):
+    import fastflow.train as train_module
+
+    weights, epoch = [], iter(range(4))
+
+    def scripted_nll(model, source):
+        weights.append({k: v.detach().clone() for k, v in train_module.trainable_state(model).items()})
+        e = next(epoch)
+        return [levels[e] for levels in per_flow]
+
+    monkeypatch.setattr(train_module, "_mean_nll", scripted_nll)
+    samples = load_samples("mvtec", dataset, "texture", "train")
+    tcfg = TrainConfig(epochs=4, batch_size=4, keep_epoch=keep)
+    result = train(ModelConfig(input_size=(64, 64)), tcfg, samples, str(tmp_path / "run"), progress=False,
+                   log=lambda *_: None)
+    assert result.kept_epochs == kept and result.best_epoch == max(kept)
+    assert result.best_val_nll == pytest.approx(sum(levels[e - 1] for levels, e in zip(per_flow, kept)))
+    saved = torch.load(tmp_path / "run" / "model.pt", weights_only=True)
+    assert saved["kept_epochs"] == kept
+    for key, value in saved["state"].items():  # each flow and its norm from its own kept epoch
+        level = int(key.split(".")[1])
+        assert torch.equal(value, weights[kept[level] - 1][key].to(value.device)), key
+    history = json.loads((tmp_path / "run" / "history.json").read_text())
+    assert history["kept_epochs"] == kept and len(history["history"][0]["val_nll_levels"]) == 3
+
+
+@pytest.mark.parametrize("logdet", [False, True])
+def test_flow_nlls_are_shares_of_the_model_nll(logdet):
+    """``level_nll`` splits ``nll_per_dim`` exactly (with the norms' Jacobian too): the per-flow choice compares
+    the quantity the model trains."""
+    model = FastFlow(ModelConfig(input_size=(64, 64), norm_logdet=logdet), weights="random")
+    with torch.no_grad():
+        for norm in model.norms:
+            norm.weight.uniform_(0.5, 2.0)
+    out = model.forward_features([torch.randn(2, *s) for s in model.feature_shapes], with_map=False)
+    assert out.level_nll.shape == (3,) and torch.allclose(out.level_nll.sum(), out.nll_per_dim)
 
 
 def test_train_config_of_an_older_run_loads_without_its_retired_fields():

@@ -559,7 +559,7 @@ def _train_resume(args, dist, device, precision) -> int:
     res = train(model_cfg, train_cfg, samples, args.resume, weights=saved["weights"], resume=True,
                 progress=not args.quiet, dist=dist, device=device, precision=precision)
     if dist.is_main:
-        print(f"resumed and finished {args.resume}: kept epoch {res.best_epoch}, threshold {res.threshold:.4f}")
+        print(f"resumed and finished {args.resume}: kept {res.kept()}, threshold {res.threshold:.4f}")
     return 0
 
 
@@ -584,7 +584,7 @@ def _train_category(args, cat, run_dir, opts, configs, auto, dist, cat_dist, dev
         if cat_dist.is_main:
             _drop_orphan_run_file(run_dir)
         raise
-    say(f"[{cat}] done in {res.train_seconds:.1f} s: kept epoch {res.best_epoch}, "
+    say(f"[{cat}] done in {res.train_seconds:.1f} s: kept {res.kept()}, "
         f"val NLL {res.best_val_nll if res.best_val_nll is None else round(res.best_val_nll, 4)} nats/dim, "
         f"threshold {res.threshold:.4f}")
     if not cat_dist.is_main:

@@ -41,7 +41,8 @@ def run_info(run_dir: str) -> dict:
         "model_config": ckpt["model_config"], "train_config": ckpt["train_config"], "preprocess": ckpt["preprocess"],
         "backbone_weights": ckpt.get("backbone_weights"), "data": run.get("data"),
         "preset": run.get("preset"), "auto": run.get("auto"),
-        "training": {"best_epoch": ckpt.get("best_epoch"), "best_val_nll": ckpt.get("best_val_nll"),
+        "training": {"best_epoch": ckpt.get("best_epoch"), "kept_epochs": ckpt.get("kept_epochs"),
+                     "best_val_nll": ckpt.get("best_val_nll"),
                      "n_fit": ckpt.get("n_fit"), "n_val": ckpt.get("n_val"),
                      "epochs_run": len(history.get("history", [])) or None,
                      "train_seconds": history.get("train_seconds")},
@@ -57,6 +58,8 @@ def _length(t: dict) -> str:
 
 def format_info(info: dict) -> str:
     """The readable form of ``run_info``."""
+    from .run import kept_epochs_text
+
     m, t, th = info["model_config"], info["train_config"], info["threshold"]
     tr = info["training"]
     levels = ",".join(map(str, m["levels"])) if m.get("levels") else "default"
@@ -66,7 +69,7 @@ def format_info(info: dict) -> str:
         f"{m['input_size'][1]}, levels {levels}, {m['flow_steps']} steps, hidden ratio {m['hidden_ratio']}, "
         f"kernels {m['kernels']}, map {m['anomaly_map']} (blur sigma {m['smoothing_sigma']})",
         f"training   {_length(t)} at batch {t['batch_size']}, lr {t['lr']:g}, feature noise "
-        f"{t['feature_noise']:g}, seed {t['seed']}; kept epoch {tr['best_epoch']}"
+        f"{t['feature_noise']:g}, seed {t['seed']}; kept {kept_epochs_text(tr['best_epoch'], tr.get('kept_epochs'))}"
         + (f", {tr['train_seconds']:.0f} s" if tr.get("train_seconds") else "")
         + (f"; {tr['n_fit']} images fitted, {tr['n_val']} held out" if tr.get("n_fit") is not None else ""),
     ]

@@ -46,6 +46,8 @@ class FastFlowOutput:
     z: per level (B, C_i, H_i, W_i); log_det_maps: per level (B, H_i, W_i);
     loss: scalar, mean over the batch of the per-image negative log-likelihood (nats, constant dropped);
     nll_per_dim: scalar, the same in nats per feature dimension (constant included) — readable;
+    level_nll: (L,), each level's share of ``nll_per_dim`` (its flow's NLL over all the feature dimensions;
+    they sum to it): the flows are independent, so training keeps each one's own best epoch (train.py);
     anomaly_map: (B, 1, H, W) at input resolution; score: (B,); both None from
     ``forward_features(..., with_map=False)``.
     """
@@ -56,6 +58,7 @@ class FastFlowOutput:
     nll_per_dim: torch.Tensor
     anomaly_map: torch.Tensor | None
     score: torch.Tensor | None
+    level_nll: torch.Tensor | None = None
 
 
 def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -200,21 +203,27 @@ class FastFlow(nn.Module):
             z, log_det_map = flow.forward_map(norm(feat))
             zs.append(z.float())  # no-ops in float32; under autocast (bf16/fp16) the loss and map stay float32
             log_dets.append(log_det_map.float())
-        # Per-image NLL (constant 0.5*log(2pi) dropped), summed over levels; loss = batch mean.
-        nll = sum((0.5 * z.pow(2).flatten(1).sum(1) - ld.flatten(1).sum(1)) for z, ld in zip(zs, log_dets))
+        # Per-image NLL (constant 0.5*log(2pi) dropped), per level and summed over levels; loss = batch mean.
+        levels = [0.5 * z.pow(2).flatten(1).sum(1) - ld.flatten(1).sum(1) for z, ld in zip(zs, log_dets)]
+        nll = sum(levels)
         if self.config.norm_logdet and self.config.norm_affine:  # the affine y = w * x_hat + b: log|det| = sum log|w|
-            nll = nll - sum(n.weight.abs().log().sum() for n in self.norms if getattr(n, "weight", None) is not None)
-        dims = sum(z[0].numel() for z in zs)
+            norm_log_dets = [n.weight.abs().log().sum() if getattr(n, "weight", None) is not None else 0.0
+                             for n in self.norms]
+            nll = nll - sum(norm_log_dets)
+            levels = [level - ld for level, ld in zip(levels, norm_log_dets)]
+        level_dims = [z[0].numel() for z in zs]
+        dims = sum(level_dims)
         loss = nll.mean()
         nll_per_dim = loss / dims + 0.5 * LOG_2PI
+        level_nll = torch.stack([level.detach().mean() + 0.5 * LOG_2PI * d for level, d in zip(levels, level_dims)]) / dims
         if not with_map:
-            return FastFlowOutput(zs, log_dets, loss, nll_per_dim, None, None)
+            return FastFlowOutput(zs, log_dets, loss, nll_per_dim, None, None, level_nll)
         size = output_size or self.config.input_size
         pick = lambda idx: ([zs[i] for i in idx], [log_dets[i] for i in idx])
         anomaly_map = self.anomaly_map(*pick(self.map_index), size)
         score_map = anomaly_map if self.score_index == self.map_index else self.anomaly_map(*pick(self.score_index), size)
         score = score_map.flatten(1).amax(dim=1)
-        return FastFlowOutput(zs, log_dets, loss, nll_per_dim, anomaly_map, score)
+        return FastFlowOutput(zs, log_dets, loss, nll_per_dim, anomaly_map, score, level_nll)
 
     def anomaly_map(self, zs: list[torch.Tensor], log_dets: list[torch.Tensor],
                     size: tuple[int, int]) -> torch.Tensor:

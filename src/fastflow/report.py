@@ -35,6 +35,7 @@ import numpy as np
 from PIL import Image
 
 from .evaluate import Scored
+from .run import kept_epochs_text
 from .visualize import HEAT_MAX_ALPHA, denormalize, heat_overlay, mask_overlay
 
 THUMB = 256  # pixels, longest side of a gallery thumbnail (JPEG: a report of 72 thumbnails stays ~2 MB)
@@ -293,7 +294,7 @@ def run_rows(run: dict, scored: Scored, types: list[str]) -> list[tuple[str, str
     tr, m = run.get("training") or {}, run.get("model_config") or {}
     if tr.get("n_fit") is not None:
         rows.append(("training", f"{tr['n_fit']} normal images fitted, {tr.get('n_val')} held out (epoch selection "
-                                 f"and threshold); kept epoch {tr.get('best_epoch')}"))
+                                 f"and threshold); kept {kept_epochs_text(tr.get('best_epoch'), tr.get('kept_epochs'))}"))
     size = "x".join(map(str, m.get("input_size") or [])) or "?"
     chosen = " (chosen by --backbone auto)" if run.get("auto") else ""
     rows.append(("model", f"preset {run.get('preset') or m.get('backbone')}{chosen}: backbone {m.get('backbone')}, "

@@ -47,6 +47,13 @@ def preprocess_for(model: FastFlow) -> Preprocess:
     return Preprocess.from_config(model.config, model.backbone.mean, model.backbone.std)
 
 
+def kept_epochs_text(best_epoch: int | None, kept_epochs: list[int] | None) -> str:
+    """'epoch 20', or 'epochs 20, 20, 12 (per flow)' when the flows kept different epochs (train.py)."""
+    if not kept_epochs or len(set(kept_epochs)) == 1:
+        return f"epoch {best_epoch}"
+    return f"epochs {', '.join(map(str, kept_epochs))} (per flow)"
+
+
 def trainable_state(model: FastFlow) -> dict[str, torch.Tensor]:
     """A copy of the model's state apart from the (frozen, rebuildable) backbone, on the CPU whatever the
     model's device (checkpoints load anywhere)."""

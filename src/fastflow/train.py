@@ -5,7 +5,9 @@
 The recipe: Adam (lr 1e-3, weight decay 1e-5), batch 32, the preset's epochs. Part of the normal
 training images is held out as a validation set: its likelihood selects the best epoch (or, with
 ``keep_epoch="last"`` as in the lite presets, only skips epochs that diverged from it) and its image scores
-calibrate the decision threshold. The test set never steers training.
+calibrate the decision threshold. The test set never steers training. The epoch is chosen per flow: the
+levels' flows have their own parameters and the loss is their sum, so each flow's own best epoch gives the
+model the lowest held-out NLL, and one flow that overfits does not pull the others back.
 
 The backbone is frozen, so without augmentation its features are computed once and reused every
 epoch (``cache_features``): exactly the same model, several times faster.
@@ -42,7 +44,7 @@ from .distributed import SINGLE, Dist
 from .flow import use_fast_backward
 from .fused import for_inference
 from .model import FastFlow
-from .run import build_checkpoint, preprocess_for, trainable_state
+from .run import build_checkpoint, kept_epochs_text, preprocess_for, trainable_state
 
 
 class TrainingError(RuntimeError):
@@ -154,12 +156,16 @@ class FeatureSource:
 @dataclass
 class TrainResult:
     run_dir: str
-    best_epoch: int
+    best_epoch: int  # the latest epoch kept by any flow
     best_val_nll: float | None
     threshold: float
     epochs_run: int
     train_seconds: float
     history: list[dict]
+    kept_epochs: list[int] = field(default_factory=list)  # per flow, in the model's level order
+
+    def kept(self) -> str:
+        return kept_epochs_text(self.best_epoch, self.kept_epochs)
 
 
 def add_feature_noise(feats: list[torch.Tensor], sigma: float, keys: list[int]) -> list[torch.Tensor]:
@@ -176,17 +182,18 @@ def add_feature_noise(feats: list[torch.Tensor], sigma: float, keys: list[int]) 
 
 
 @torch.inference_mode()
-def _mean_nll(model: FastFlow, source: FeatureSource) -> float:
+def _mean_nll(model: FastFlow, source: FeatureSource) -> list[float]:
+    """The held-out NLL of each flow, as its share of the model's nats per dimension (``level_nll``: they sum
+    to the model's held-out NLL)."""
     model = for_inference(model)  # the current parameters, folded once for this pass
-    total, count = 0.0, 0
+    total = torch.zeros(len(model.flows) + 1, dtype=torch.float64)  # per level, then the image count
     for feats in source.batches(0, 0, shuffle=False):
         out = model.forward_features(feats, with_map=False)
-        total += out.nll_per_dim.item() * feats[0].shape[0]
-        count += feats[0].shape[0]
+        n = feats[0].shape[0]
+        total += torch.cat([out.level_nll.double().cpu() * n, torch.tensor([n], dtype=torch.float64)])
     if source.dist.world > 1:
-        total, count = source.dist.all_reduce_sum(
-            torch.tensor([total, count], dtype=torch.float64, device=source.dist.device)).tolist()
-    return total / max(count, 1)
+        total = source.dist.all_reduce_sum(total.to(source.dist.device)).cpu()
+    return (total[:-1] / max(float(total[-1]), 1.0)).tolist()
 
 
 @torch.inference_mode()
@@ -270,18 +277,27 @@ def _train(model_cfg: ModelConfig, train_cfg: TrainConfig, samples: list[Sample]
     if resume:
         _resume(loop, model_cfg, run_dir, epochs, log)
     _run_epochs(loop, epochs, progress)
-    if train_cfg.keep_epoch == "last" and loop.val is not None and loop.best["epoch"] + 1 < len(loop.history):
-        log(f"kept epoch {loop.best['epoch'] + 1}, not the last: the held-out NLL of every later epoch was more "
-            f"than {train_cfg.keep_last_within:g} nats/dim above its lowest (overfitting: fewer epochs or more images)")
+    if train_cfg.keep_epoch == "last" and loop.val is not None:
+        _log_early_kept(loop, log)
     threshold = _select_best(loop, run_dir, log)
     seconds = time.perf_counter() - t_start
     _write_run(loop, threshold, run_dir, len(fit_samples), len(val_samples), {
         "feature_cache_seconds": t_features, "train_seconds": seconds,
         "cache_features": train_cfg.cache_features and not train_cfg.augment})
     dist.barrier()  # the run folder is complete when train returns, on every rank
-    best_nll = None if math.isinf(loop.best["val_nll"]) else loop.best["val_nll"]
-    return TrainResult(run_dir, loop.best["epoch"] + 1, best_nll, threshold["value"], len(loop.history), seconds,
-                       loop.history)
+    return TrainResult(run_dir, loop.best_epoch + 1, loop.best_val_nll, threshold["value"], len(loop.history), seconds,
+                       loop.history, [e + 1 for e in loop.best["epochs"]])
+
+
+def _log_early_kept(loop: _Loop, log) -> None:
+    """Say which flows (by stride) kept an epoch before the last, and why."""
+    size = loop.model.config.input_size[0]
+    early = [f"the stride-{size // h} flow epoch {e + 1}" for e, (_, h, _) in zip(loop.best["epochs"], loop.model.feature_shapes)
+             if e + 1 < len(loop.history)]
+    if early:
+        log(f"kept {', '.join(early)}, not the last ({len(loop.history)}): its held-out NLL at every later epoch was "
+            f"more than {loop.train_cfg.keep_last_within:g} nats/dim above its lowest (overfitting: fewer epochs or "
+            f"more images)")
 
 
 def _seeded_model(model_cfg: ModelConfig, train_cfg: TrainConfig, samples: list[Sample], weights: str,
@@ -339,7 +355,23 @@ class _Loop:
     ckpt_path: str  # the last epoch's full training state, for --resume
     start_epoch: int = 0
     history: list[dict] = field(default_factory=list)
-    best: dict = field(default_factory=lambda: {"epoch": -1, "val_nll": math.inf, "state": None})
+    # per flow: the kept epoch (-1: none yet) and its held-out NLL; ``state`` holds each flow's kept parameters
+    best: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.best = self.best or {"epochs": [-1] * len(self.model.flows), "val_nlls": [math.inf] * len(self.model.flows),
+                                  "state": None}
+
+    @property
+    def best_epoch(self) -> int:
+        """The latest epoch any flow kept (counted from 0)."""
+        return max(self.best["epochs"])
+
+    @property
+    def best_val_nll(self) -> float | None:
+        """The kept model's held-out NLL (the flows' kept NLLs summed); None without validation images."""
+        total = sum(self.best["val_nlls"])
+        return None if math.isinf(total) else total
 
     @classmethod
     def start(cls, model: FastFlow, fit: FeatureSource, val: FeatureSource | None, train_cfg: TrainConfig,
@@ -386,7 +418,10 @@ def _resume(loop: _Loop, model_cfg: ModelConfig, run_dir: str, epochs: int, log)
         loop.model.load_state_dict(state["state"], strict=False)
         loop.opt.load_state_dict(state["optimizer"])
         loop.start_epoch, loop.history = state["epoch"] + 1, json.loads(state["history"])
-        loop.best = {"epoch": state["best_epoch"], "val_nll": state["best_val_nll"], "state": state["best_state"]}
+        n_flows = len(loop.model.flows)  # a checkpoint from before the per-flow choice: its one epoch for every flow
+        loop.best = {"epochs": state.get("best_epochs", [state["best_epoch"]] * n_flows),
+                     "val_nlls": state.get("best_val_nlls", [state["best_val_nll"] / n_flows] * n_flows),
+                     "state": state["best_state"]}
         rng = state.get("rng_states", [state["rng_state"]])
         torch.set_rng_state(rng[dist.rank] if len(rng) == dist.world else rng[0])  # augmentation draws
     except (KeyError, ValueError, RuntimeError, TypeError) as e:
@@ -409,16 +444,11 @@ def _run_epochs(loop: _Loop, epochs: int, progress: bool) -> None:
         row = {"epoch": epoch + 1, "train_nll": train_nll, "seconds": time.perf_counter() - t0}
         if loop.val is not None:
             with loop.amp():
-                row["val_nll"] = _mean_nll(loop.model, loop.val)
-            if loop.train_cfg.keep_epoch == "last":  # the latest epoch not diverged from the lowest NLL so far
-                finite = [h["val_nll"] for h in loop.history + [row] if math.isfinite(h.get("val_nll", math.nan))]
-                keep = math.isfinite(row["val_nll"]) and row["val_nll"] <= min(finite) + loop.train_cfg.keep_last_within
-            else:
-                keep = row["val_nll"] < loop.best["val_nll"]
-            if keep:
-                loop.best = {"epoch": epoch, "val_nll": row["val_nll"], "state": trainable_state(loop.model)}
+                levels = _mean_nll(loop.model, loop.val)
+            row["val_nll"], row["val_nll_levels"] = sum(levels), levels
+            _keep(loop, epoch, [_keeps(loop, row, i) for i in range(len(levels))], levels)
         else:
-            loop.best = {"epoch": epoch, "val_nll": math.inf, "state": trainable_state(loop.model)}
+            _keep(loop, epoch, [True] * len(loop.model.flows), [math.inf] * len(loop.model.flows))
         loop.history.append(row)
         _save_training_state(loop, epoch)
         if bar is not None:
@@ -426,6 +456,38 @@ def _run_epochs(loop: _Loop, epochs: int, progress: bool) -> None:
             bar.update(1)
     if bar is not None:
         bar.close()
+
+
+def _keeps(loop: _Loop, row: dict, level: int) -> bool:
+    """Whether flow ``level`` keeps the epoch of ``row``: its held-out NLL is the lowest so far ("best"), or
+    (``keep_epoch="last"``) finite and within ``keep_last_within`` of the lowest so far."""
+    nll = row["val_nll_levels"][level]
+    if loop.train_cfg.keep_epoch != "last":
+        return nll < loop.best["val_nlls"][level]
+    seen = [h["val_nll_levels"][level] for h in loop.history + [row] if "val_nll_levels" in h]
+    return math.isfinite(nll) and nll <= min(v for v in seen if math.isfinite(v)) + loop.train_cfg.keep_last_within
+
+
+def _keep(loop: _Loop, epoch: int, keeps: list[bool], nlls: list[float]) -> None:
+    """Take this epoch's parameters for the flows in ``keeps`` (with their norms) into ``loop.best``."""
+    if not any(keeps):
+        return
+    state, best = trainable_state(loop.model), loop.best
+    if best["state"] is None:
+        best["state"] = state
+    for key, value in state.items():
+        level = _level_of(key)
+        if level is None or keeps[level]:
+            best["state"][key] = value
+    for i, keep in enumerate(keeps):
+        if keep:
+            best["epochs"][i], best["val_nlls"][i] = epoch, nlls[i]
+
+
+def _level_of(key: str) -> int | None:
+    """The level of a trainable state entry (``flows.I.*``, ``norms.I.*``); None for any other entry."""
+    parts = key.split(".")
+    return int(parts[1]) if len(parts) > 2 and parts[0] in ("flows", "norms") else None
 
 
 def _train_epoch(loop: _Loop, epoch: int) -> float:
@@ -465,14 +527,16 @@ def _save_training_state(loop: _Loop, epoch: int) -> None:
     if dist.is_main:
         save_atomic(build_checkpoint(loop.model, loop.train_cfg, loop.weights, None, {
             "epoch": epoch, "optimizer": loop.opt.state_dict(), "history": json.dumps(loop.history),
-            "best_epoch": best["epoch"], "best_val_nll": best["val_nll"], "best_state": best["state"],
+            "best_epoch": loop.best_epoch, "best_val_nll": math.inf if loop.best_val_nll is None else loop.best_val_nll,
+            "best_state": best["state"],
+            "best_epochs": best["epochs"], "best_val_nlls": best["val_nlls"],
             "rng_state": torch.get_rng_state(), **extra,
         }), loop.ckpt_path)
 
 
 def _select_best(loop: _Loop, run_dir: str, log) -> dict:
     """Load the best epoch's state into the model and calibrate its threshold on the held-out images."""
-    if loop.best["state"] is None:  # every epoch's validation NLL was NaN: nothing can be selected
+    if min(loop.best["epochs"]) < 0:  # a flow's validation NLL was NaN at every epoch: nothing can be selected
         last = loop.history[-1].get("val_nll") if loop.history else None
         raise TrainingError(
             f"the validation NLL was not finite at any epoch (last: {last}), "
@@ -496,11 +560,12 @@ def _write_run(loop: _Loop, threshold: dict, run_dir: str, n_fit: int, n_val: in
         ranks = {"world_size": dist.world, "images_per_rank": dist.gather_objects(len(fit.dataset) if fit.dataset else 0)}
     if dist.is_main:
         save_atomic(build_checkpoint(loop.model, loop.train_cfg, loop.weights, threshold, {
-            "best_epoch": best["epoch"] + 1, "best_val_nll": None if math.isinf(best["val_nll"]) else best["val_nll"],
-            "n_fit": n_fit, "n_val": n_val,
+            "best_epoch": loop.best_epoch + 1, "best_val_nll": loop.best_val_nll,
+            "kept_epochs": [e + 1 for e in best["epochs"]], "n_fit": n_fit, "n_val": n_val,
         }), os.path.join(run_dir, "model.pt"))
         with open(os.path.join(run_dir, "history.json"), "w") as f:
-            json.dump({"history": loop.history, **timings, "best_epoch": best["epoch"] + 1, **ranks}, f, indent=1)
+            json.dump({"history": loop.history, **timings, "best_epoch": loop.best_epoch + 1,
+                       "kept_epochs": [e + 1 for e in best["epochs"]], **ranks}, f, indent=1)
 
 
 def _sharded_backward(model: FastFlow, feats: list[torch.Tensor] | None, n_batch: int,

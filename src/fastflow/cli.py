@@ -239,9 +239,9 @@ def _add_train_parser(sub) -> None:
     t.add_argument("--false-alarm-rate", type=float, default=None,
                    help="threshold calibration on held-out normals (default 0.01)")
     t.add_argument("--keep-epoch", choices=["best", "last"], default=None,
-                   help="the model kept: the epoch of lowest held-out NLL (paper presets) or the last one whose "
-                        "held-out NLL is within 0.5 nats/dim of the lowest (lite presets: their step budget is the "
-                        "stopping rule; a run that diverges falls back)")
+                   help="the epoch each level's flow keeps: its lowest held-out NLL (paper presets) or the last "
+                        "one within 0.5 nats/dim of its lowest (lite presets: their step budget is the stopping "
+                        "rule; a flow that diverges falls back, the others keep their last epoch)")
     t.add_argument("--seed", type=int, default=None, help="random seed (default: 0)")
     t.add_argument("--evaluate", action="store_true", help="evaluate on the test split after training")
     t.add_argument("--quiet", action="store_true", help="no progress bar")

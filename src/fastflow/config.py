@@ -151,12 +151,14 @@ class TrainConfig:
     # paper. It keeps a flow from sharpening its density onto the few training images (bench/README.md).
     feature_noise: float = 0.0
     false_alarm_rate: float = 0.01  # threshold calibrated on held-out normals at this false-positive rate
-    # Which epoch's model is kept: "best" (lowest held-out NLL; the paper presets) or "last" (the lite presets:
+    # Which epoch each level's flow keeps (train.py: the flows are independent, so each is chosen on its own
+    # share of the held-out NLL): "best" (its lowest; the paper presets) or "last" (the lite presets:
     # their step budget is the stopping rule; on small sets the held-out NLL turns up mid-run while the
     # synthetic defects, and the test figures, keep improving; bench/README.md, twelfth round).
     keep_epoch: str = "best"
-    # "last" keeps the last epoch whose held-out NLL is within this many nats per dimension of the lowest
-    # so far: a healthy rise on the suite was at most 0.17, while lite0_unaligned on one grass seed overfit
+    # "last": a flow keeps the last epoch whose share of the held-out NLL (nats per dimension of the whole
+    # model) is within this of its lowest so far: a healthy rise of the model's NLL on the suite was at most
+    # 0.17, while lite0_unaligned on one grass seed overfit
     # its 86 images until the held-out NLL went from 0.40 to 351 (bench/README.md, thirteenth round).
     keep_last_within: float = 0.5
     seed: int = 0

@@ -154,7 +154,7 @@ def test_resume_refuses_other_options_and_extends_a_finished_run(demo, tmp_path,
         assert rc == 2 and name in err and "options it was started with" in err, err
     rc, out, err = cli(capsys, "train", "--resume", run, "--quiet")  # finished: says so, changes nothing
     assert rc == 0 and "finished all its 1 epochs" in out and "--epochs" in out
-    # a run folder written before TrainConfig lost num_workers and gained keep_last_within resumes all the same
+    # a run folder written before TrainConfig lost num_workers and gained keep_last_within resumes all the same,
     def as_older_version(cfg: dict) -> None:
         cfg["num_workers"] = 0
         del cfg["keep_last_within"]
@@ -164,6 +164,8 @@ def test_resume_refuses_other_options_and_extends_a_finished_run(demo, tmp_path,
     (run / "run.json").write_text(json.dumps(saved))
     state = load_safe(str(run / "checkpoint.pt"))
     as_older_version(state["train_config"])
+    # ... and whose checkpoint kept one epoch for the whole model, not one per flow
+    state["best_epoch"], state["best_val_nll"] = max(state.pop("best_epochs")), sum(state.pop("best_val_nlls"))
     save_atomic(state, str(run / "checkpoint.pt"))
     rc, out, err = cli(capsys, "train", "--resume", run, "--epochs", "2", "--output", run, "--quiet")
     assert rc == 0, err

@@ -418,10 +418,12 @@ def _resume(loop: _Loop, model_cfg: ModelConfig, run_dir: str, epochs: int, log)
         loop.model.load_state_dict(state["state"], strict=False)
         loop.opt.load_state_dict(state["optimizer"])
         loop.start_epoch, loop.history = state["epoch"] + 1, json.loads(state["history"])
-        n_flows = len(loop.model.flows)  # a checkpoint from before the per-flow choice: its one epoch for every flow
-        loop.best = {"epochs": state.get("best_epochs", [state["best_epoch"]] * n_flows),
-                     "val_nlls": state.get("best_val_nlls", [state["best_val_nll"] / n_flows] * n_flows),
-                     "state": state["best_state"]}
+        if "best_epochs" in state:
+            loop.best = {"epochs": state["best_epochs"], "val_nlls": state["best_val_nlls"], "state": state["best_state"]}
+        else:  # a checkpoint from before the per-flow choice: its one epoch for every flow
+            n_flows = len(loop.model.flows)
+            loop.best = {"epochs": [state["best_epoch"]] * n_flows,
+                         "val_nlls": [state["best_val_nll"] / n_flows] * n_flows, "state": state["best_state"]}
         rng = state.get("rng_states", [state["rng_state"]])
         torch.set_rng_state(rng[dist.rank] if len(rng) == dist.world else rng[0])  # augmentation draws
     except (KeyError, ValueError, RuntimeError, TypeError) as e:
@@ -527,9 +529,7 @@ def _save_training_state(loop: _Loop, epoch: int) -> None:
     if dist.is_main:
         save_atomic(build_checkpoint(loop.model, loop.train_cfg, loop.weights, None, {
             "epoch": epoch, "optimizer": loop.opt.state_dict(), "history": json.dumps(loop.history),
-            "best_epoch": loop.best_epoch, "best_val_nll": math.inf if loop.best_val_nll is None else loop.best_val_nll,
-            "best_state": best["state"],
-            "best_epochs": best["epochs"], "best_val_nlls": best["val_nlls"],
+            "best_epochs": best["epochs"], "best_val_nlls": best["val_nlls"], "best_state": best["state"],
             "rng_state": torch.get_rng_state(), **extra,
         }), loop.ckpt_path)
 

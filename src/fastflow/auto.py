@@ -79,6 +79,54 @@ def synthetic_score(model, normals: list[np.ndarray], defective: list[np.ndarray
     return {"image_auroc": img, "pixel_auroc": pix, "score": (img + pix) / 2}
 
 
+@torch.inference_mode()
+def _rule_scores(model, images: list[np.ndarray], batch_size: int = 16) -> dict[str, np.ndarray]:
+    """Image scores of ``images`` by the two rules ``choose_score`` weighs: the max of the score levels' map
+    ("score_levels") and the max of the anomaly map ("map"), from one pass of the flows."""
+    pre = preprocess_for(model)
+    device = next(model.parameters()).device
+    size = model.config.input_size
+    rules = {"score_levels": model.score_index, "map": model.map_index}
+    scores = {rule: [] for rule in rules}
+    for i in range(0, len(images), batch_size):
+        follow_load()
+        x = torch.stack([pre(im) for im in images[i:i + batch_size]]).to(device)
+        out = model.forward_features(model.extract(x), size, with_map=False)
+        for rule, idx in rules.items():
+            amap = model.anomaly_map([out.z[j] for j in idx], [out.log_det_maps[j] for j in idx], size)
+            scores[rule].append(amap.flatten(1).amax(dim=1).float().cpu().numpy())
+    return {rule: np.concatenate(s) for rule, s in scores.items()}
+
+
+def choose_score(model, val_samples: list[Sample], seed: int, log=print) -> dict | None:
+    """Where a trained ``model``'s image score comes from, chosen on normal images only (TrainConfig.choose_score).
+
+    With per-level roles the score is the max of the score levels' map (lite0_unaligned_fine: the stride-32
+    flow's). Both that and the max of the anomaly map itself are scored on synthetic defects pasted on the
+    held-out normal images; the map replaces the score levels (``model.set_score_levels``) when its image
+    AUROC is higher by more than ``MARGIN``. Returns the report (saved in model.pt), or None when there is
+    nothing to choose (no separate score levels, or fewer than two held-out images)."""
+    if model.score_index == model.map_index or len(val_samples) < 2:
+        return None
+    normals, defective, _ = synthetic_validation(val_samples, seed)
+    labels = np.r_[np.zeros(len(normals)), np.ones(len(defective))]
+    auroc = {rule: image_auroc(s, labels) for rule, s in _rule_scores(model, normals + defective).items()}
+    size = model.config.input_size[0]
+    where = {"score_levels": "the stride-" + "/".join(str(size // model.feature_shapes[i][1]) for i in model.score_index)
+             + " flow", "map": "the map's max"}
+    chosen = "map" if _finite(auroc["map"]) > _finite(auroc["score_levels"]) + MARGIN else "score_levels"
+    if chosen == "map":
+        model.set_score_levels(model.config.map_levels)
+    other = "map" if chosen == "score_levels" else "score_levels"
+    why = (f"image score from {where[chosen]}: image AUROC {auroc[chosen]:.3f} against {auroc[other]:.3f} from "
+           f"{where[other]} (kept unless higher by more than {MARGIN}) on {len(defective)} synthetic defects pasted "
+           f"on {len(normals)} held-out normal images")
+    log(f"score: {why}")
+    score_levels = model.config.score_levels
+    return {"chosen": chosen, "score_levels": None if score_levels is None else list(score_levels),
+            "image_auroc": auroc, "why": why}
+
+
 def _shrunk(image: np.ndarray) -> np.ndarray:
     """``image`` with its longer side at most ``MAX_SIDE`` (antialiased), aspect ratio kept."""
     from PIL import Image
@@ -152,10 +200,13 @@ def pick(scores: dict[str, float]) -> str:
 
 
 def probe_config(train_cfg: TrainConfig, n_fit: int) -> TrainConfig:
-    """The probe's training config: ``PROBE_FRACTION`` of the run's optimiser steps, as a fixed epoch count."""
+    """The probe's training config: ``PROBE_FRACTION`` of the run's optimiser steps, as a fixed epoch count.
+    It makes no score choice (TrainConfig.choose_score): a probe's map flows are far from trained (bench/README.md,
+    eighteenth round)."""
     per_epoch = max(1, math.ceil(n_fit / train_cfg.batch_size))
     full = planned_epochs(train_cfg, n_fit) * per_epoch
-    return replace(train_cfg, epochs=max(1, math.ceil(PROBE_FRACTION * full / per_epoch)), steps=None)
+    return replace(train_cfg, epochs=max(1, math.ceil(PROBE_FRACTION * full / per_epoch)), steps=None,
+                   choose_score=False)  # the probe is scored by synthetic_score; its full run chooses
 
 
 def _finite(x: float) -> float:

@@ -288,7 +288,9 @@ def _add_train_model_args(t: argparse.ArgumentParser) -> None:
                    help="the levels whose maps make the anomaly map (default: every level; --levels alone resets "
                         "a preset's roles)")
     t.add_argument("--score-levels", type=_levels, default=None,
-                   help="the levels whose own map's max is the image score (default: the anomaly map's max)")
+                   help="the levels whose own map's max is the image score (default: the anomaly map's max; "
+                        "lite0_unaligned_fine chooses after training between its stride-32 flow and the map's max, "
+                        "on synthetic defects: naming the levels skips that choice)")
     t.add_argument("--no-norm-affine", action="store_true",
                    help="LayerNorm without its learned per-location affine: position-free, and the loss stays a "
                         "proper likelihood; for parts that are not aligned (Magnetic Tile: README)")
@@ -485,6 +487,8 @@ def _configs(args, name: str | None = None) -> tuple[ModelConfig, TrainConfig]:
              "keep_epoch": args.keep_epoch}
     train = {k: v for k, v in given.items() if v is not None}
     train.update(augment=args.augment, cache_features=not args.no_cache)
+    if args.score_levels is not None:  # a named score is used as given (no TrainConfig.choose_score)
+        train["choose_score"] = False
     return ModelConfig.from_preset(name, **model), TrainConfig.from_preset(name, **train)
 
 

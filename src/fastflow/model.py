@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .backbones import FeatureExtractor, build_backbone
-from .config import ModelConfig
+from .config import ModelConfig, replace
 from .flow import Flow2D
 
 LOG_2PI = math.log(2 * math.pi)
@@ -147,12 +147,22 @@ class FastFlow(nn.Module):
             Flow2D(c, config.flow_steps, config.hidden_ratio, config.kernels, config.clamp)
             for c, _, _ in shapes
         )
-        # Per-level roles (ModelConfig.map_levels / score_levels) as indices into the levels; None: all.
+        self._set_roles()
+
+    def _set_roles(self) -> None:
+        """Per-level roles (ModelConfig.map_levels / score_levels) as indices into the levels; None: all."""
+        config, shapes = self.config, self.feature_shapes
         index = lambda sub: tuple(range(len(shapes))) if sub is None else tuple(config.levels.index(i) for i in sub)
         self.map_index = index(config.map_levels)
         self.score_index = index(config.score_levels) if config.score_levels is not None else self.map_index
         for idx in {self.map_index, self.score_index}:  # built now, so that tracing and torch.export see constants
             self._map_matrices(config.input_size, [shapes[i] for i in idx])
+
+    def set_score_levels(self, levels: tuple[int, ...] | None) -> None:
+        """Take the image score from ``levels`` (a subset of ``config.levels``; None: from the map), as if the
+        model had been built with ``score_levels=levels``; the flows are unchanged (train.py's score choice)."""
+        self.config = replace(self.config, score_levels=levels)
+        self._set_roles()
 
     def _level_weight(self, channels: int) -> float:
         """A level's factor in the map: 1 (reference map), or 1 / (2 C) (log-likelihood, nats per channel)."""

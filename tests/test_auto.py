@@ -236,3 +236,67 @@ def test_too_few_held_out_images_keeps_the_first_candidate_and_says_why(tmp_path
     assert "only 1 held-out image(s)" in report["why"] and len(said) == 1
     assert said[0].startswith(f"auto: chose {name}: only 1 held-out") and "--backbone" in said[0]
     assert not list(tmp_path.iterdir())  # no probe folder was made
+
+
+@pytest.mark.parametrize("margin, chosen", [(-1.0, "map"), (2.0, "score_levels")])
+def test_the_score_choice_sets_the_saved_score_and_its_threshold(tmp_path, monkeypatch, margin, chosen):
+    """lite0_unaligned_fine chooses after training where its image score comes from (TrainConfig.choose_score):
+    the choice is saved in model.pt with the model's score levels, and the threshold is calibrated on the
+    chosen score. The margin forces each outcome here (MARGIN -1: the map always leads; 2: never)."""
+    from dataclasses import replace
+
+    import fastflow.auto as auto
+    from fastflow.config import get_preset
+    from fastflow.data import load_image, load_samples
+    from fastflow.run import load_run, preprocess_for
+    from fastflow.train import split_validation, train
+
+    monkeypatch.setattr(auto, "MARGIN", margin)
+    samples = load_samples("mvtec", _write_set(tmp_path / "data", "t", [_texture(i, 64) for i in range(16)]), "t", "train")
+    preset = get_preset("lite0_unaligned_fine")
+    assert preset.train.choose_score and preset.model.score_levels == (4,) and preset.model.map_levels == (2, 3)
+    model_cfg = replace(preset.model, input_size=(64, 64))
+    train_cfg = replace(preset.train, epochs=2, steps=None, batch_size=4, val_fraction=0.25)
+    said = []
+    res = train(model_cfg, train_cfg, samples, str(tmp_path / "run"), progress=False, log=said.append)
+    ckpt = load_safe(str(tmp_path / "run" / "model.pt"))
+    assert res.score_choice == ckpt["score_choice"] and ckpt["score_choice"]["chosen"] == chosen
+    assert set(ckpt["score_choice"]["image_auroc"]) == {"score_levels", "map"}
+    expected_levels = [2, 3] if chosen == "map" else [4]
+    assert ckpt["model_config"]["score_levels"] == ckpt["score_choice"]["score_levels"] == expected_levels
+    assert any(line.startswith("score: image score from " + ("the map's max" if chosen == "map" else "the stride-32"))
+               for line in said)
+    from fastflow.info import format_info, run_info
+
+    assert f"score      {ckpt['score_choice']['why']}" in format_info(run_info(str(tmp_path / "run")))
+    # the threshold was calibrated on the held-out images' scores by the chosen rule
+    model, _ = load_run(str(tmp_path / "run"))
+    assert model.config.score_levels == tuple(expected_levels)
+    _, val = split_validation(samples, 0.25, train_cfg.seed)
+    pre = preprocess_for(model)
+    with torch.inference_mode():
+        out = model(torch.stack([pre(np.asarray(load_image(s.path))) for s in val]))
+    if chosen == "map":
+        torch.testing.assert_close(out.score, out.anomaly_map.flatten(1).amax(1))
+    assert ckpt["threshold"]["val_max"] == pytest.approx(float(out.score.max()), rel=1e-4)
+    assert ckpt["threshold"]["val_median"] == pytest.approx(float(np.median(out.score.numpy())), rel=1e-4)
+
+
+def test_probes_and_named_score_levels_make_no_score_choice():
+    """A probe is scored by synthetic_score (its map flows are far from trained), and an explicit
+    --score-levels is used as given; a training checkpoint still matches its run whatever choose_score says."""
+    from fastflow.auto import probe_config
+    from fastflow.cli import _build_parser, _configs
+    from fastflow.config import get_preset, replace, to_dict
+    from fastflow.train import checkpoint_matches
+
+    preset = get_preset("lite0_unaligned_fine")
+    assert not probe_config(preset.train, 100).choose_score
+    parse = _build_parser().parse_args
+    base = ["train", "--data", "d", "--category", "c", "--output", "o", "--backbone", "lite0_unaligned_fine"]
+    assert _configs(parse(base))[1].choose_score
+    model_cfg, train_cfg = _configs(parse(base + ["--score-levels", "3"]))
+    assert not train_cfg.choose_score and model_cfg.score_levels == (3,)
+    state = {"model_config": to_dict(preset.model), "train_config": to_dict(replace(preset.train, choose_score=False))}
+    assert checkpoint_matches(state, preset.model, preset.train)
+    assert not checkpoint_matches(state, preset.model, replace(preset.train, lr=0.01))

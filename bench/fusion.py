@@ -15,7 +15,9 @@ test split. Then it scores several ways of combining the levels:
     standardised by the held-out normals' image scores (mean and spread);
   * ``z_mean+z_score``: z_mean's map, the standardised score;
   * ``map_score``: the model's map, and its max as the score (all levels' roles as the map levels');
-  * ``levelN``: one level alone, its map and its max.
+  * ``levelN``: one level alone, its map and its max;
+  * ``ring_sub`` / ``ring_z``: the model's map and score map with the held-out normals' mean at each distance
+    from the image border subtracted (and divided by their spread at that distance): a border correction.
 Only the held-out normal images set the standardisation (no test image). One JSON object per run.
 """
 
@@ -76,8 +78,27 @@ def rules(model, normals: np.ndarray) -> dict:
         amap = m[mi].mean(0)
         return amap, amap.reshape(len(amap), -1).max(-1)
 
+    ring = ring_index(*normals.shape[2:])
+
+    def ring_stats(maps):  # per distance from the border: the held-out normals' mean and spread, as (H, W) maps
+        mean = np.array([maps[:, ring == k].mean() for k in range(ring.max() + 1)])
+        std = np.array([maps[:, ring == k].std() for k in range(ring.max() + 1)])
+        return mean[ring], std[ring]
+
+    (map_mu, map_sd), (score_mu, score_sd) = ring_stats(normals[mi].mean(0)), ring_stats(normals[si].mean(0))
+
+    def ring_rule(standardise):
+        def rule(m):
+            amap, smap = m[mi].mean(0) - map_mu, m[si].mean(0) - score_mu
+            if standardise:
+                amap, smap = amap / map_sd, smap / score_sd
+            return amap, smap.reshape(len(smap), -1).max(-1)
+        return rule
+
     return {
         "model": model_rule,
+        "ring_sub": ring_rule(False),
+        "ring_z": ring_rule(True),
         "map_score": map_score,
         **{f"level{lv}": level(i) for i, lv in enumerate(model.config.levels or range(len(normals)))},
         "z_mean": lambda m: (lambda a: (a, a.reshape(len(a), -1).max(-1)))(z(m).mean(0)),
@@ -85,6 +106,12 @@ def rules(model, normals: np.ndarray) -> dict:
         "model_map+z_score": lambda m: (model_rule(m)[0], z_score(m)),
         "z_mean+z_score": lambda m: (z(m).mean(0), z_score(m)),
     }
+
+
+def ring_index(h: int, w: int) -> np.ndarray:
+    """(H, W): each pixel's distance from the nearest image border, in pixels."""
+    y, x = np.mgrid[:h, :w]
+    return np.minimum(np.minimum(y, h - 1 - y), np.minimum(x, w - 1 - x))
 
 
 def figures(amap, score, labels, masks, aupro=True) -> dict:

@@ -119,8 +119,8 @@ def choose_score(model, val_samples: list[Sample], seed: int, log=print) -> dict
         model.set_score_levels(model.config.map_levels)
     other = "map" if chosen == "score_levels" else "score_levels"
     why = (f"image score from {where[chosen]}: image AUROC {auroc[chosen]:.3f} against {auroc[other]:.3f} from "
-           f"{where[other]} (kept unless higher by more than {MARGIN}) on {len(defective)} synthetic defects pasted "
-           f"on {len(normals)} held-out normal images")
+           f"{where[other]} on {len(defective)} synthetic defects pasted on {len(normals)} held-out normal images "
+           f"(the map's max replaces the flow's only with a lead of more than {MARGIN})")
     log(f"score: {why}")
     score_levels = model.config.score_levels
     return {"chosen": chosen, "score_levels": None if score_levels is None else list(score_levels),

@@ -11,7 +11,8 @@ defective copies) and its pixel AUROC (on the pasted masks). Only normal images 
 split is never touched (after SWSA, "Model Selection of Anomaly Detectors in the Absence of Labeled
 Validation Data", arXiv 2310.10461). The chosen preset is then trained in full, exactly as if it had
 been named with ``--backbone``; the choice and every candidate's figures are printed and saved in
-``run.json`` (key ``auto``).
+``run.json`` (key ``auto``). A preset whose image score has its own levels (lite0_unaligned_fine) chooses after
+its full training, on the same synthetic defects, between that score and the map's max (``choose_score``).
 """
 
 from __future__ import annotations

@@ -280,7 +280,7 @@ def _train(model_cfg: ModelConfig, train_cfg: TrainConfig, samples: list[Sample]
     _run_epochs(loop, epochs, progress)
     if train_cfg.keep_epoch == "last" and loop.val is not None:
         _log_early_kept(loop, log)
-    score_choice = _select_best(loop, run_dir, log, val_samples)
+    score_choice = _select_best(loop, log, val_samples)
     threshold = _calibrate(loop, run_dir, log)
     seconds = time.perf_counter() - t_start
     _write_run(loop, threshold, score_choice, run_dir, len(fit_samples), len(val_samples), {
@@ -537,7 +537,7 @@ def _save_training_state(loop: _Loop, epoch: int) -> None:
         }), loop.ckpt_path)
 
 
-def _select_best(loop: _Loop, run_dir: str, log, val_samples: list[Sample]) -> dict | None:
+def _select_best(loop: _Loop, log, val_samples: list[Sample]) -> dict | None:
     """Load each flow's kept epoch into the model; with ``choose_score``, choose where its image score comes
     from (auto.choose_score, on synthetic defects pasted on the held-out images) and return that report."""
     if min(loop.best["epochs"]) < 0:  # a flow's validation NLL was NaN at every epoch: nothing can be selected

@@ -56,22 +56,11 @@ def synthetic_validation(val_samples: list[Sample], seed: int, per_image: int = 
     return normals, defective, masks
 
 
-@torch.inference_mode()
 def synthetic_score(model, normals: list[np.ndarray], defective: list[np.ndarray], masks: list[np.ndarray],
                     batch_size: int = 16) -> dict:
     """How well ``model`` separates ``defective`` from ``normals``: image AUROC, pixel AUROC (on the
     masks, at input size) and their mean ``score``."""
-    pre = preprocess_for(model)
-    model = for_inference(model)  # the frozen inference form (fused.py)
-    images = normals + defective
-    scores, maps = [], []
-    for i in range(0, len(images), batch_size):
-        follow_load()
-        x = torch.stack([pre(im) for im in images[i:i + batch_size]])
-        out = model(x.to(next(model.parameters()).device))
-        scores.append(out.score.float().cpu().numpy())
-        maps.append(out.anomaly_map[:, 0].float().cpu().numpy())
-    scores, maps = np.concatenate(scores), np.concatenate(maps)
+    scores, maps = _scores_and_maps(model, normals + defective, batch_size)
     h, w = model.config.input_size
     truth = [np.zeros((h, w), dtype=bool)] * len(normals)
     truth += [_resize_bool(m, (w, h)) for m in masks]
@@ -81,22 +70,18 @@ def synthetic_score(model, normals: list[np.ndarray], defective: list[np.ndarray
 
 
 @torch.inference_mode()
-def _rule_scores(model, images: list[np.ndarray], batch_size: int = 16) -> dict[str, np.ndarray]:
-    """Image scores of ``images`` by the two rules ``choose_score`` weighs: the max of the score levels' map
-    ("score_levels") and the max of the anomaly map ("map"), from one pass of the flows."""
+def _scores_and_maps(model, images: list[np.ndarray], batch_size: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    """Image scores (N,) and anomaly maps (N, H, W) of ``images`` by the frozen inference form (fused.py)."""
     pre = preprocess_for(model)
-    device = next(model.parameters()).device
-    size = model.config.input_size
-    rules = {"score_levels": model.score_index, "map": model.map_index}
-    scores = {rule: [] for rule in rules}
+    model = for_inference(model)
+    scores, maps = [], []
     for i in range(0, len(images), batch_size):
         follow_load()
-        x = torch.stack([pre(im) for im in images[i:i + batch_size]]).to(device)
-        out = model.forward_features(model.extract(x), size, with_map=False)
-        for rule, idx in rules.items():
-            amap = model.anomaly_map([out.z[j] for j in idx], [out.log_det_maps[j] for j in idx], size)
-            scores[rule].append(amap.flatten(1).amax(dim=1).float().cpu().numpy())
-    return {rule: np.concatenate(s) for rule, s in scores.items()}
+        x = torch.stack([pre(im) for im in images[i:i + batch_size]])
+        out = model(x.to(next(model.parameters()).device))
+        scores.append(out.score.float().cpu().numpy())
+        maps.append(out.anomaly_map[:, 0].float().cpu().numpy())
+    return np.concatenate(scores), np.concatenate(maps)
 
 
 def choose_score(model, val_samples: list[Sample], seed: int, log=print) -> dict | None:
@@ -110,8 +95,10 @@ def choose_score(model, val_samples: list[Sample], seed: int, log=print) -> dict
     if model.score_index == model.map_index or len(val_samples) < 2:
         return None
     normals, defective, _ = synthetic_validation(val_samples, seed)
+    scores, maps = _scores_and_maps(model, normals + defective)  # the score levels' max, and the map
     labels = np.r_[np.zeros(len(normals)), np.ones(len(defective))]
-    auroc = {rule: image_auroc(s, labels) for rule, s in _rule_scores(model, normals + defective).items()}
+    auroc = {"score_levels": image_auroc(scores, labels),
+             "map": image_auroc(maps.reshape(len(maps), -1).max(axis=1), labels)}
     size = model.config.input_size[0]
     where = {"score_levels": "the stride-" + "/".join(str(size // model.feature_shapes[i][1]) for i in model.score_index)
              + " flow", "map": "the map's max"}

@@ -1,6 +1,7 @@
 """How a trained run's levels are combined into the map and the image score, measured after training.
 
-    PYTHONPATH=src .venv/bin/python bench/fusion.py RUN_DIR --row FORMAT ROOT CATEGORY [--row ...] --out F.json
+    PYTHONPATH=src .venv/bin/python bench/fusion.py RUN_DIR --row FORMAT ROOT CATEGORY [--row ...] --out F.json \
+        [--only 'model|maps_.*']      # a regular expression: only the rules it matches (AUPRO takes seconds each)
 
 For every level of the run's model it computes that level's own map (upsampled and blurred as the model
 does) on the run's held-out normal images (its validation split, reproduced from run.json), on synthetic
@@ -16,14 +17,20 @@ test split. Then it scores several ways of combining the levels:
   * ``z_mean+z_score``: z_mean's map, the standardised score;
   * ``map_score``: the model's map, and its max as the score (all levels' roles as the map levels');
   * ``levelN``: one level alone, its map and its max;
+  * ``maps_A+B``: the mean of those levels' maps (a subset of all levels; the model's image score);
+  * ``gate_Q``: the model's map plus, for each level outside it, that level's map's excess over the held-out
+    normals' pixel quantile Q (zero wherever it looks normal);
   * ``ring_sub`` / ``ring_z``: the model's map and score map with the held-out normals' mean at each distance
     from the image border subtracted (and divided by their spread at that distance): a border correction.
-Only the held-out normal images set the standardisation (no test image). One JSON object per run.
+Image and pixel AUROC and AUPRO on the held-out synthetic defects and on every row. Only the held-out normal
+images set the standardisation (no test image). One JSON object per run.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
+import re
 import json
 
 import numpy as np
@@ -95,8 +102,26 @@ def rules(model, normals: np.ndarray) -> dict:
             return amap, smap.reshape(len(smap), -1).max(-1)
         return rule
 
+    names = list(model.config.levels or range(len(normals)))
+
+    def subset(idx):
+        return lambda m: (m[list(idx)].mean(0), model_rule(m)[1])
+
+    subsets = {"maps_" + "+".join(str(names[i]) for i in idx): subset(idx)
+               for k in range(2, len(names) + 1) for idx in itertools.combinations(range(len(names)), k)
+               if sorted(idx) != sorted(mi)}
+    others = [i for i in range(len(names)) if i not in mi]
+
+    def gate(q):  # the map plus each other level's excess over its held-out normals' pixel quantile q
+        t = [np.quantile(normals[i], q) for i in others]
+        return lambda m: (m[mi].mean(0) + sum(np.maximum(m[i] - ti, 0) for i, ti in zip(others, t)),
+                          model_rule(m)[1])
+
+    gates = {f"gate_{q}": gate(q) for q in (0.99, 0.999, 1.0)} if others else {}
     return {
         "model": model_rule,
+        **gates,
+        **subsets,
         "ring_sub": ring_rule(False),
         "ring_z": ring_rule(True),
         "map_score": map_score,
@@ -126,6 +151,7 @@ def main() -> None:
     ap.add_argument("run_dir")
     ap.add_argument("--row", nargs=3, action="append", default=[], metavar=("FORMAT", "ROOT", "CATEGORY"))
     ap.add_argument("--out")
+    ap.add_argument("--only", help="a regular expression: score only the rules whose names match it")
     a = ap.parse_args()
     torch.set_num_threads(2)
     model, ckpt = load_run(a.run_dir)
@@ -143,11 +169,11 @@ def main() -> None:
     results = {"run": a.run_dir, "levels": info["model_config"]["levels"], "preset": info.get("preset"),
                "n_val": len(val), "level_stats": {"pixel_mean": n_maps.mean(axis=(1, 2, 3)).tolist(),
                                                   "pixel_std": n_maps.std(axis=(1, 2, 3)).tolist()}}
-    fns = rules(model, n_maps)
+    fns = {k: f for k, f in rules(model, n_maps).items() if a.only is None or re.fullmatch(a.only, k)}
     syn_masks = np.stack([np.zeros((h, w), bool)] * len(normals) + [_resize_bool(m, (w, h)) for m in dmasks])
     syn_labels = np.r_[np.zeros(len(normals)), np.ones(len(defective))]
     both = np.concatenate([n_maps, d_maps], axis=1)
-    results["held_out_synthetic"] = {name: figures(*fn(both), syn_labels, syn_masks, aupro=False)
+    results["held_out_synthetic"] = {name: figures(*fn(both), syn_labels, syn_masks)
                                      for name, fn in fns.items()}
     print(json.dumps(results["held_out_synthetic"]), flush=True)
     preprocess = Preprocess.from_dict(ckpt["preprocess"])

@@ -30,8 +30,8 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import re
 import json
+import re
 
 import numpy as np
 import torch
@@ -67,9 +67,11 @@ def rules(model, normals: np.ndarray) -> dict:
     s_mu, s_sd = s_n.mean(1)[:, None], s_n.std(1)[:, None]
     mi, si = list(model.map_index), list(model.score_index)
 
+    def model_score(m):  # the run's image score: the max of its score levels' mean map
+        return m[si].mean(0).reshape(m.shape[1], -1).max(-1)
+
     def model_rule(m):
-        amap = m[mi].mean(0)
-        return amap, m[si].mean(0).reshape(len(amap), -1).max(-1)
+        return m[mi].mean(0), model_score(m)
 
     def z(m):
         return (m - mu) / sd
@@ -105,7 +107,7 @@ def rules(model, normals: np.ndarray) -> dict:
     names = list(model.config.levels or range(len(normals)))
 
     def subset(idx):
-        return lambda m: (m[list(idx)].mean(0), model_rule(m)[1])
+        return lambda m: (m[list(idx)].mean(0), model_score(m))
 
     subsets = {"maps_" + "+".join(str(names[i]) for i in idx): subset(idx)
                for k in range(2, len(names) + 1) for idx in itertools.combinations(range(len(names)), k)
@@ -115,7 +117,7 @@ def rules(model, normals: np.ndarray) -> dict:
     def gate(q):  # the map plus each other level's excess over its held-out normals' pixel quantile q
         t = [np.quantile(normals[i], q) for i in others]
         return lambda m: (m[mi].mean(0) + sum(np.maximum(m[i] - ti, 0) for i, ti in zip(others, t)),
-                          model_rule(m)[1])
+                          model_score(m))
 
     gates = {f"gate_{q}": gate(q) for q in (0.99, 0.999, 1.0)} if others else {}
     return {

@@ -36,7 +36,7 @@ import re
 import numpy as np
 import torch
 
-from fastflow.auto import synthetic_validation
+from fastflow.auto import level_maps, synthetic_validation
 from fastflow.config import from_dict, TrainConfig
 from fastflow.data import AnomalyDataset, Preprocess, load_samples
 from fastflow.metrics import image_auroc, pixel_aupro, pixel_auroc
@@ -45,18 +45,9 @@ from fastflow.run import load_run, preprocess_for
 from fastflow.train import split_validation
 
 
-@torch.inference_mode()
-def level_maps(model, images: torch.Tensor) -> np.ndarray:
-    """(L, B, H, W): each level's own map at input size."""
-    feats = model.extract(images)
-    out = model.forward_features(feats, tuple(images.shape[-2:]), with_map=False)
-    size = tuple(images.shape[-2:])
-    return np.stack([model.anomaly_map([z], [ld], size)[:, 0].numpy() for z, ld in zip(out.z, out.log_det_maps)])
-
-
 def maps_of(model, tensors) -> np.ndarray:
-    return np.concatenate([level_maps(model, torch.stack(tensors[i:i + 16])) for i in range(0, len(tensors), 16)],
-                          axis=1)
+    """(L, N, H, W): each level's own map of the preprocessed ``tensors`` at input size (auto.level_maps)."""
+    return level_maps(model, tensors).transpose(1, 0, 2, 3)
 
 
 def rules(model, normals: np.ndarray) -> dict:

@@ -256,7 +256,8 @@ def test_the_score_choice_sets_the_saved_score_and_its_threshold(tmp_path, monke
     preset = get_preset("lite0_unaligned_fine")
     assert preset.train.choose_score and preset.model.score_levels == (4,) and preset.model.map_levels == (2, 3)
     model_cfg = replace(preset.model, input_size=(64, 64))
-    train_cfg = replace(preset.train, epochs=2, steps=None, batch_size=4, val_fraction=0.25)
+    # the map choice is tested on its own (test_the_map_choice_*); here the map stays the preset's
+    train_cfg = replace(preset.train, epochs=2, steps=None, batch_size=4, val_fraction=0.25, choose_map=False)
     said = []
     res = train(model_cfg, train_cfg, samples, str(tmp_path / "run"), progress=False, log=said.append)
     ckpt = load_safe(str(tmp_path / "run" / "model.pt"))
@@ -282,9 +283,87 @@ def test_the_score_choice_sets_the_saved_score_and_its_threshold(tmp_path, monke
     assert ckpt["threshold"]["val_median"] == pytest.approx(float(np.median(out.score.numpy())), rel=1e-4)
 
 
+def test_level_maps_make_any_map_by_their_mean(tmp_path):
+    """auto.level_maps: the mean of every level's own map is the model's anomaly map, and the mean of a subset's
+    is the map of the model set to those levels (set_map_levels), which then also scores by that map."""
+    from dataclasses import replace
+
+    from fastflow.auto import level_maps
+    from fastflow.config import get_preset
+    from fastflow.model import FastFlow
+    from fastflow.run import preprocess_for
+
+    torch.manual_seed(0)
+    model = FastFlow(replace(get_preset("efficientnet_lite0").model, input_size=(64, 64)), weights="random").eval()
+    assert model.config.levels is None and model.level_ids == (1, 2, 3)
+    images = [_texture(i, 64) for i in range(3)]
+    maps = level_maps(model, images, preprocess_for(model))
+    assert maps.shape == (3, 3, 64, 64)
+    x = torch.stack([preprocess_for(model)(im) for im in images])
+    with torch.inference_mode():
+        full = model(x).anomaly_map[:, 0].numpy()
+        np.testing.assert_allclose(maps.mean(axis=1), full, rtol=1e-4, atol=1e-4)
+        model.set_map_levels((1, 3))
+        assert model.config.levels == (1, 2, 3) and model.config.map_levels == (1, 3)
+        out = model(x)
+    np.testing.assert_allclose(maps[:, [0, 2]].mean(axis=1), out.anomaly_map[:, 0].numpy(), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out.score, out.anomaly_map.flatten(1).amax(1))
+    assert not np.allclose(maps[:, [0, 2]].mean(axis=1), full, atol=1e-3)  # the subset's map is another map
+
+
+# AUPRO of the subsets in the order choose_map scores them: strides 4, 8, 16, 4+8, 4+16, 8+16, all three
+_FAKE_AUPRO = [0.50, 0.90, 0.60, 0.70, 0.50, 0.80, 0.60]
+
+
+@pytest.mark.parametrize("margin, chosen", [(0.01, [2]), (2.0, [1, 2, 3])])
+def test_the_map_choice_sets_the_saved_map_and_its_threshold(tmp_path, monkeypatch, margin, chosen):
+    """``--choose-map`` chooses after training which levels make the anomaly map (TrainConfig.choose_map): the
+    subset with the highest AUPRO on synthetic defects replaces the preset's map when it leads by more than the
+    margin. AUPRO is replaced by fixed figures here, so each outcome is forced (stride 8 leads all three levels by
+    0.3; with MARGIN 2 nothing can lead); the choice is saved in model.pt, reported by info, and the threshold is
+    calibrated on the chosen map's scores."""
+    from dataclasses import replace
+
+    import fastflow.auto as auto
+    from fastflow.config import get_preset
+    from fastflow.data import load_image, load_samples
+    from fastflow.info import format_info, run_info
+    from fastflow.run import load_run, preprocess_for
+    from fastflow.train import split_validation, train
+
+    figures = iter(_FAKE_AUPRO)
+    monkeypatch.setattr(auto, "pixel_aupro", lambda maps, truth: next(figures))
+    monkeypatch.setattr(auto, "MARGIN", margin)
+    samples = load_samples("mvtec", _write_set(tmp_path / "data", "t", [_texture(i, 64) for i in range(16)]), "t", "train")
+    preset = get_preset("efficientnet_lite0")
+    assert not preset.train.choose_map and not preset.train.choose_score  # --choose-map turns it on
+    train_cfg = replace(preset.train, epochs=2, steps=None, batch_size=4, val_fraction=0.25, choose_map=True)
+    said = []
+    res = train(replace(preset.model, input_size=(64, 64)), train_cfg, samples, str(tmp_path / "run"),
+                progress=False, log=said.append)
+    assert next(figures, None) is None  # every one of the 7 subsets was scored
+    ckpt = load_safe(str(tmp_path / "run" / "model.pt"))
+    choice = ckpt["map_choice"]
+    assert res.map_choice == choice and choice["chosen"] == chosen and choice["preset"] == [1, 2, 3]
+    assert choice["aupro"]["stride 8"] == 0.90 and choice["aupro"]["strides 4 + 8 + 16"] == 0.60
+    assert ckpt["model_config"]["map_levels"] == (None if len(chosen) == 3 else chosen)
+    assert [line for line in said if line.startswith("map: anomaly map from ")] == [f"map: {choice['why']}"]
+    assert choice["why"].startswith("anomaly map from stride 8: AUPRO 0.900" if chosen == [2] else
+                                    "anomaly map from strides 4 + 8 + 16 (the preset's): AUPRO 0.600")
+    assert f"map        {choice['why']}" in format_info(run_info(str(tmp_path / "run")))
+    # the threshold was calibrated on the held-out images' scores from the chosen map
+    model, _ = load_run(str(tmp_path / "run"))
+    assert model.map_index == tuple(model.level_ids.index(i) for i in chosen)
+    _, val = split_validation(samples, 0.25, train_cfg.seed)
+    pre = preprocess_for(model)
+    with torch.inference_mode():
+        out = model(torch.stack([pre(np.asarray(load_image(s.path))) for s in val]))
+    assert ckpt["threshold"]["val_max"] == pytest.approx(float(out.score.max()), rel=1e-4)
+
+
 def test_probes_and_named_score_levels_make_no_score_choice():
     """A probe is scored by synthetic_score (its map flows are far from trained), and an explicit
-    --score-levels is used as given; a training checkpoint still matches its run whatever choose_score says."""
+    --score-levels (or --map-levels) is used as given; a training checkpoint still matches its run whatever choose_score says."""
     from fastflow.auto import probe_config
     from fastflow.cli import _build_parser, _configs
     from fastflow.config import get_preset, replace, to_dict
@@ -299,4 +378,14 @@ def test_probes_and_named_score_levels_make_no_score_choice():
     assert not train_cfg.choose_score and model_cfg.score_levels == (3,)
     state = {"model_config": to_dict(preset.model), "train_config": to_dict(replace(preset.train, choose_score=False))}
     assert checkpoint_matches(state, preset.model, preset.train)
+    # the map choice: only with --choose-map, not in a probe, not with --map-levels; a probe's checkpoint continues
+    lite = replace(get_preset("efficientnet_lite0").train, choose_map=True)
+    assert not probe_config(lite, 100).choose_map
+    assert not _configs(parse(base))[1].choose_map and _configs(parse(base + ["--choose-map"]))[1].choose_map
+    model_cfg, train_cfg = _configs(parse(base[:-1] + ["efficientnet_lite0", "--choose-map", "--levels", "1,2,3",
+                                                       "--map-levels", "2"]))
+    assert not train_cfg.choose_map and model_cfg.map_levels == (2,)
+    lite_model = get_preset("efficientnet_lite0").model
+    state = {"model_config": to_dict(lite_model), "train_config": to_dict(probe_config(lite, 100))}
+    assert checkpoint_matches(state, lite_model, replace(lite, epochs=probe_config(lite, 100).epochs + 5))
     assert not checkpoint_matches(state, preset.model, replace(preset.train, lr=0.01))

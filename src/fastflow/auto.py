@@ -11,12 +11,15 @@ defective copies) and its pixel AUROC (on the pasted masks). Only normal images 
 split is never touched (after SWSA, "Model Selection of Anomaly Detectors in the Absence of Labeled
 Validation Data", arXiv 2310.10461). The chosen preset is then trained in full, exactly as if it had
 been named with ``--backbone``; the choice and every candidate's figures are printed and saved in
-``run.json`` (key ``auto``). A preset whose image score has its own levels (lite0_unaligned_fine) chooses after
-its full training, on the same synthetic defects, between that score and the map's max (``choose_score``).
+``run.json`` (key ``auto``). After its full training, on the same synthetic defects, the lite presets choose which
+of their levels make the anomaly map (``choose_map``, by AUPRO), and a preset whose image score has its own
+levels (lite0_unaligned_fine) chooses between that score and the map's max (``choose_score``); both are saved
+in model.pt and shown by ``fastflow info``.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import shutil
@@ -32,7 +35,7 @@ from .data.preprocess import _resize_bool, load_image
 from .data.synthetic import defect_set
 from .device import follow_load
 from .fused import for_inference
-from .metrics import image_auroc, pixel_auroc
+from .metrics import image_auroc, pixel_aupro, pixel_auroc
 from .run import load_run, preprocess_for
 from .train import planned_epochs, split_validation, train
 
@@ -82,6 +85,59 @@ def _scores_and_maps(model, images: list[np.ndarray], batch_size: int = 16) -> t
         scores.append(out.score.float().cpu().numpy())
         maps.append(out.anomaly_map[:, 0].float().cpu().numpy())
     return np.concatenate(scores), np.concatenate(maps)
+
+
+def choose_map(model, val_samples: list[Sample], seed: int, log=print) -> dict | None:
+    """Which levels' maps make a trained ``model``'s anomaly map, chosen on normal images only (TrainConfig.choose_map).
+
+    Every non-empty subset of the levels is scored by AUPRO (pixel_aupro) on synthetic defects pasted on the
+    held-out normal images, its map the mean of the subset's per-level maps; the best subset replaces the
+    configured map levels (``model.set_map_levels``) when its AUPRO is higher by more than ``MARGIN``. Returns
+    the report (saved in model.pt), or None when there is nothing to choose (one level, or fewer than two
+    held-out images)."""
+    ids = model.level_ids
+    if len(ids) < 2 or len(val_samples) < 2:
+        return None
+    normals, defective, masks = synthetic_validation(val_samples, seed)
+    maps = level_maps(model, normals + defective, preprocess_for(model))  # (N, L, H, W)
+    h, w = model.config.input_size
+    truth = np.stack([np.zeros((h, w), dtype=bool)] * len(normals) + [_resize_bool(m, (w, h)) for m in masks])
+    subsets = [s for k in range(1, len(ids) + 1) for s in itertools.combinations(range(len(ids)), k)]
+    aupro = {s: pixel_aupro(maps[:, list(s)].mean(axis=1), truth) for s in subsets}
+    current = tuple(model.map_index)
+    best = max(subsets, key=lambda s: _finite(aupro[s]))
+    chosen = best if _finite(aupro[best]) > _finite(aupro[current]) + MARGIN else current
+    strides = [model.config.input_size[0] // fh for _, fh, _ in model.feature_shapes]
+    name = lambda s: ("stride " if len(s) == 1 else "strides ") + " + ".join(str(strides[i]) for i in s)
+    if chosen != current:
+        model.set_map_levels(None if len(chosen) == len(ids) else tuple(ids[i] for i in chosen))
+    others = sorted((s for s in subsets if s not in (chosen, current)), key=lambda s: -_finite(aupro[s]))[:2]
+    why = (f"anomaly map from {name(chosen)}" + (" (the preset's)" if chosen == current else "")
+           + f": AUPRO {aupro[chosen]:.3f} on {len(defective)} synthetic defects pasted on {len(normals)} held-out "
+           + "normal images" + ("" if chosen == current else f", against {aupro[current]:.3f} from the preset's "
+                                f"{name(current)}") + "; next: " + ", ".join(f"{aupro[s]:.3f} from {name(s)}" for s in others)
+           + f" (another map replaces the preset's only with a lead of more than {MARGIN})")
+    log(f"map: {why}")
+    return {"chosen": [ids[i] for i in chosen], "preset": [ids[i] for i in current],
+            "aupro": {name(s): aupro[s] for s in subsets}, "why": why}
+
+
+@torch.inference_mode()
+def level_maps(model, images: list, preprocess=None, batch_size: int = 16) -> np.ndarray:
+    """Each level's own anomaly map (upsampled and blurred as in the model's map) of ``images``: (N, L, H, W).
+    ``images``: preprocessed (3, H, W) tensors, or raw arrays with their ``preprocess`` (run.preprocess_for).
+    The map of any set of levels is the mean of theirs (model.py ``anomaly_map`` is linear in the levels)."""
+    model = for_inference(model)
+    size = tuple(model.config.input_size)
+    out = []
+    for i in range(0, len(images), batch_size):
+        follow_load()
+        batch = images[i:i + batch_size]
+        x = torch.stack([preprocess(im) for im in batch] if preprocess is not None else batch)
+        res = model(x.to(next(model.parameters()).device))
+        out.append(torch.cat([model.anomaly_map([z], [ld], size) for z, ld in zip(res.z, res.log_det_maps)], dim=1)
+                   .float().cpu().numpy())
+    return np.concatenate(out)
 
 
 def choose_score(model, val_samples: list[Sample], seed: int, log=print) -> dict | None:
@@ -194,7 +250,7 @@ def probe_config(train_cfg: TrainConfig, n_fit: int) -> TrainConfig:
     per_epoch = max(1, math.ceil(n_fit / train_cfg.batch_size))
     full = planned_epochs(train_cfg, n_fit) * per_epoch
     return replace(train_cfg, epochs=max(1, math.ceil(PROBE_FRACTION * full / per_epoch)), steps=None,
-                   choose_score=False)  # the probe is scored by synthetic_score; its full run chooses
+                   choose_score=False, choose_map=False)  # the probe is scored by synthetic_score; its full run chooses
 
 
 def _finite(x: float) -> float:

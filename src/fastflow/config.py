@@ -167,6 +167,13 @@ class TrainConfig:
     # than auto.MARGIN. lite0_unaligned_fine's stride-32 score is near chance on the grass and gravel textures,
     # where the map's max is not, and ahead on Magnetic Tile (bench/README.md, eighteenth round).
     choose_score: bool = False
+    # ``--choose-map``: after training, which levels' maps make the anomaly map. Every non-empty subset of the levels
+    # is scored by AUPRO on synthetic defects pasted on the held-out normal images (auto.py ``choose_map``), and the
+    # best one replaces the configured map levels when its AUPRO is higher by more than auto.MARGIN. Off by default:
+    # on bottle (seeds 0-2) it took strides 4 + 8 or stride 8 (test AUPRO 0.957 against 0.944), but on the posed
+    # bottle and gravel_wide (seed 0) it took the stride-16 map alone and localised worse (AUPRO -0.033, -0.017);
+    # it kept the preset's map on brick, moon, grass and Magnetic Tile (bench/README.md, twentieth round).
+    choose_map: bool = False
     seed: int = 0
 
     def __post_init__(self) -> None:

@@ -164,6 +164,18 @@ class FastFlow(nn.Module):
         self.config = replace(self.config, score_levels=levels)
         self._set_roles()
 
+    def set_map_levels(self, levels: tuple[int, ...] | None) -> None:
+        """Average only ``levels`` (a subset of ``config.levels``; None: all) into the anomaly map, as if the model
+        had been built with ``map_levels=levels``; the flows are unchanged (train.py's map choice). An image score
+        taken from the map (no ``score_levels``) follows it. The levels are named in the config from then on."""
+        self.config = replace(self.config, levels=self.level_ids, map_levels=levels)
+        self._set_roles()
+
+    @property
+    def level_ids(self) -> tuple[int, ...]:
+        """The levels' backbone indices (``config.levels``, or the backbone's registered ones), in model order."""
+        return tuple(self.config.levels or self.backbone.spec.indices)
+
     def _level_weight(self, channels: int) -> float:
         """A level's factor in the map: 1 (reference map), or 1 / (2 C) (log-likelihood, nats per channel)."""
         return 1.0 if self.config.anomaly_map == "reference" else 0.5 / channels

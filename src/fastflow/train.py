@@ -164,6 +164,7 @@ class TrainResult:
     history: list[dict]
     kept_epochs: list[int] = field(default_factory=list)  # per flow, in the model's level order
     score_choice: dict | None = None  # TrainConfig.choose_score's report (auto.choose_score), else None
+    map_choice: dict | None = None  # TrainConfig.choose_map's report (auto.choose_map), else None
 
     def kept(self) -> str:
         return kept_epochs_text(self.best_epoch, self.kept_epochs)
@@ -280,15 +281,16 @@ def _train(model_cfg: ModelConfig, train_cfg: TrainConfig, samples: list[Sample]
     _run_epochs(loop, epochs, progress)
     if train_cfg.keep_epoch == "last" and loop.val is not None:
         _log_early_kept(loop, log)
-    score_choice = _select_best(loop, log, val_samples)
+    choices = _select_best(loop, log, val_samples)
     threshold = _calibrate(loop, run_dir, log)
     seconds = time.perf_counter() - t_start
-    _write_run(loop, threshold, score_choice, run_dir, len(fit_samples), len(val_samples), {
+    _write_run(loop, threshold, choices, run_dir, len(fit_samples), len(val_samples), {
         "feature_cache_seconds": t_features, "train_seconds": seconds,
         "cache_features": train_cfg.cache_features and not train_cfg.augment})
     dist.barrier()  # the run folder is complete when train returns, on every rank
     return TrainResult(run_dir, loop.best_epoch + 1, loop.best_val_nll, threshold["value"], len(loop.history), seconds,
-                       loop.history, [e + 1 for e in loop.best["epochs"]], score_choice)
+                       loop.history, [e + 1 for e in loop.best["epochs"]], choices.get("score_choice"),
+                       choices.get("map_choice"))
 
 
 def _log_early_kept(loop: _Loop, log) -> None:
@@ -401,8 +403,9 @@ def checkpoint_matches(state: dict, model_cfg: ModelConfig, train_cfg: TrainConf
         saved = to_dict(from_dict(TrainConfig, state.get("train_config") or {}))
     except (TypeError, ValueError):
         return False
-    # its length, and what is done after the epochs (auto.py's probes skip the score choice)
-    after = {"epochs": train_cfg.epochs, "steps": train_cfg.steps, "choose_score": train_cfg.choose_score}
+    # its length, and what is done after the epochs (auto.py's probes skip the map and score choices)
+    after = {"epochs": train_cfg.epochs, "steps": train_cfg.steps, "choose_score": train_cfg.choose_score,
+             "choose_map": train_cfg.choose_map}
     return state.get("model_config") == to_dict(model_cfg) and {**saved, **after} == to_dict(train_cfg)
 
 
@@ -537,9 +540,11 @@ def _save_training_state(loop: _Loop, epoch: int) -> None:
         }), loop.ckpt_path)
 
 
-def _select_best(loop: _Loop, log, val_samples: list[Sample]) -> dict | None:
-    """Load each flow's kept epoch into the model; with ``choose_score``, choose where its image score comes
-    from (auto.choose_score, on synthetic defects pasted on the held-out images) and return that report."""
+def _select_best(loop: _Loop, log, val_samples: list[Sample]) -> dict:
+    """Load each flow's kept epoch into the model; then, on synthetic defects pasted on the held-out images,
+    with ``choose_map`` choose which levels make its anomaly map (auto.choose_map) and with ``choose_score``
+    where its image score comes from (auto.choose_score). Returns their reports: {"map_choice", "score_choice"},
+    each present only when a choice was made."""
     if min(loop.best["epochs"]) < 0:  # a flow's validation NLL was NaN at every epoch: nothing can be selected
         last = loop.history[-1].get("val_nll") if loop.history else None
         raise TrainingError(
@@ -547,12 +552,15 @@ def _select_best(loop: _Loop, log, val_samples: list[Sample]) -> dict | None:
             f"so no epoch can be selected; the last epoch's state is in {loop.ckpt_path}. Lower the learning rate "
             f"(--lr), clip the gradient (--grad-clip 1), or check the training images for corrupt ones")
     loop.model.load_state_dict(loop.best["state"], strict=False)
-    if not loop.train_cfg.choose_score:
-        return None
-    from .auto import choose_score  # auto.py trains probes with this module
+    from .auto import choose_map, choose_score  # auto.py trains probes with this module
 
+    cfg, choices = loop.train_cfg, {}
     with loop.amp():
-        return choose_score(loop.model, val_samples, loop.train_cfg.seed, log)
+        if cfg.choose_map:
+            choices["map_choice"] = choose_map(loop.model, val_samples, cfg.seed, log)
+        if cfg.choose_score:
+            choices["score_choice"] = choose_score(loop.model, val_samples, cfg.seed, log)
+    return {k: v for k, v in choices.items() if v is not None}
 
 
 def _calibrate(loop: _Loop, run_dir: str, log) -> dict:
@@ -564,9 +572,9 @@ def _calibrate(loop: _Loop, run_dir: str, log) -> dict:
     return threshold
 
 
-def _write_run(loop: _Loop, threshold: dict, score_choice: dict | None, run_dir: str, n_fit: int, n_val: int,
+def _write_run(loop: _Loop, threshold: dict, choices: dict, run_dir: str, n_fit: int, n_val: int,
                timings: dict) -> None:
-    """``model.pt`` (the selected model with its threshold and score choice) and ``history.json`` (with
+    """``model.pt`` (the selected model with its threshold and ``choices``: map and score, _select_best) and ``history.json`` (with
     ``timings``: feature cache and training seconds, whether features were cached), written by rank 0."""
     dist, best = loop.dist, loop.best
     ranks = {}
@@ -577,7 +585,7 @@ def _write_run(loop: _Loop, threshold: dict, score_choice: dict | None, run_dir:
         save_atomic(build_checkpoint(loop.model, loop.train_cfg, loop.weights, threshold, {
             "best_epoch": loop.best_epoch + 1, "best_val_nll": loop.best_val_nll,
             "kept_epochs": [e + 1 for e in best["epochs"]], "n_fit": n_fit, "n_val": n_val,
-            **({"score_choice": score_choice} if score_choice else {}),
+            **choices,
         }), os.path.join(run_dir, "model.pt"))
         with open(os.path.join(run_dir, "history.json"), "w") as f:
             json.dump({"history": loop.history, **timings, "best_epoch": loop.best_epoch + 1,

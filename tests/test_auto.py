@@ -382,9 +382,9 @@ def test_probes_and_named_score_levels_make_no_score_choice():
     lite = replace(get_preset("efficientnet_lite0").train, choose_map=True)
     assert not probe_config(lite, 100).choose_map
     assert not _configs(parse(base))[1].choose_map and _configs(parse(base + ["--choose-map"]))[1].choose_map
-    model_cfg, train_cfg = _configs(parse(base[:-1] + ["efficientnet_lite0", "--choose-map", "--levels", "1,2,3",
-                                                       "--map-levels", "2"]))
+    model_cfg, train_cfg = _configs(parse(base[:-1] + ["efficientnet_lite0", "--choose-map", "--map-levels", "2"]))
     assert not train_cfg.choose_map and model_cfg.map_levels == (2,)
+    assert model_cfg.levels == (1, 2, 3)  # the preset's unnamed levels are named for the roles
     lite_model = get_preset("efficientnet_lite0").model
     state = {"model_config": to_dict(lite_model), "train_config": to_dict(probe_config(lite, 100))}
     assert checkpoint_matches(state, lite_model, replace(lite, epochs=probe_config(lite, 100).epochs + 5))

@@ -480,6 +480,12 @@ def _configs(args, name: str | None = None) -> tuple[ModelConfig, TrainConfig]:
     roles = {"map_levels": args.map_levels, "score_levels": args.score_levels}
     # other levels: every level maps and scores (the preset's roles reset), unless roles are given too
     model.update(roles if "levels" in model else {k: v for k, v in roles.items() if v is not None})
+    if "levels" not in model and any(v is not None for v in roles.values()):  # roles name levels: name them all
+        preset = ModelConfig.from_preset(name)
+        if preset.levels is None:  # the backbone's registered levels (lite presets: 1, 2, 3)
+            from .backbones import get_spec
+
+            model["levels"] = tuple(get_spec(preset.backbone).indices)
     if args.autocontrast is not None:  # a cut-off, or "off" (None in the config)
         model["autocontrast"] = None if args.autocontrast == "off" else args.autocontrast
     if args.equalize:  # replaces a preset's stretch; with an explicit --autocontrast CUTOFF, ModelConfig refuses both

@@ -283,7 +283,7 @@ def test_the_score_choice_sets_the_saved_score_and_its_threshold(tmp_path, monke
     assert ckpt["threshold"]["val_median"] == pytest.approx(float(np.median(out.score.numpy())), rel=1e-4)
 
 
-def test_level_maps_make_any_map_by_their_mean(tmp_path):
+def test_level_maps_make_any_map_by_their_mean():
     """auto.level_maps: the mean of every level's own map is the model's anomaly map, and the mean of a subset's
     is the map of the model set to those levels (set_map_levels), which then also scores by that map."""
     from dataclasses import replace
@@ -363,7 +363,8 @@ def test_the_map_choice_sets_the_saved_map_and_its_threshold(tmp_path, monkeypat
 
 def test_probes_and_named_score_levels_make_no_score_choice():
     """A probe is scored by synthetic_score (its map flows are far from trained), and an explicit
-    --score-levels (or --map-levels) is used as given; a training checkpoint still matches its run whatever choose_score says."""
+    --score-levels (or --map-levels) is used as given; a training checkpoint still matches its run whatever
+    choose_score and choose_map say."""
     from fastflow.auto import probe_config
     from fastflow.cli import _build_parser, _configs
     from fastflow.config import get_preset, replace, to_dict

@@ -11,10 +11,10 @@ defective copies) and its pixel AUROC (on the pasted masks). Only normal images 
 split is never touched (after SWSA, "Model Selection of Anomaly Detectors in the Absence of Labeled
 Validation Data", arXiv 2310.10461). The chosen preset is then trained in full, exactly as if it had
 been named with ``--backbone``; the choice and every candidate's figures are printed and saved in
-``run.json`` (key ``auto``). After its full training, on the same synthetic defects, the lite presets choose which
-of their levels make the anomaly map (``choose_map``, by AUPRO), and a preset whose image score has its own
-levels (lite0_unaligned_fine) chooses between that score and the map's max (``choose_score``); both are saved
-in model.pt and shown by ``fastflow info``.
+``run.json`` (key ``auto``). After the full training, on the same synthetic defects, a preset whose image score has
+its own levels (lite0_unaligned_fine) chooses between that score and the map's max (``choose_score``), and with
+``--choose-map`` (off by default) any preset chooses which of its levels make the anomaly map (``choose_map``, by
+AUPRO); both choices are saved in model.pt and shown by ``fastflow info``.
 """
 
 from __future__ import annotations
@@ -72,19 +72,26 @@ def synthetic_score(model, normals: list[np.ndarray], defective: list[np.ndarray
     return {"image_auroc": img, "pixel_auroc": pix, "score": (img + pix) / 2}
 
 
-@torch.inference_mode()
 def _scores_and_maps(model, images: list[np.ndarray], batch_size: int = 16) -> tuple[np.ndarray, np.ndarray]:
     """Image scores (N,) and anomaly maps (N, H, W) of ``images`` by the frozen inference form (fused.py)."""
-    pre = preprocess_for(model)
-    model = for_inference(model)
     scores, maps = [], []
-    for i in range(0, len(images), batch_size):
-        follow_load()
-        x = torch.stack([pre(im) for im in images[i:i + batch_size]])
-        out = model(x.to(next(model.parameters()).device))
+    for _, out in _outputs(model, images, preprocess_for(model), batch_size):
         scores.append(out.score.float().cpu().numpy())
         maps.append(out.anomaly_map[:, 0].float().cpu().numpy())
     return np.concatenate(scores), np.concatenate(maps)
+
+
+@torch.inference_mode()
+def _outputs(model, images: list, preprocess=None, batch_size: int = 16):
+    """(the frozen inference form of ``model``, its output) per batch of ``images``: preprocessed (3, H, W) tensors,
+    or raw arrays with their ``preprocess`` (run.preprocess_for)."""
+    frozen = for_inference(model)
+    device = next(frozen.parameters()).device
+    for i in range(0, len(images), batch_size):
+        follow_load()
+        batch = images[i:i + batch_size]
+        x = torch.stack([preprocess(im) for im in batch] if preprocess is not None else batch)
+        yield frozen, frozen(x.to(device))
 
 
 def choose_map(model, val_samples: list[Sample], seed: int, log=print) -> dict | None:
@@ -112,10 +119,11 @@ def choose_map(model, val_samples: list[Sample], seed: int, log=print) -> dict |
     if chosen != current:
         model.set_map_levels(None if len(chosen) == len(ids) else tuple(ids[i] for i in chosen))
     others = sorted((s for s in subsets if s not in (chosen, current)), key=lambda s: -_finite(aupro[s]))[:2]
-    why = (f"anomaly map from {name(chosen)}" + (" (the preset's)" if chosen == current else "")
-           + f": AUPRO {aupro[chosen]:.3f} on {len(defective)} synthetic defects pasted on {len(normals)} held-out "
-           + "normal images" + ("" if chosen == current else f", against {aupro[current]:.3f} from the preset's "
-                                f"{name(current)}") + "; next: " + ", ".join(f"{aupro[s]:.3f} from {name(s)}" for s in others)
+    kept = " (the preset's)" if chosen == current else ""
+    against = "" if kept else f", against {aupro[current]:.3f} from the preset's {name(current)}"
+    why = (f"anomaly map from {name(chosen)}{kept}: AUPRO "
+           f"{aupro[chosen]:.3f} on {len(defective)} synthetic defects pasted on {len(normals)} held-out normal images"
+           f"{against}; next: " + ", ".join(f"{aupro[s]:.3f} from {name(s)}" for s in others)
            + f" (another map replaces the preset's only with a lead of more than {MARGIN})")
     log(f"map: {why}")
     return {"chosen": [ids[i] for i in chosen], "preset": [ids[i] for i in current],
@@ -127,17 +135,12 @@ def level_maps(model, images: list, preprocess=None, batch_size: int = 16) -> np
     """Each level's own anomaly map (upsampled and blurred as in the model's map) of ``images``: (N, L, H, W).
     ``images``: preprocessed (3, H, W) tensors, or raw arrays with their ``preprocess`` (run.preprocess_for).
     The map of any set of levels is the mean of theirs (model.py ``anomaly_map`` is linear in the levels)."""
-    model = for_inference(model)
     size = tuple(model.config.input_size)
-    out = []
-    for i in range(0, len(images), batch_size):
-        follow_load()
-        batch = images[i:i + batch_size]
-        x = torch.stack([preprocess(im) for im in batch] if preprocess is not None else batch)
-        res = model(x.to(next(model.parameters()).device))
-        out.append(torch.cat([model.anomaly_map([z], [ld], size) for z, ld in zip(res.z, res.log_det_maps)], dim=1)
-                   .float().cpu().numpy())
-    return np.concatenate(out)
+    maps = []
+    for frozen, out in _outputs(model, images, preprocess, batch_size):
+        per_level = [frozen.anomaly_map([z], [ld], size) for z, ld in zip(out.z, out.log_det_maps)]
+        maps.append(torch.cat(per_level, dim=1).float().cpu().numpy())
+    return np.concatenate(maps)
 
 
 def choose_score(model, val_samples: list[Sample], seed: int, log=print) -> dict | None:

@@ -574,8 +574,9 @@ def _calibrate(loop: _Loop, run_dir: str, log) -> dict:
 
 def _write_run(loop: _Loop, threshold: dict, choices: dict, run_dir: str, n_fit: int, n_val: int,
                timings: dict) -> None:
-    """``model.pt`` (the selected model with its threshold and ``choices``: map and score, _select_best) and ``history.json`` (with
-    ``timings``: feature cache and training seconds, whether features were cached), written by rank 0."""
+    """``model.pt`` (the selected model with its threshold and ``choices``: map and score, _select_best) and
+    ``history.json`` (with ``timings``: feature cache and training seconds, whether features were cached), written
+    by rank 0."""
     dist, best = loop.dist, loop.best
     ranks = {}
     if dist.world > 1:  # what each rank held: its share of the images (and of the feature cache)

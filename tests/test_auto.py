@@ -288,7 +288,7 @@ def test_level_maps_make_any_map_by_their_mean():
     is the map of the model set to those levels (set_map_levels), which then also scores by that map."""
     from dataclasses import replace
 
-    from fastflow.auto import level_maps
+    from fastflow.auto import level_maps, map_candidates
     from fastflow.config import get_preset
     from fastflow.model import FastFlow
     from fastflow.run import preprocess_for
@@ -309,19 +309,23 @@ def test_level_maps_make_any_map_by_their_mean():
     np.testing.assert_allclose(maps[:, [0, 2]].mean(axis=1), out.anomaly_map[:, 0].numpy(), rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(out.score, out.anomaly_map.flatten(1).amax(1))
     assert not np.allclose(maps[:, [0, 2]].mean(axis=1), full, atol=1e-3)  # the subset's map is another map
+    # the maps choose_map scores: the finest level, the two finest, all three (never one without stride 4)
+    assert map_candidates(model) == [(0,), (0, 1), (0, 1, 2)]
+    fine = FastFlow(replace(get_preset("lite0_unaligned_fine").model, input_size=(64, 64)), weights="random")
+    assert fine.level_ids == (2, 3, 4) and map_candidates(fine) == [(0,), (0, 1), (0, 1, 2)]
 
 
-# AUPRO of the subsets in the order choose_map scores them: strides 4, 8, 16, 4+8, 4+16, 8+16, all three
-_FAKE_AUPRO = [0.50, 0.90, 0.60, 0.70, 0.50, 0.80, 0.60]
+# AUPRO of the maps in the order choose_map scores them: stride 4, strides 4 + 8, all three
+_FAKE_AUPRO = [0.50, 0.90, 0.60]
 
 
-@pytest.mark.parametrize("margin, chosen", [(0.01, [2]), (2.0, [1, 2, 3])])
+@pytest.mark.parametrize("margin, chosen", [(0.01, [1, 2]), (2.0, [1, 2, 3])])
 def test_the_map_choice_sets_the_saved_map_and_its_threshold(tmp_path, monkeypatch, margin, chosen):
     """``--choose-map`` chooses after training which levels make the anomaly map (TrainConfig.choose_map): the
-    subset with the highest AUPRO on synthetic defects replaces the preset's map when it leads by more than the
-    margin. AUPRO is replaced by fixed figures here, so each outcome is forced (stride 8 leads all three levels by
-    0.3; with MARGIN 2 nothing can lead); the choice is saved in model.pt, reported by info, and the threshold is
-    calibrated on the chosen map's scores."""
+    map with the highest AUPRO on synthetic defects replaces the preset's when it leads by more than the margin.
+    AUPRO is replaced by fixed figures here, so each outcome is forced (strides 4 + 8 lead all three levels by
+    0.3; with MARGIN 2 nothing can lead); the choice is saved in model.pt and reported by info, and the image
+    score, and so the threshold, stay those of the preset's map."""
     from dataclasses import replace
 
     import fastflow.auto as auto
@@ -336,28 +340,34 @@ def test_the_map_choice_sets_the_saved_map_and_its_threshold(tmp_path, monkeypat
     monkeypatch.setattr(auto, "MARGIN", margin)
     samples = load_samples("mvtec", _write_set(tmp_path / "data", "t", [_texture(i, 64) for i in range(16)]), "t", "train")
     preset = get_preset("efficientnet_lite0")
-    assert not preset.train.choose_map and not preset.train.choose_score  # --choose-map turns it on
-    train_cfg = replace(preset.train, epochs=2, steps=None, batch_size=4, val_fraction=0.25, choose_map=True)
+    assert preset.train.choose_map and not preset.train.choose_score  # on in the lite presets
+    train_cfg = replace(preset.train, epochs=2, steps=None, batch_size=4, val_fraction=0.25)
     said = []
     res = train(replace(preset.model, input_size=(64, 64)), train_cfg, samples, str(tmp_path / "run"),
                 progress=False, log=said.append)
-    assert next(figures, None) is None  # every one of the 7 subsets was scored
+    assert next(figures, None) is None  # every one of the 3 maps was scored
     ckpt = load_safe(str(tmp_path / "run" / "model.pt"))
     choice = ckpt["map_choice"]
     assert res.map_choice == choice and choice["chosen"] == chosen and choice["preset"] == [1, 2, 3]
-    assert choice["aupro"]["stride 8"] == 0.90 and choice["aupro"]["strides 4 + 8 + 16"] == 0.60
+    assert choice["aupro"] == {"stride 4": 0.50, "strides 4 + 8": 0.90, "strides 4 + 8 + 16": 0.60}
     assert ckpt["model_config"]["map_levels"] == (None if len(chosen) == 3 else chosen)
+    assert ckpt["model_config"]["score_levels"] == (None if len(chosen) == 3 else [1, 2, 3])  # the score is kept
     assert [line for line in said if line.startswith("map: anomaly map from ")] == [f"map: {choice['why']}"]
-    assert choice["why"].startswith("anomaly map from stride 8: AUPRO 0.900" if chosen == [2] else
+    assert choice["why"].startswith("anomaly map from strides 4 + 8: AUPRO 0.900" if chosen == [1, 2] else
                                     "anomaly map from strides 4 + 8 + 16 (the preset's): AUPRO 0.600")
     assert f"map        {choice['why']}" in format_info(run_info(str(tmp_path / "run")))
-    # the threshold was calibrated on the held-out images' scores from the chosen map
+    # the threshold was calibrated on the held-out images' scores, the max of the preset's (three-level) map
     model, _ = load_run(str(tmp_path / "run"))
     assert model.map_index == tuple(model.level_ids.index(i) for i in chosen)
     _, val = split_validation(samples, 0.25, train_cfg.seed)
     pre = preprocess_for(model)
     with torch.inference_mode():
-        out = model(torch.stack([pre(np.asarray(load_image(s.path))) for s in val]))
+        x = torch.stack([pre(np.asarray(load_image(s.path))) for s in val])
+        out = model(x)
+        model.set_map_levels(None)
+        whole = model(x)
+    torch.testing.assert_close(out.score, whole.anomaly_map.flatten(1).amax(1))
+    assert (len(chosen) == 3) == torch.allclose(out.anomaly_map, whole.anomaly_map)
     assert ckpt["threshold"]["val_max"] == pytest.approx(float(out.score.max()), rel=1e-4)
 
 
@@ -379,10 +389,13 @@ def test_probes_and_named_score_levels_make_no_score_choice():
     assert not train_cfg.choose_score and model_cfg.score_levels == (3,)
     state = {"model_config": to_dict(preset.model), "train_config": to_dict(replace(preset.train, choose_score=False))}
     assert checkpoint_matches(state, preset.model, preset.train)
-    # the map choice: only with --choose-map, not in a probe, not with --map-levels; a probe's checkpoint continues
-    lite = replace(get_preset("efficientnet_lite0").train, choose_map=True)
-    assert not probe_config(lite, 100).choose_map
-    assert not _configs(parse(base))[1].choose_map and _configs(parse(base + ["--choose-map"]))[1].choose_map
+    # the map choice: on in the lite presets, off with --no-choose-map, in a probe and with --map-levels; a probe's
+    # checkpoint continues
+    lite = get_preset("efficientnet_lite0").train
+    assert lite.choose_map and not probe_config(lite, 100).choose_map
+    assert _configs(parse(base))[1].choose_map and not _configs(parse(base + ["--no-choose-map"]))[1].choose_map
+    paper = base[:-1] + ["wide_resnet50_2"]  # the paper presets keep their map unless asked
+    assert not _configs(parse(paper))[1].choose_map and _configs(parse(paper + ["--choose-map"]))[1].choose_map
     model_cfg, train_cfg = _configs(parse(base[:-1] + ["efficientnet_lite0", "--choose-map", "--map-levels", "2"]))
     assert not train_cfg.choose_map and model_cfg.map_levels == (2,)
     assert model_cfg.levels == (1, 2, 3)  # the preset's unnamed levels are named for the roles

@@ -12,14 +12,13 @@ split is never touched (after SWSA, "Model Selection of Anomaly Detectors in the
 Validation Data", arXiv 2310.10461). The chosen preset is then trained in full, exactly as if it had
 been named with ``--backbone``; the choice and every candidate's figures are printed and saved in
 ``run.json`` (key ``auto``). After the full training, on the same synthetic defects, a preset whose image score has
-its own levels (lite0_unaligned_fine) chooses between that score and the map's max (``choose_score``), and with
-``--choose-map`` (off by default) any preset chooses which of its levels make the anomaly map (``choose_map``, by
-AUPRO); both choices are saved in model.pt and shown by ``fastflow info``.
+its own levels (lite0_unaligned_fine) chooses between that score and the map's max (``choose_score``), and the lite
+presets choose which of their levels make the anomaly map (``choose_map``, by AUPRO; ``--no-choose-map`` keeps the
+preset's); both choices are saved in model.pt and shown by ``fastflow info``.
 """
 
 from __future__ import annotations
 
-import itertools
 import math
 import os
 import shutil
@@ -94,40 +93,59 @@ def _outputs(model, images: list, preprocess=None, batch_size: int = 16):
         yield frozen, frozen(x.to(device))
 
 
-def choose_map(model, val_samples: list[Sample], seed: int, log=print) -> dict | None:
+def choose_map(model, synthetic: tuple[list, list, list], log=print) -> dict | None:
     """Which levels' maps make a trained ``model``'s anomaly map, chosen on normal images only (TrainConfig.choose_map).
 
-    Every non-empty subset of the levels is scored by AUPRO (pixel_aupro) on synthetic defects pasted on the
-    held-out normal images, its map the mean of the subset's per-level maps; the best subset replaces the
-    configured map levels (``model.set_map_levels``) when its AUPRO is higher by more than ``MARGIN``. Returns
-    the report (saved in model.pt), or None when there is nothing to choose (one level, or fewer than two
-    held-out images)."""
+    The candidates are the finest level alone, the two finest, ... every level (``map_candidates``): a map may
+    drop coarse levels, never the finest one. Each is scored by AUPRO (pixel_aupro) on synthetic defects pasted
+    on the held-out normal images, its map the mean of its levels' maps; the best replaces the configured map
+    levels (``model.set_map_levels``) when its AUPRO is higher by more than ``MARGIN``. The image score stays
+    what it was (an image score taken from the map keeps the preset's map levels as its score levels): the
+    choice is made by localisation alone. ``synthetic``: (normals, defectives, masks), ``synthetic_validation``'s.
+    Returns the report (saved in model.pt), or None when there is nothing to choose (one level)."""
     ids = model.level_ids
-    if len(ids) < 2 or len(val_samples) < 2:
+    if len(ids) < 2:
         return None
-    normals, defective, masks = synthetic_validation(val_samples, seed)
+    normals, defective, masks = synthetic
     maps = level_maps(model, normals + defective, preprocess_for(model))  # (N, L, H, W)
     h, w = model.config.input_size
     truth = np.stack([np.zeros((h, w), dtype=bool)] * len(normals) + [_resize_bool(m, (w, h)) for m in masks])
-    subsets = [s for k in range(1, len(ids) + 1) for s in itertools.combinations(range(len(ids)), k)]
-    aupro = {s: pixel_aupro(maps[:, list(s)].mean(axis=1), truth) for s in subsets}
     current = tuple(model.map_index)
+    subsets = list(dict.fromkeys(map_candidates(model) + [current]))
+    aupro = {s: pixel_aupro(maps[:, list(s)].mean(axis=1), truth) for s in subsets}
     best = max(subsets, key=lambda s: _finite(aupro[s]))
     chosen = best if _finite(aupro[best]) > _finite(aupro[current]) + MARGIN else current
-    strides = [model.config.input_size[0] // fh for _, fh, _ in model.feature_shapes]
+    strides = _strides(model)
     name = lambda s: ("stride " if len(s) == 1 else "strides ") + " + ".join(str(strides[i]) for i in s)
     if chosen != current:
+        score_from_map = model.score_index == model.map_index
         model.set_map_levels(None if len(chosen) == len(ids) else tuple(ids[i] for i in chosen))
+        if score_from_map:  # the image score keeps the preset's map
+            model.set_score_levels(tuple(ids[i] for i in current))
     others = sorted((s for s in subsets if s not in (chosen, current)), key=lambda s: -_finite(aupro[s]))[:2]
     kept = " (the preset's)" if chosen == current else ""
     against = "" if kept else f", against {aupro[current]:.3f} from the preset's {name(current)}"
     why = (f"anomaly map from {name(chosen)}{kept}: AUPRO "
            f"{aupro[chosen]:.3f} on {len(defective)} synthetic defects pasted on {len(normals)} held-out normal images"
-           f"{against}; next: " + ", ".join(f"{aupro[s]:.3f} from {name(s)}" for s in others)
-           + f" (another map replaces the preset's only with a lead of more than {MARGIN})")
+           f"{against}" + ("; next: " if others else "") + ", ".join(f"{aupro[s]:.3f} from {name(s)}" for s in others)
+           + f" (another map replaces the preset's only with a lead of more than {MARGIN}; the image score is kept)")
     log(f"map: {why}")
     return {"chosen": [ids[i] for i in chosen], "preset": [ids[i] for i in current],
             "aupro": {name(s): aupro[s] for s in subsets}, "why": why}
+
+
+def map_candidates(model) -> list[tuple[int, ...]]:
+    """The maps ``choose_map`` scores, as tuples of level indices: the finest level, the two finest, ... all of
+    them (finest = smallest stride). Coarse levels only blur the small defects that AUPRO counts, and the held-out
+    synthetic defects overrated maps without the finest level: such maps lost test AUPRO on every suite run
+    where they were measured (bench/README.md, twenty-first round)."""
+    order = sorted(range(len(model.level_ids)), key=lambda i: _strides(model)[i])
+    return [tuple(sorted(order[:k])) for k in range(1, len(order) + 1)]
+
+
+def _strides(model) -> list[int]:
+    """Each level's stride (input height / feature height), in model order."""
+    return [model.config.input_size[0] // fh for _, fh, _ in model.feature_shapes]
 
 
 @torch.inference_mode()
@@ -143,17 +161,17 @@ def level_maps(model, images: list, preprocess=None, batch_size: int = 16) -> np
     return np.concatenate(maps)
 
 
-def choose_score(model, val_samples: list[Sample], seed: int, log=print) -> dict | None:
+def choose_score(model, synthetic: tuple[list, list, list], log=print) -> dict | None:
     """Where a trained ``model``'s image score comes from, chosen on normal images only (TrainConfig.choose_score).
 
     With per-level roles the score is the max of the score levels' map (lite0_unaligned_fine: the stride-32
     flow's). Both that and the max of the anomaly map itself are scored on synthetic defects pasted on the
     held-out normal images; the map replaces the score levels (``model.set_score_levels``) when its image
-    AUROC is higher by more than ``MARGIN``. Returns the report (saved in model.pt), or None when there is
-    nothing to choose (no separate score levels, or fewer than two held-out images)."""
-    if model.score_index == model.map_index or len(val_samples) < 2:
+    AUROC is higher by more than ``MARGIN``. ``synthetic``: as for ``choose_map``. Returns the report (saved in
+    model.pt), or None when there is nothing to choose (no separate score levels)."""
+    if model.score_index == model.map_index:
         return None
-    normals, defective, _ = synthetic_validation(val_samples, seed)
+    normals, defective, _ = synthetic
     scores, maps = _scores_and_maps(model, normals + defective)  # the score levels' max, and the map
     labels = np.r_[np.zeros(len(normals)), np.ones(len(defective))]
     auroc = {"score_levels": image_auroc(scores, labels),

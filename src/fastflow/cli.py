@@ -287,10 +287,11 @@ def _add_train_model_args(t: argparse.ArgumentParser) -> None:
     t.add_argument("--map-levels", type=_levels, default=None,
                    help="the levels whose maps make the anomaly map (default: every level; --levels alone resets "
                         "a preset's roles; overrides --choose-map)")
-    t.add_argument("--choose-map", action="store_true",
-                   help="after training, choose which levels make the anomaly map by AUPRO on synthetic defects "
-                        "pasted on the held-out normal images (a lead over 0.01 needed; shown by fastflow info); "
-                        "helped aligned bottle, hurt posed bottle and a wide texture: bench/README.md")
+    t.add_argument("--choose-map", action=argparse.BooleanOptionalAction, default=None,
+                   help="after training, choose which levels make the anomaly map: the finest level, the two "
+                        "finest, ... or all, by AUPRO on synthetic defects pasted on the held-out normal images (a "
+                        "lead over 0.01 needed; the image score is kept; shown by fastflow info). Default: on for "
+                        "the lite presets; --no-choose-map keeps the preset's map")
     t.add_argument("--score-levels", type=_levels, default=None,
                    help="the levels whose own map's max is the image score (default: the anomaly map's max; "
                         "lite0_unaligned_fine chooses after training between its stride-32 flow and the map's max, "
@@ -499,7 +500,10 @@ def _configs(args, name: str | None = None) -> tuple[ModelConfig, TrainConfig]:
     train.update(augment=args.augment, cache_features=not args.no_cache)
     if args.score_levels is not None:  # a named score is used as given (no TrainConfig.choose_score)
         train["choose_score"] = False
-    train["choose_map"] = args.choose_map and args.map_levels is None  # a named map is used as given
+    if args.choose_map is not None:
+        train["choose_map"] = args.choose_map
+    if args.map_levels is not None:  # a named map is used as given (no TrainConfig.choose_map)
+        train["choose_map"] = False
     return ModelConfig.from_preset(name, **model), TrainConfig.from_preset(name, **train)
 
 

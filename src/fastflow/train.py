@@ -543,7 +543,7 @@ def _save_training_state(loop: _Loop, epoch: int) -> None:
 def _select_best(loop: _Loop, log, val_samples: list[Sample]) -> dict:
     """Load each flow's kept epoch into the model; then, on synthetic defects pasted on the held-out images,
     with ``choose_map`` choose which levels make its anomaly map (auto.choose_map) and with ``choose_score``
-    where its image score comes from (auto.choose_score). Returns their reports: {"map_choice", "score_choice"},
+    where its image score comes from (auto.choose_score); none with fewer than two held-out images. Returns their reports: {"map_choice", "score_choice"},
     each present only when a choice was made."""
     if min(loop.best["epochs"]) < 0:  # a flow's validation NLL was NaN at every epoch: nothing can be selected
         last = loop.history[-1].get("val_nll") if loop.history else None
@@ -552,14 +552,16 @@ def _select_best(loop: _Loop, log, val_samples: list[Sample]) -> dict:
             f"so no epoch can be selected; the last epoch's state is in {loop.ckpt_path}. Lower the learning rate "
             f"(--lr), clip the gradient (--grad-clip 1), or check the training images for corrupt ones")
     loop.model.load_state_dict(loop.best["state"], strict=False)
-    from .auto import choose_map, choose_score  # auto.py trains probes with this module
+    from .auto import choose_map, choose_score, synthetic_validation  # auto.py trains probes with this module
 
     cfg, choices = loop.train_cfg, {}
-    with loop.amp():
-        if cfg.choose_map:
-            choices["map_choice"] = choose_map(loop.model, val_samples, cfg.seed, log)
-        if cfg.choose_score:
-            choices["score_choice"] = choose_score(loop.model, val_samples, cfg.seed, log)
+    if (cfg.choose_map or cfg.choose_score) and len(val_samples) >= 2:  # fewer: nothing to score on
+        synthetic = synthetic_validation(val_samples, cfg.seed)  # one set for both choices
+        with loop.amp():
+            if cfg.choose_map:
+                choices["map_choice"] = choose_map(loop.model, synthetic, log)
+            if cfg.choose_score:
+                choices["score_choice"] = choose_score(loop.model, synthetic, log)
     return {k: v for k, v in choices.items() if v is not None}
 
 

@@ -211,6 +211,22 @@ def test_synthetic_validation_shrinks_large_frames(tmp_path):
     np.testing.assert_array_equal(normals[1], small)  # small images are left as they are
 
 
+def test_the_synthetic_set_is_capped_on_large_sets():
+    """Many held-out images: defects are pasted on ``MAX_NORMALS`` of them, evenly spread, the first and last
+    included, so that the choices' time and memory stay bounded; the same ones on every call."""
+    from fastflow.auto import MAX_NORMALS, synthetic_validation
+    from fastflow.data import Sample
+
+    images = [np.full((16, 16, 3), i, dtype=np.uint8) for i in range(MAX_NORMALS + 57)]
+    samples = [Sample(f"mem/{i}", 0, "good", array=im) for i, im in enumerate(images)]
+    normals, defective, masks = synthetic_validation(samples, seed=0)
+    picked = [int(n[0, 0, 0]) for n in normals]
+    assert len(normals) == MAX_NORMALS and len(defective) == len(masks) == 2 * MAX_NORMALS
+    assert picked[0] == 0 and picked[-1] == MAX_NORMALS + 56 and picked == sorted(set(picked))
+    assert picked == [int(n[0, 0, 0]) for n in synthetic_validation(samples, seed=0)[0]]
+    assert len(synthetic_validation(samples[:MAX_NORMALS], seed=0)[0]) == MAX_NORMALS  # none left out below the cap
+
+
 def test_a_later_candidate_must_lead_by_more_than_the_margin():
     """Bottle seed 1's recorded synthetic scores: the texture recipe led by 0.001 and localised bottle's real
     defects worse; the aligned recipe is kept. A clear lead (a texture set) changes the choice."""

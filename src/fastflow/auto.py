@@ -144,7 +144,8 @@ def map_candidates(model) -> list[tuple[int, ...]]:
     them (finest = smallest stride). The held-out synthetic defects overrated maps without the finest level (the
     stride-16 map on the posed bottle and gravel_wide), and such maps lost test AUPRO on 10 of the 13 suite runs
     where they were measured, winning only on bottle (bench/README.md, twenty-first round)."""
-    order = sorted(range(len(model.level_ids)), key=lambda i: _strides(model)[i])
+    strides = _strides(model)
+    order = sorted(range(len(strides)), key=strides.__getitem__)
     return [tuple(sorted(order[:k])) for k in range(1, len(order) + 1)]
 
 
@@ -181,8 +182,8 @@ def choose_score(model, synthetic: tuple[list, list, list], log=print) -> dict |
     labels = np.r_[np.zeros(len(normals)), np.ones(len(defective))]
     auroc = {"score_levels": image_auroc(scores, labels),
              "map": image_auroc(maps.reshape(len(maps), -1).max(axis=1), labels)}
-    size = model.config.input_size[0]
-    where = {"score_levels": "the stride-" + "/".join(str(size // model.feature_shapes[i][1]) for i in model.score_index)
+    strides = _strides(model)
+    where = {"score_levels": "the stride-" + "/".join(str(strides[i]) for i in model.score_index)
              + " flow", "map": "the map's max"}
     chosen = "map" if _finite(auroc["map"]) > _finite(auroc["score_levels"]) + MARGIN else "score_levels"
     if chosen == "map":

@@ -543,8 +543,8 @@ def _save_training_state(loop: _Loop, epoch: int) -> None:
 def _select_best(loop: _Loop, log, val_samples: list[Sample]) -> dict:
     """Load each flow's kept epoch into the model; then, on synthetic defects pasted on the held-out images,
     with ``choose_map`` choose which levels make its anomaly map (auto.choose_map) and with ``choose_score``
-    where its image score comes from (auto.choose_score); none with fewer than two held-out images. Returns their reports: {"map_choice", "score_choice"},
-    each present only when a choice was made."""
+    where its image score comes from (auto.choose_score); none with fewer than two held-out images. Returns their
+    reports: {"map_choice", "score_choice"}, each present only when a choice was made."""
     if min(loop.best["epochs"]) < 0:  # a flow's validation NLL was NaN at every epoch: nothing can be selected
         last = loop.history[-1].get("val_nll") if loop.history else None
         raise TrainingError(
@@ -554,14 +554,17 @@ def _select_best(loop: _Loop, log, val_samples: list[Sample]) -> dict:
     loop.model.load_state_dict(loop.best["state"], strict=False)
     from .auto import choose_map, choose_score, synthetic_validation  # auto.py trains probes with this module
 
-    cfg, choices = loop.train_cfg, {}
-    if (cfg.choose_map or cfg.choose_score) and len(val_samples) >= 2:  # fewer: nothing to score on
+    model, cfg, choices = loop.model, loop.train_cfg, {}
+    # the synthetic set is built only when a choice can be made: more than one level, or a score with its own levels
+    can_choose = ((cfg.choose_map and len(model.level_ids) > 1)
+                  or (cfg.choose_score and model.score_index != model.map_index))
+    if can_choose and len(val_samples) >= 2:  # fewer: nothing to score on
         synthetic = synthetic_validation(val_samples, cfg.seed)  # one set for both choices
         with loop.amp():
             if cfg.choose_map:
-                choices["map_choice"] = choose_map(loop.model, synthetic, log)
+                choices["map_choice"] = choose_map(model, synthetic, log)
             if cfg.choose_score:
-                choices["score_choice"] = choose_score(loop.model, synthetic, log)
+                choices["score_choice"] = choose_score(model, synthetic, log)
     return {k: v for k, v in choices.items() if v is not None}
 
 

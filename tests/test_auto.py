@@ -227,6 +227,23 @@ def test_the_synthetic_set_is_capped_on_large_sets():
     assert len(synthetic_validation(samples[:MAX_NORMALS], seed=0)[0]) == MAX_NORMALS  # none left out below the cap
 
 
+@pytest.mark.parametrize("n_held_out, per_image", [(10, 8), (21, 8), (40, 5), (76, 2), (157, 2)])
+def test_the_choices_after_training_paste_more_defects_on_few_held_out_images(n_held_out, per_image):
+    """The map and score choices (choice_set) paste about CHOICE_DEFECTS defects: 8 per image on a small held-out set,
+    never fewer than the probes' 2 per image, on the same held-out normals as the probes' set (at most MAX_NORMALS)."""
+    from fastflow.auto import choice_set, synthetic_validation
+    from fastflow.data import Sample
+
+    rng = np.random.default_rng(1)
+    samples = [Sample(f"mem/{i}", 0, "good", array=rng.integers(0, 255, (24, 24, 3), dtype=np.uint8))
+               for i in range(n_held_out)]
+    normals, defective, masks = choice_set(samples, seed=3)
+    probe_normals = synthetic_validation(samples, seed=3)[0]
+    assert len(normals) == len(probe_normals) and len(defective) == len(masks) == per_image * len(normals)
+    assert all((n == p).all() for n, p in zip(normals, probe_normals))
+    again = choice_set(samples, seed=3)
+    assert all((a == b).all() for a, b in zip(defective, again[1]))  # deterministic by seed
+
 def test_a_later_candidate_must_lead_by_more_than_the_margin():
     """Bottle seed 1's recorded synthetic scores: the texture recipe led by 0.001 and localised bottle's real
     defects worse; the aligned recipe is kept. A clear lead (a texture set) changes the choice."""

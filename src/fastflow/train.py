@@ -552,14 +552,14 @@ def _select_best(loop: _Loop, log, val_samples: list[Sample]) -> dict:
             f"so no epoch can be selected; the last epoch's state is in {loop.ckpt_path}. Lower the learning rate "
             f"(--lr), clip the gradient (--grad-clip 1), or check the training images for corrupt ones")
     loop.model.load_state_dict(loop.best["state"], strict=False)
-    from .auto import choose_map, choose_score, synthetic_validation  # auto.py trains probes with this module
+    from .auto import choice_set, choose_map, choose_score  # auto.py trains probes with this module
 
     model, cfg, choices = loop.model, loop.train_cfg, {}
     # the synthetic set is built only when a choice can be made: more than one level, or a score with its own levels
     can_choose = ((cfg.choose_map and len(model.level_ids) > 1)
                   or (cfg.choose_score and model.score_index != model.map_index))
     if can_choose and len(val_samples) >= 2:  # fewer: nothing to score on
-        synthetic = synthetic_validation(val_samples, cfg.seed)  # one set for both choices
+        synthetic = choice_set(val_samples, cfg.seed)  # one set for both choices
         with loop.amp():
             if cfg.choose_map:
                 choices["map_choice"] = choose_map(model, synthetic, log)

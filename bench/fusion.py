@@ -139,6 +139,18 @@ def figures(amap, score, labels, masks, aupro=True) -> dict:
     return {k: round(float(v), 4) for k, v in f.items()}
 
 
+def load_held_out(run_dir: str):
+    """A trained run in eval mode and its held-out normal samples (its validation split, reproduced from run.json):
+    (model, checkpoint, run.json, train config, held-out samples)."""
+    model, ckpt = load_run(run_dir)
+    model.eval()
+    info = json.load(open(f"{run_dir}/run.json"))
+    tcfg = from_dict(TrainConfig, info["train_config"])
+    d = info["data"]
+    train = load_samples(d["format"], d["root"], d["category"], "train", **d.get("options", {}))
+    return model, ckpt, info, tcfg, split_validation(train, tcfg.val_fraction, tcfg.seed)[1]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("run_dir")
@@ -147,13 +159,7 @@ def main() -> None:
     ap.add_argument("--only", help="a regular expression: score only the rules whose names match it")
     a = ap.parse_args()
     torch.set_num_threads(2)
-    model, ckpt = load_run(a.run_dir)
-    model.eval()
-    info = json.load(open(f"{a.run_dir}/run.json"))
-    tcfg = from_dict(TrainConfig, info["train_config"])
-    d = info["data"]
-    train = load_samples(d["format"], d["root"], d["category"], "train", **d.get("options", {}))
-    _, val = split_validation(train, tcfg.val_fraction, tcfg.seed)
+    model, ckpt, info, tcfg, val = load_held_out(a.run_dir)
     pre = preprocess_for(model)
     normals, defective, dmasks = synthetic_validation(val, tcfg.seed)
     n_maps = maps_of(model, [pre(im) for im in normals])

@@ -22,13 +22,12 @@ import numpy as np
 import torch
 
 from fastflow.auto import _shrunk, _strides, level_maps
-from fastflow.config import TrainConfig, from_dict
 from fastflow.data import AnomalyDataset, Preprocess, load_samples
 from fastflow.data.preprocess import _resize_bool, load_image
 from fastflow.data.synthetic import defect_set
 from fastflow.metrics import pixel_aupro, pixel_auroc
-from fastflow.run import load_run, preprocess_for
-from fastflow.train import split_validation
+from fastflow.run import preprocess_for
+from fusion import load_held_out  # bench/fusion.py, beside this script
 
 
 def main() -> None:
@@ -42,13 +41,7 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
     torch.set_num_threads(2)
-    model, ckpt = load_run(a.run_dir)
-    model.eval()
-    info = json.load(open(f"{a.run_dir}/run.json"))
-    tcfg = from_dict(TrainConfig, info["train_config"])
-    d = info["data"]
-    _, val = split_validation(load_samples(d["format"], d["root"], d["category"], "train", **d.get("options", {})),
-                              tcfg.val_fraction, tcfg.seed)
+    model, ckpt, _, tcfg, val = load_held_out(a.run_dir)
     normals = [_shrunk(np.asarray(load_image(s.path))) for s in val]
     defective, masks, kinds = defect_set(normals, seed=tcfg.seed, per_image=a.per_image)
     pre = preprocess_for(model)

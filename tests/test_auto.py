@@ -227,22 +227,40 @@ def test_the_synthetic_set_is_capped_on_large_sets():
     assert len(synthetic_validation(samples[:MAX_NORMALS], seed=0)[0]) == MAX_NORMALS  # none left out below the cap
 
 
+@pytest.fixture(scope="module")
+def tiny_model():
+    from dataclasses import replace
+
+    from fastflow.config import get_preset
+    from fastflow.model import FastFlow
+
+    torch.manual_seed(0)
+    return FastFlow(replace(get_preset("efficientnet_lite0").model, input_size=(32, 32)), weights="random").eval()
+
+
 @pytest.mark.parametrize("n_held_out, per_image", [(10, 8), (21, 8), (40, 5), (76, 2), (157, 2)])
-def test_the_choices_after_training_paste_more_defects_on_few_held_out_images(n_held_out, per_image):
+def test_the_choices_after_training_paste_more_defects_on_few_held_out_images(tiny_model, n_held_out, per_image):
     """The map and score choices (choice_set) paste about CHOICE_DEFECTS defects: 8 per image on a small held-out set,
-    never fewer than the probes' 2 per image, on the same held-out normals as the probes' set (at most MAX_NORMALS)."""
+    never fewer than the probes' 2 per image, on the same held-out normals as the probes' set (at most MAX_NORMALS),
+    drawn as defect_set draws them; each image comes preprocessed for the model, each mask at its input size."""
     from fastflow.auto import choice_set, synthetic_validation
     from fastflow.data import Sample
+    from fastflow.data.preprocess import _resize_bool
+    from fastflow.run import preprocess_for
 
     rng = np.random.default_rng(1)
     samples = [Sample(f"mem/{i}", 0, "good", array=rng.integers(0, 255, (24, 24, 3), dtype=np.uint8))
                for i in range(n_held_out)]
-    normals, defective, masks = choice_set(samples, seed=3)
-    probe_normals = synthetic_validation(samples, seed=3)[0]
-    assert len(normals) == len(probe_normals) and len(defective) == len(masks) == per_image * len(normals)
-    assert all((n == p).all() for n, p in zip(normals, probe_normals))
-    again = choice_set(samples, seed=3)
-    assert all((a == b).all() for a, b in zip(defective, again[1]))  # deterministic by seed
+    normals, defective, masks = choice_set(samples, 3, tiny_model)
+    raw_normals, raw_defective, raw_masks = synthetic_validation(samples, 3, per_image)  # the same draws, raw
+    assert len(normals) == len(raw_normals) and len(defective) == len(masks) == per_image * len(normals)
+    pre = preprocess_for(tiny_model)
+    assert normals[0].shape == (3, 32, 32) and masks[0].shape == (32, 32) and masks[0].dtype == bool
+    assert all(torch.equal(n, pre(r)) for n, r in zip(normals, raw_normals))
+    assert all(torch.equal(d, pre(r)) for d, r in zip(defective, raw_defective))
+    assert all((m == _resize_bool(r, (32, 32))).all() for m, r in zip(masks, raw_masks))
+    assert not all(torch.equal(d, n) for d, n in zip(defective[::per_image], normals))  # defects were pasted
+
 
 def test_a_later_candidate_must_lead_by_more_than_the_margin():
     """Bottle seed 1's recorded synthetic scores: the texture recipe led by 0.001 and localised bottle's real

@@ -32,7 +32,7 @@ import torch
 from .config import AUTO_CANDIDATES, ModelConfig, TrainConfig
 from .data import Sample
 from .data.preprocess import _resize_bool, load_image
-from .data.synthetic import defect_set
+from .data.synthetic import defect_set, iter_defects
 from .device import follow_load
 from .fused import for_inference
 from .metrics import image_auroc, pixel_aupro, pixel_auroc
@@ -63,26 +63,39 @@ def synthetic_validation(val_samples: list[Sample], seed: int, per_image: int = 
     """Held-out normal images (at most ``MAX_NORMALS`` of them, evenly spread; shrunk to at most ``MAX_SIDE``
     pixels a side, so that large frames do not fill the memory), and ``per_image`` defective copies of each with
     their masks: (normals, defectives, masks), all (H, W[, 3]) arrays, deterministic by ``seed``."""
-    if len(val_samples) > MAX_NORMALS:
-        val_samples = [val_samples[i] for i in np.linspace(0, len(val_samples) - 1, MAX_NORMALS).round().astype(int)]
-    normals = [_shrunk(np.asarray(load_image(s.path)) if s.array is None else s.array) for s in val_samples]
+    normals = _held_out_images(val_samples)
     defective, masks, _ = defect_set(normals, seed=seed, per_image=per_image)
     return normals, defective, masks
 
 
-def choice_set(val_samples: list[Sample], seed: int) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
-    """The after-training choices' synthetic set: ``synthetic_validation`` with as many defects per held-out image
-    as keep the set near ``CHOICE_DEFECTS`` (8 per image on 10-25 held-out images, 2 from 100)."""
-    n = max(1, min(len(val_samples), MAX_NORMALS))
-    per_image = max(DEFECTS_PER_IMAGE, min(MAX_DEFECTS_PER_IMAGE, CHOICE_DEFECTS // n))
-    return synthetic_validation(val_samples, seed, per_image)
+def _held_out_images(val_samples: list[Sample]) -> list[np.ndarray]:
+    """At most ``MAX_NORMALS`` of the held-out images, evenly spread, each shrunk to at most ``MAX_SIDE`` a side."""
+    if len(val_samples) > MAX_NORMALS:
+        val_samples = [val_samples[i] for i in np.linspace(0, len(val_samples) - 1, MAX_NORMALS).round().astype(int)]
+    return [_shrunk(np.asarray(load_image(s.path)) if s.array is None else s.array) for s in val_samples]
+
+
+def choice_set(val_samples: list[Sample], seed: int, model) -> tuple[list[torch.Tensor], list[torch.Tensor],
+                                                                        list[np.ndarray]]:
+    """The after-training choices' synthetic set: ``synthetic_validation``'s held-out images and draws, with as many
+    defects per image as keep the set near ``CHOICE_DEFECTS`` (8 per image on 10-25 held-out images, 2 from 100).
+    Each image is preprocessed for ``model`` ((3, H, W) tensors) and each mask resized to its input size as soon as
+    it is made, so that hundreds of full-size copies are never held at once."""
+    normals = _held_out_images(val_samples)
+    per_image = max(DEFECTS_PER_IMAGE, min(MAX_DEFECTS_PER_IMAGE, CHOICE_DEFECTS // max(1, len(normals))))
+    preprocess, (h, w) = preprocess_for(model), model.config.input_size
+    defective, masks = [], []
+    for bad, mask, _ in iter_defects(normals, seed, per_image):
+        defective.append(preprocess(bad))
+        masks.append(_resize_bool(mask, (w, h)))
+    return [preprocess(im) for im in normals], defective, masks
 
 
 def synthetic_score(model, normals: list[np.ndarray], defective: list[np.ndarray], masks: list[np.ndarray],
                     batch_size: int = 16) -> dict:
     """How well ``model`` separates ``defective`` from ``normals``: image AUROC, pixel AUROC (on the
     masks, at input size) and their mean ``score``."""
-    scores, maps = _scores_and_maps(model, normals + defective, batch_size)
+    scores, maps = _scores_and_maps(model, normals + defective, preprocess_for(model), batch_size)
     h, w = model.config.input_size
     truth = [np.zeros((h, w), dtype=bool)] * len(normals)
     truth += [_resize_bool(m, (w, h)) for m in masks]
@@ -91,10 +104,11 @@ def synthetic_score(model, normals: list[np.ndarray], defective: list[np.ndarray
     return {"image_auroc": img, "pixel_auroc": pix, "score": (img + pix) / 2}
 
 
-def _scores_and_maps(model, images: list[np.ndarray], batch_size: int = 16) -> tuple[np.ndarray, np.ndarray]:
-    """Image scores (N,) and anomaly maps (N, H, W) of ``images`` by the frozen inference form (fused.py)."""
+def _scores_and_maps(model, images: list, preprocess=None, batch_size: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    """Image scores (N,) and anomaly maps (N, H, W) of ``images`` by the frozen inference form (fused.py): preprocessed
+    (3, H, W) tensors, or raw arrays with their ``preprocess`` (run.preprocess_for)."""
     scores, maps = [], []
-    for _, out in _outputs(model, images, preprocess_for(model), batch_size):
+    for _, out in _outputs(model, images, preprocess, batch_size):
         scores.append(out.score.float().cpu().numpy())
         maps.append(out.anomaly_map[:, 0].float().cpu().numpy())
     return np.concatenate(scores), np.concatenate(maps)
@@ -121,13 +135,13 @@ def choose_map(model, synthetic: tuple[list, list, list], log=print) -> dict | N
     on the held-out normal images, its map the mean of its levels' maps; the best replaces the configured map
     levels (``model.set_map_levels``) when its AUPRO is higher by more than ``MARGIN``. The image score stays
     what it was (an image score taken from the map keeps the preset's map levels as its score levels): the
-    choice is made by localisation alone. ``synthetic``: (normals, defectives, masks), ``choice_set``'s.
+    choice is made by localisation alone. ``synthetic``: (normals, defectives, masks), ``choice_set``'s for ``model``.
     Returns the report (saved in model.pt), or None when there is nothing to choose (one level)."""
     ids = model.level_ids
     if len(ids) < 2:
         return None
     normals, defective, masks = synthetic
-    maps = level_maps(model, normals + defective, preprocess_for(model))  # (N, L, H, W)
+    maps = level_maps(model, normals + defective)  # (N, L, H, W)
     h, w = model.config.input_size
     truth = np.stack([np.zeros((h, w), dtype=bool)] * len(normals) + [_resize_bool(m, (w, h)) for m in masks])
     current = tuple(model.map_index)
@@ -193,7 +207,7 @@ def choose_score(model, synthetic: tuple[list, list, list], log=print) -> dict |
     if model.score_index == model.map_index:
         return None
     normals, defective, _ = synthetic
-    scores, maps = _scores_and_maps(model, normals + defective)  # the score levels' max, and the map
+    scores, maps = _scores_and_maps(model, normals + defective)  # (preprocessed) the score levels' max, and the map
     labels = np.r_[np.zeros(len(normals)), np.ones(len(defective))]
     auroc = {"score_levels": image_auroc(scores, labels),
              "map": image_auroc(maps.reshape(len(maps), -1).max(axis=1), labels)}

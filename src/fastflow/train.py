@@ -559,7 +559,7 @@ def _select_best(loop: _Loop, log, val_samples: list[Sample]) -> dict:
     can_choose = ((cfg.choose_map and len(model.level_ids) > 1)
                   or (cfg.choose_score and model.score_index != model.map_index))
     if can_choose and len(val_samples) >= 2:  # fewer: nothing to score on
-        synthetic = choice_set(val_samples, cfg.seed)  # one set for both choices
+        synthetic = choice_set(val_samples, cfg.seed, model)  # one set for both choices
         with loop.amp():
             if cfg.choose_map:
                 choices["map_choice"] = choose_map(model, synthetic, log)

@@ -151,11 +151,18 @@ def defect_set(images: list[np.ndarray], seed: int, per_image: int = 1) -> tuple
     added at the end of the list leave the earlier copies unchanged.
     """
     out, masks, kinds = [], [], []
+    for bad, mask, kind in iter_defects(images, seed, per_image):
+        out.append(bad)
+        masks.append(mask)
+        kinds.append(kind)
+    return out, masks, kinds
+
+
+def iter_defects(images: list[np.ndarray], seed: int, per_image: int = 1):
+    """``defect_set``'s copies one at a time, (defective, mask, kind), the same draws in the same order: for a
+    caller that shrinks or converts each copy before the next is made."""
     for i, image in enumerate(images):
         for j in range(per_image):
             kind = KINDS[(i * per_image + j) % len(KINDS)]
             bad, mask = add_defect(image, np.random.default_rng((seed, i, j)), kind)
-            out.append(bad)
-            masks.append(mask)
-            kinds.append(kind)
-    return out, masks, kinds
+            yield bad, mask, kind

@@ -21,9 +21,9 @@ import json
 import numpy as np
 import torch
 
-from fastflow.auto import _shrunk, _strides, level_maps
+from fastflow.auto import _held_out_images, _strides, level_maps
 from fastflow.data import AnomalyDataset, Preprocess, load_samples
-from fastflow.data.preprocess import _resize_bool, load_image
+from fastflow.data.preprocess import _resize_bool
 from fastflow.data.synthetic import defect_set
 from fastflow.metrics import pixel_aupro, pixel_auroc
 from fastflow.run import preprocess_for
@@ -42,19 +42,22 @@ def main() -> None:
     a = ap.parse_args()
     torch.set_num_threads(2)
     model, ckpt, _, tcfg, val = load_held_out(a.run_dir)
-    normals = [_shrunk(np.asarray(load_image(s.path))) for s in val]
-    defective, masks, kinds = defect_set(normals, seed=tcfg.seed, per_image=a.per_image)
+    normals = _held_out_images(val)  # the automatic choice's held-out images (auto.synthetic_validation's)
     pre = preprocess_for(model)
     h, w = model.config.input_size
-    syn = level_maps(model, [pre(im) for im in normals + defective])  # (N, L, H, W)
-    truth = np.stack([np.zeros((h, w), bool)] * len(normals) + [_resize_bool(m, (w, h)) for m in masks])
+
+    def maps_and_truth(bad, dmasks):  # (N, L, H, W) level maps of the normals and their copies; (N, H, W) masks
+        return (level_maps(model, [pre(im) for im in normals + bad]),
+                np.stack([np.zeros((h, w), bool)] * len(normals) + [_resize_bool(m, (w, h)) for m in dmasks]))
+
+    defective, masks, kinds = defect_set(normals, seed=tcfg.seed, per_image=a.per_image)
+    syn, truth = maps_and_truth(defective, masks)
     area = np.array([m.mean() for m in masks])
     draws = {}
     for spec in a.draws:
         n, off = (int(x) for x in spec.split(":"))
         bad, dm, _ = defect_set(normals, seed=tcfg.seed + off, per_image=n)
-        draws[spec] = (level_maps(model, [pre(im) for im in normals + bad]),
-                       np.stack([np.zeros((h, w), bool)] * len(normals) + [_resize_bool(m, (w, h)) for m in dm]))
+        draws[spec] = maps_and_truth(bad, dm)
     groups = {"all": np.ones(len(defective), bool), "small": area <= np.median(area), "large": area > np.median(area)}
     groups.update({k: np.array([x == k for x in kinds]) for k in sorted(set(kinds))})
     ds = AnomalyDataset(load_samples(*a.row, "test"), Preprocess.from_dict(ckpt["preprocess"]))

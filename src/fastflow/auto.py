@@ -52,8 +52,9 @@ MAX_SIDE = 1024  # held-out images are shrunk to this before defects are pasted 
 MAX_NORMALS = 100
 # The choices made after training (choose_map, choose_score) score on more defects than the probes: about
 # CHOICE_DEFECTS of them, DEFECTS_PER_IMAGE to MAX_DEFECTS_PER_IMAGE per held-out image (``choice_set``). With 2 per
-# image, the map choice on a set of 10-21 held-out images hung on the draw: three draws on the same 14 suite runs made
-# 1 and 4 wrong switches (finest-first maps and every subset); 8 per image made none (bench/README.md, 22nd round).
+# image, the map choice on a set of 10-21 held-out images hung on the draw: on three draws over the suite's kept runs
+# it made 14 of the 18 right switches; with 8 per image, 24 of 24 on four draws; one wrong switch
+# each way (in 45 and in 56 choices; bench/README.md, twenty-second round).
 CHOICE_DEFECTS = 200
 MAX_DEFECTS_PER_IMAGE = 8
 
@@ -78,7 +79,7 @@ def _held_out_images(val_samples: list[Sample]) -> list[np.ndarray]:
 def choice_set(val_samples: list[Sample], seed: int, model) -> tuple[list[torch.Tensor], list[torch.Tensor],
                                                                         list[np.ndarray]]:
     """The after-training choices' synthetic set: ``synthetic_validation``'s held-out images and draws, with as many
-    defects per image as keep the set near ``CHOICE_DEFECTS`` (8 per image on 10-25 held-out images, 2 from 100).
+    defects per image as keep the set near ``CHOICE_DEFECTS`` (8 per image up to 25 held-out images, 2 from 67 on).
     Each image is preprocessed for ``model`` ((3, H, W) tensors) and each mask resized to its input size as soon as
     it is made, so that hundreds of full-size copies are never held at once."""
     normals = _held_out_images(val_samples)
@@ -143,7 +144,7 @@ def choose_map(model, synthetic: tuple[list, list, list], log=print) -> dict | N
     normals, defective, masks = synthetic
     maps = level_maps(model, normals + defective)  # (N, L, H, W)
     h, w = model.config.input_size
-    truth = np.stack([np.zeros((h, w), dtype=bool)] * len(normals) + [_resize_bool(m, (w, h)) for m in masks])
+    truth = np.stack([np.zeros((h, w), dtype=bool)] * len(normals) + list(masks))  # choice_set's masks: at (h, w)
     current = tuple(model.map_index)
     subsets = list(dict.fromkeys(map_candidates(model) + [current]))
     aupro = {s: pixel_aupro(maps[:, list(s)].mean(axis=1), truth) for s in subsets}

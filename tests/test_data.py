@@ -399,6 +399,31 @@ def test_dataset_items(tmp_path: Path) -> None:
         AnomalyDataset([], PLAIN)
 
 
+def test_decoded_images_read_each_file_once_per_preprocessing(tmp_path: Path, monkeypatch) -> None:
+    """Datasets sharing a DecodedImages (several trainings on one set: auto.py's probes) decode each image once per
+    preprocessing and serve exactly what a dataset of their own decodes; ``unread`` leaves out what was decoded."""
+    import fastflow.data.dataset as dataset_module
+
+    samples = [Sample(str(_img(tmp_path / f"{i}.png", value=(40 * i, 90, 200))), 0, "good") for i in range(4)]
+    samples.append(Sample(str(_img(tmp_path / "a.png")), 1, "crack", str(_mask(tmp_path / "a_mask.png"))))
+    reads = []
+    real_load = dataset_module.load_image
+    monkeypatch.setattr(dataset_module, "load_image", lambda path: reads.append(path) or real_load(path))
+    shared = dataset_module.DecodedImages()
+    assert shared.unread(samples) == samples
+    first = AnomalyDataset(samples[:3], PLAIN, decoded=shared)
+    assert len(reads) == 3 and shared.unread(samples) == samples[3:]
+    again = AnomalyDataset(samples, PLAIN, decoded=shared)  # three of them decoded before
+    assert len(reads) == 5 and shared.unread(samples) == []
+    stretched = Preprocess((16, 16), (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), autocontrast=1.0)
+    AnomalyDataset(samples[:2], stretched, decoded=shared)  # another preprocessing: decoded again
+    assert len(reads) == 7
+    own = AnomalyDataset(samples, PLAIN)
+    for i in range(len(samples)):
+        assert torch.equal(again[i]["image"], own[i]["image"]) and torch.equal(again[i]["mask"], own[i]["mask"])
+    assert torch.equal(first[1]["image"], own[1]["image"])
+
+
 def test_augmentation_moves_image_and_mask_together(tmp_path: Path) -> None:
     mask = np.zeros((32, 32), np.uint8)
     mask[3:12, 5:25] = 255  # asymmetric, so every flip and rotation changes it

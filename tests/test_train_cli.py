@@ -15,6 +15,7 @@ from fastflow.data import load_samples
 from fastflow.demo import make_demo_dataset
 from fastflow.flow import use_fast_backward
 from fastflow.model import FastFlow
+from fastflow.checkpoint import load_safe
 from fastflow.run import load_run
 from fastflow.train import add_feature_noise, split_validation, train
 
@@ -75,6 +76,26 @@ def test_checkpoint_round_trip_gives_the_trained_model(dataset, tmp_path, monkey
         oa, ob = loaded(x), want(x)
     assert torch.equal(oa.anomaly_map, ob.anomaly_map) and torch.equal(oa.score, ob.score)
     assert any(not torch.equal(p, torch.zeros_like(p)) for p in loaded.flows.parameters())
+
+
+def test_a_training_not_saved_every_epoch_saves_its_last_state_only(dataset, tmp_path, monkeypatch):
+    """``save_every_epoch=False`` (auto.py's probes) writes checkpoint.pt once, after the last epoch, and that state
+    is the one a run saved every epoch ends with."""
+    import fastflow.train as train_module
+
+    saved = []
+    save = train_module._save_training_state
+    monkeypatch.setattr(train_module, "_save_training_state", lambda loop, epoch: saved.append(epoch) or save(loop, epoch))
+    samples = load_samples("mvtec", dataset, "texture", "train")
+    cfg = TrainConfig(epochs=3, batch_size=4, val_fraction=0.3)
+    for folder, every in (("every", True), ("last", False)):
+        train(ModelConfig(input_size=(64, 64)), cfg, samples, str(tmp_path / folder), progress=False,
+              log=lambda *a: None, save_every_epoch=every)
+    assert saved == [0, 1, 2, 2]
+    a, b = (load_safe(str(tmp_path / f / "checkpoint.pt")) for f in ("every", "last"))
+    assert a["epoch"] == b["epoch"] == 2 and a["optimizer"]["state"].keys() == b["optimizer"]["state"].keys()
+    for key in a["state"]:
+        assert torch.equal(a["state"][key], b["state"][key]), key
 
 
 def test_training_leaves_the_callers_random_state_alone(dataset, tmp_path):

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from .config import AUTO_CANDIDATES, ModelConfig, TrainConfig
-from .data import Sample
+from .data import DecodedImages, Sample
 from .data.preprocess import _resize_bool, load_image
 from .data.synthetic import defect_set, iter_defects
 from .device import follow_load
@@ -242,7 +242,8 @@ def _shrunk(image: np.ndarray) -> np.ndarray:
 
 def choose(candidates: list[tuple[str, ModelConfig, TrainConfig]], samples: list[Sample], work_dir: str,
            weights: str = "pretrained", log=print, probe_tag: str = "", device="auto",
-           precision: str = "fp32", continue_in: str | None = None) -> tuple[str, ModelConfig, TrainConfig, dict]:
+           precision: str = "fp32", continue_in: str | None = None, decoded: DecodedImages | None = None
+           ) -> tuple[str, ModelConfig, TrainConfig, dict]:
     """Probe every candidate on ``samples`` (normal images only) and return the best one:
     (name, model config, train config, report). ``report`` holds each candidate's synthetic-defect
     figures, the probe length and time, and the reason for the choice; it goes into run.json.
@@ -252,7 +253,10 @@ def choose(candidates: list[tuple[str, ModelConfig, TrainConfig]], samples: list
     ``continue_in``: a run folder; the chosen probe's training checkpoint is moved there, so that
     ``train(..., resume=True)`` continues from it instead of training those first epochs again. The
     result is the same model: a probe is the first epochs of the full run (same seed, same batches,
-    same noise draws), and resuming restores the optimiser, the RNG and the best epoch so far."""
+    same noise draws), and resuming restores the optimiser, the RNG and the best epoch so far.
+
+    ``decoded``: the probes share it, so that each image is read once per preprocessing (data/dataset.py); pass
+    the same one to the chosen preset's ``train``. Without it the probes make their own."""
     seed = candidates[0][2].seed
     _, val_samples = split_validation(samples, candidates[0][2].val_fraction, seed)
     if len(val_samples) < 2:
@@ -262,6 +266,7 @@ def choose(candidates: list[tuple[str, ModelConfig, TrainConfig]], samples: list
         log(f"auto: chose {name}: {why}; name a preset with --backbone, hold out more with --val-fraction, or give more normal images")
         return name, m, t, {"chosen": name, "why": why, "candidates": {}}
     t0 = time.perf_counter()
+    decoded = DecodedImages() if decoded is None else decoded
     normals, defective, masks = synthetic_validation(val_samples, seed)
     results = {}
     for name, model_cfg, train_cfg in candidates:
@@ -269,7 +274,7 @@ def choose(candidates: list[tuple[str, ModelConfig, TrainConfig]], samples: list
         probe = probe_config(train_cfg, len(samples) - len(val_samples))
         t1 = time.perf_counter()
         train(model_cfg, probe, samples, probe_dir, weights=weights, progress=False, log=lambda *a, **k: None,
-              device=device, precision=precision)
+              device=device, precision=precision, decoded=decoded, save_every_epoch=False)
         model, _ = load_run(probe_dir)
         results[name] = {**synthetic_score(model, normals, defective, masks), "probe_epochs": probe.epochs,
                          "probe_seconds": round(time.perf_counter() - t1, 1)}

@@ -585,20 +585,22 @@ def _train_resume(args, dist, device, precision) -> int:
 def _train_category(args, cat, run_dir, opts, configs, auto, dist, cat_dist, device, precision) -> dict | None:
     """Train one category into ``run_dir`` (run.json first, removed again if training fails before its first
     checkpoint); its summary row on the rank that writes it (None on the others)."""
-    from .data import load_samples
+    from .data import DecodedImages, load_samples
     from .train import train
 
     samples = load_samples(args.format, args.data, cat, "train", **opts)
+    decoded = DecodedImages()  # each image read once by the probes (auto) and the training
     say = print if cat_dist.is_main else (lambda *a, **k: None)
     where = f" (rank {dist.rank} of {dist.world})" if cat_dist is not dist else ""
     model_cfg, train_cfg, chosen = _start_run(args, cat, run_dir, opts, configs, auto, samples, dist, cat_dist,
-                                              say, device, precision)
+                                              say, device, precision, decoded)
     say(f"[{cat}] training {chosen.get('preset') or args.backbone or model_cfg.backbone} on {len(samples)} "
         f"normal images{where} -> {run_dir}")
     resume = "continued_after_epochs" in chosen.get("auto", {})  # from the chosen probe (auto.choose)
     try:
         res = train(model_cfg, train_cfg, samples, run_dir, weights=args.weights, resume=resume,
-                    progress=not args.quiet and dist.is_main, dist=cat_dist, device=device, precision=precision)
+                    progress=not args.quiet and dist.is_main, dist=cat_dist, device=device, precision=precision,
+                    decoded=decoded)
     except BaseException:  # an error, or Ctrl-C before the first checkpoint: nothing to resume
         if cat_dist.is_main:
             _drop_orphan_run_file(run_dir)
@@ -617,7 +619,8 @@ def _train_category(args, cat, run_dir, opts, configs, auto, dist, cat_dist, dev
     return row
 
 
-def _start_run(args, cat, run_dir, opts, configs, auto, samples, dist, cat_dist, say, device, precision) -> tuple:
+def _start_run(args, cat, run_dir, opts, configs, auto, samples, dist, cat_dist, say, device, precision,
+               decoded) -> tuple:
     """(model config, train config, {preset, auto report} or {}) for one category: the preset chosen by
     ``--backbone auto`` or the one given; the writing rank records them in run_dir/run.json."""
     from .auto import CANDIDATES, choose
@@ -630,7 +633,8 @@ def _start_run(args, cat, run_dir, opts, configs, auto, samples, dist, cat_dist,
                                                     run_dir, weights=args.weights, log=say,
                                                     probe_tag=f"{dist.rank}" if cat_dist.world > 1 else "",
                                                     device=device, precision=precision,
-                                                    continue_in=run_dir if cat_dist.world == 1 else None)
+                                                    continue_in=run_dir if cat_dist.world == 1 else None,
+                                                    decoded=decoded)
         chosen = {"preset": name, "auto": report}
     if cat_dist.is_main:
         os.makedirs(run_dir, exist_ok=True)

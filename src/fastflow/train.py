@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader
 
 from .checkpoint import CheckpointError, load_safe, save_atomic
 from .config import DEFAULT_PRESET, ModelConfig, Preset, TrainConfig, from_dict, get_preset, to_dict
-from .data import AnomalyDataset, Sample, check_readable
+from .data import AnomalyDataset, DecodedImages, Sample, check_readable
 from .device import autocast, fits_in_memory, follow_load, grad_scaler, resolve_device
 from .distributed import SINGLE, Dist
 from .flow import use_fast_backward
@@ -212,7 +212,7 @@ def train(model_cfg: ModelConfig | Preset | None = None, train_cfg: TrainConfig 
           samples: list[Sample] | None = None, run_dir: str | None = None,
           weights: str = "pretrained", resume: bool = False, progress: bool = True,
           log=print, dist: Dist = SINGLE, device: str | torch.device | None = "auto",
-          precision: str = "fp32") -> TrainResult:
+          precision: str = "fp32", decoded: DecodedImages | None = None, save_every_epoch: bool = True) -> TrainResult:
     """Train FastFlow on normal ``samples`` and write the run folder ``run_dir``.
 
     ``model_cfg``: a ``ModelConfig``, a ``Preset`` (``get_preset("resnet18")``: its model and, unless
@@ -228,6 +228,9 @@ def train(model_cfg: ModelConfig | Preset | None = None, train_cfg: TrainConfig 
     calls ``train`` with the same arguments, rank 0 logs and writes the files.
     ``device``: auto, cpu, cuda, cuda:N or mps (device.py; under torchrun each rank's own device wins);
     ``precision``: fp32, bf16 or fp16 (autocast of the forward passes; fp16 on CUDA with a gradient scaler).
+    ``decoded``: a ``DecodedImages`` shared by several trainings on the same images, so that each image is read
+    once (auto.py's probes); ``save_every_epoch`` False: ``checkpoint.pt`` only after the last epoch (a training
+    that will not be resumed halfway, such as a probe).
 
     Training seeds the random generators with ``train_cfg.seed`` (the initialisation and augmentation
     draw from them) inside a fork: the caller's torch and NumPy random states are as they were after.
@@ -241,7 +244,8 @@ def train(model_cfg: ModelConfig | Preset | None = None, train_cfg: TrainConfig 
     numpy_state = np.random.get_state()
     try:
         with torch.random.fork_rng(devices=cuda):
-            return _train(model_cfg, train_cfg, samples, run_dir, weights, resume, progress, log, dist, precision)
+            return _train(model_cfg, train_cfg, samples, run_dir, weights, resume, progress, log, dist, precision,
+                          decoded, save_every_epoch)
     finally:
         np.random.set_state(numpy_state)
 
@@ -263,22 +267,23 @@ def _resolve_configs(model_cfg: ModelConfig | Preset | None, train_cfg: TrainCon
     return model_cfg, train_cfg
 
 
-def _train(model_cfg: ModelConfig, train_cfg: TrainConfig, samples: list[Sample], run_dir: str,
-           weights: str, resume: bool, progress: bool, log, dist: Dist, precision: str) -> TrainResult:
+def _train(model_cfg: ModelConfig, train_cfg: TrainConfig, samples: list[Sample], run_dir: str, weights: str,
+           resume: bool, progress: bool, log, dist: Dist, precision: str, decoded: DecodedImages | None,
+           save_every_epoch: bool) -> TrainResult:
     """The steps of ``train``: a seeded model and sharded data, the feature cache, resuming, the epochs,
     the selection of the best epoch with its threshold, the run folder's files."""
-    model, fit_samples, val_samples = _seeded_model(model_cfg, train_cfg, samples, weights, run_dir, dist)
+    model, fit_samples, val_samples = _seeded_model(model_cfg, train_cfg, samples, weights, run_dir, dist, decoded)
     if dist.world > 1 and not dist.is_main:
         log, progress = (lambda *a, **k: None), False
     t_start = time.perf_counter()
-    fit, val = _feature_sources(model, fit_samples, val_samples, train_cfg, dist, precision)
+    fit, val = _feature_sources(model, fit_samples, val_samples, train_cfg, dist, precision, decoded)
     t_features = time.perf_counter() - t_start
     loop = _Loop.start(model, fit, val, train_cfg, weights, dist, precision, os.path.join(run_dir, "checkpoint.pt"))
     _remove_partial_saves(run_dir, dist)
     epochs = planned_epochs(train_cfg, len(fit_samples))
     if resume:
         _resume(loop, model_cfg, run_dir, epochs, log)
-    _run_epochs(loop, epochs, progress)
+    _run_epochs(loop, epochs, progress, save_every_epoch)
     if train_cfg.keep_epoch == "last" and loop.val is not None:
         _log_early_kept(loop, log)
     choices = _select_best(loop, log, val_samples)
@@ -305,12 +310,12 @@ def _log_early_kept(loop: _Loop, log) -> None:
 
 
 def _seeded_model(model_cfg: ModelConfig, train_cfg: TrainConfig, samples: list[Sample], weights: str,
-                  run_dir: str, dist: Dist) -> tuple[FastFlow, list[Sample], list[Sample]]:
+                  run_dir: str, dist: Dist, decoded: DecodedImages | None) -> tuple[FastFlow, list[Sample], list[Sample]]:
     """The model initialised from ``train_cfg.seed`` (the same on every rank), and the (fit, validation)
     split; then, sharded, each rank's random generators seeded for its own augmentation draws."""
     if not samples:
         raise TrainingError("no normal training images: nothing to learn from")
-    check_readable(samples)  # every unreadable file at once, before any training
+    check_readable(samples if decoded is None else decoded.unread(samples))  # every unreadable file at once, first
     torch.manual_seed(train_cfg.seed)
     np.random.seed(train_cfg.seed)
     model = use_fast_backward(FastFlow(model_cfg, weights=weights).to(dist.device))
@@ -323,15 +328,16 @@ def _seeded_model(model_cfg: ModelConfig, train_cfg: TrainConfig, samples: list[
     return model, fit_samples, val_samples
 
 
-def _feature_sources(model: FastFlow, fit_samples: list[Sample], val_samples: list[Sample],
-                     train_cfg: TrainConfig, dist: Dist, precision: str) -> tuple[FeatureSource, FeatureSource | None]:
+def _feature_sources(model: FastFlow, fit_samples: list[Sample], val_samples: list[Sample], train_cfg: TrainConfig,
+                     dist: Dist, precision: str, decoded: DecodedImages | None
+                     ) -> tuple[FeatureSource, FeatureSource | None]:
     """This rank's training and validation features: cached once unless augmentation (or the config) says no;
     validation features always cached (no augmentation); None for no validation images."""
     pre = preprocess_for(model)
 
     def shard(items: list[Sample], augment: bool = False) -> AnomalyDataset | None:
         mine = dist.owned(items)
-        return AnomalyDataset(mine, pre, augment=augment) if mine else None
+        return AnomalyDataset(mine, pre, augment=augment, decoded=decoded) if mine else None
 
     cache = train_cfg.cache_features and not train_cfg.augment
     fit = FeatureSource(model, shard(fit_samples, train_cfg.augment), cache, train_cfg.batch_size,
@@ -438,9 +444,9 @@ def _resume(loop: _Loop, model_cfg: ModelConfig, run_dir: str, epochs: int, log)
     log(f"resuming {run_dir} at epoch {loop.start_epoch + 1}/{epochs}")
 
 
-def _run_epochs(loop: _Loop, epochs: int, progress: bool) -> None:
+def _run_epochs(loop: _Loop, epochs: int, progress: bool, save_every_epoch: bool = True) -> None:
     """Epochs ``loop.start_epoch`` to ``epochs``: train, validate, keep the best (or the last, ``keep_epoch``),
-    save the training state."""
+    save the training state (after the last epoch only, without ``save_every_epoch``)."""
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -458,7 +464,8 @@ def _run_epochs(loop: _Loop, epochs: int, progress: bool) -> None:
         else:
             _keep(loop, epoch, [True] * len(loop.model.flows), [math.inf] * len(loop.model.flows))
         loop.history.append(row)
-        _save_training_state(loop, epoch)
+        if save_every_epoch or epoch + 1 == epochs:
+            _save_training_state(loop, epoch)
         if bar is not None:
             bar.set_postfix({k: f"{v:.3f}" for k, v in row.items() if k.endswith("nll")})
             bar.update(1)

@@ -6,13 +6,13 @@
 """
 
 from .augment import augment_pair
-from .dataset import AnomalyDataset, check_readable
+from .dataset import AnomalyDataset, DecodedImages, check_readable
 from .files import IMAGE_EXTENSIONS
 from .formats import FORMATS, SPLITS, list_categories, load_samples
 from .preprocess import Preprocess, load_image, load_mask
 from .samples import DatasetError, Sample
 
 __all__ = [
-    "IMAGE_EXTENSIONS", "FORMATS", "SPLITS", "AnomalyDataset", "DatasetError", "Preprocess", "Sample",
+    "IMAGE_EXTENSIONS", "FORMATS", "SPLITS", "AnomalyDataset", "DatasetError", "DecodedImages", "Preprocess", "Sample",
     "augment_pair", "check_readable", "list_categories", "load_image", "load_mask", "load_samples",
 ]

@@ -50,14 +50,19 @@ class AnomalyDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, samples: list[Sample], preprocess: Preprocess, augment: bool | str | None = None,
-                 cache: bool | None = None) -> None:
+                 cache: bool | None = None, decoded: DecodedImages | None = None) -> None:
         if not samples:
             raise DatasetError("AnomalyDataset got no samples; check the dataset root, category and split")
         self.samples = list(samples)
         self.preprocess = preprocess
         self.augment = augment_kind(augment)  # None, "paper" or "pose" (data/augment.py)
         self.cache = len(self.samples) <= CACHE_LIMIT if cache is None else cache
-        self._decoded = _read_all(self._decode, range(len(self.samples))) if self.cache else None
+        if not self.cache:
+            self._decoded = None
+        elif decoded is not None:  # shared with other datasets of the same images (several trainings)
+            self._decoded = decoded.of(self)
+        else:
+            self._decoded = _read_all(self._decode, range(len(self.samples)))
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -78,6 +83,35 @@ class AnomalyDataset(torch.utils.data.Dataset):
         sample = self.samples[index]
         return {"image": self.preprocess.normalize(image), "mask": mask.float(), "label": sample.label,
                 "has_mask": sample.has_mask, "path": sample.path, "index": index}
+
+
+class DecodedImages:
+    """Images decoded once and kept at input size, per preprocessing, for several trainings on the same images.
+
+    ``fastflow train``'s automatic choice trains a short probe of each candidate preset, then the chosen one in
+    full: four trainings, each of which read and decoded every image twice (the readability check, then its
+    datasets), 20 s of bottle's ~4 minutes. Given to each of them (``train(..., decoded=d)``), one object decodes
+    each image once per preprocessing (the candidates have two) and once more for the check. It holds H x W x 3
+    bytes per image and preprocessing (bottle at 256 px: 40 MB each) for as long as its owner keeps it.
+    """
+
+    def __init__(self) -> None:
+        self._items: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
+        self._read: set[tuple[str, str | None]] = set()  # samples decoded without error (their files are readable)
+
+    def of(self, dataset: AnomalyDataset) -> list[tuple[np.ndarray, np.ndarray]]:
+        """``dataset``'s (image, mask) pairs at input size (``AnomalyDataset._decode``), decoding only those not
+        decoded before with its preprocessing."""
+        keys = [(dataset.preprocess, s.path, s.mask_path) for s in dataset.samples]
+        missing = [i for i, key in enumerate(keys) if key not in self._items]
+        for i, item in zip(missing, _read_all(dataset._decode, missing)):
+            self._items[keys[i]] = item
+            self._read.add(keys[i][1:])
+        return [self._items[key] for key in keys]
+
+    def unread(self, samples: list[Sample]) -> list[Sample]:
+        """The ``samples`` whose files this object has not decoded yet (``check_readable`` needs only those)."""
+        return [s for s in samples if (s.path, s.mask_path) not in self._read]
 
 
 def _problem(job: tuple[str, str]) -> str | None:

@@ -30,6 +30,27 @@ def test_pro_curve_hand_example():
     np.testing.assert_allclose(pro, [0, 0.25, 0.75, 0.75, 1, 1, 1, 1, 1], atol=1e-12)
 
 
+def test_pro_curve_up_to_max_fpr_is_the_full_curves_start():
+    """With max_fpr the curve is the full one up to and including its first point beyond max_fpr (only the
+    pixels scoring that high are sorted): the hand example at 0.3 stops at (0.4, 1); on random tied maps the
+    prefix matches (FPR exactly, PRO to float rounding), for limits that fall inside a tied group and between groups."""
+    fpr, pro = pro_curve(HAND_MAPS, HAND_MASKS, max_fpr=0.3)
+    np.testing.assert_allclose(fpr, [0, 0, 0, 0.2, 0.4], atol=1e-12)
+    np.testing.assert_allclose(pro, [0, 0.25, 0.75, 0.75, 1], atol=1e-12)
+    rng = np.random.default_rng(3)
+    masks = np.zeros((6, 24, 24), bool)
+    masks[0, 3:9, 4:7] = masks[2, 10:12, 10:20] = masks[5, 0:4, 0:4] = True
+    maps = np.round(ndimage.gaussian_filter(rng.normal(size=masks.shape), (0, 1, 1)) + masks, 1)  # many ties
+    full_fpr, full_pro = pro_curve(maps, masks)
+    for limit in (0.01, 0.05, 0.3, 0.9):
+        fpr, pro = pro_curve(maps, masks, max_fpr=limit)
+        n = len(fpr)
+        assert fpr[-1] > limit >= fpr[-2] and n < len(full_fpr)
+        np.testing.assert_array_equal(fpr, full_fpr[:n])
+        np.testing.assert_allclose(pro, full_pro[:n], rtol=1e-12)  # tied pixels summed in another order
+    assert len(pro_curve(maps, masks, max_fpr=1.0)[0]) == len(full_fpr)  # nothing beyond 1: the whole curve
+
+
 def test_aupro_hand_example():
     assert pixel_aupro(HAND_MAPS, HAND_MASKS, fpr_limit=1.0) == pytest.approx(0.925, abs=1e-12)
     assert pixel_aupro(HAND_MAPS, HAND_MASKS) == pytest.approx(37 / 48, abs=1e-12)

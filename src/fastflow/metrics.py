@@ -63,7 +63,8 @@ def pixel_auroc(maps, masks) -> float:
     return image_auroc(maps.ravel(), masks.ravel())
 
 
-def pro_curve(maps, masks, num_thresholds: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+def pro_curve(maps, masks, num_thresholds: int | None = None, max_fpr: float | None = None
+              ) -> tuple[np.ndarray, np.ndarray]:
     """Per-region-overlap curve, as `compute_pro` of the official MVTec AD code.
 
     maps: (N, H, W) anomaly maps. masks: (N, H, W) bool or 0/1 ground truth, at least one anomalous
@@ -73,7 +74,9 @@ def pro_curve(maps, masks, num_thresholds: int | None = None) -> tuple[np.ndarra
     predicted anomalous.
     num_thresholds: None (default, exact) uses every distinct score as a threshold; an int uses that
     many thresholds evenly spaced between the smallest and largest score (an approximation).
-    Returns (fpr, pro), each (T + 2,), FPR non-decreasing, starting at (0, 0) and ending at (1, 1).
+    max_fpr (exact thresholds only): the curve stops at its first point whose FPR exceeds it, and only the
+    pixels scoring at least that point's threshold are sorted (AUPRO to 30% sorts about a third of them).
+    Returns (fpr, pro), FPR non-decreasing, starting at (0, 0) and, without max_fpr, ending at (1, 1).
     """
     maps, masks = _maps_and_masks(maps, masks)
     regions, n_regions = ndimage.label(masks, structure=_EIGHT_CONNECTED_PER_IMAGE)
@@ -81,13 +84,18 @@ def pro_curve(maps, masks, num_thresholds: int | None = None) -> tuple[np.ndarra
     if n_regions == 0 or n_normal == 0:
         raise ValueError(f"the PRO curve needs anomalous and normal pixels, got {n_regions} regions "
                          f"and {n_normal} normal pixels")
-    regions = regions.ravel()
+    if max_fpr is not None and num_thresholds is not None:
+        raise ValueError("max_fpr needs the exact curve (num_thresholds=None)")
+    regions, scores = regions.ravel(), maps.ravel()
     # Each region pixel weighs 1 / region size, so a fully detected region adds 1 to the PRO sum.
     inverse_size = 1.0 / np.maximum(np.bincount(regions), 1)
     inverse_size[0] = 0.0
+    top = _top_pixels(scores, masks.ravel(), n_normal, max_fpr)
+    if top is not None:
+        regions, scores = regions[top], scores[top]
 
-    order = np.argsort(maps, axis=None)[::-1]              # descending scores
-    sorted_scores = maps.ravel()[order]
+    order = np.argsort(scores)[::-1]                       # descending scores
+    sorted_scores = scores[order]
     fp = np.cumsum(regions[order] == 0)                    # normal pixels among the top k + 1
     overlap = np.cumsum(inverse_size[regions[order]])      # summed region fractions in the top k + 1
     del order
@@ -100,7 +108,22 @@ def pro_curve(maps, masks, num_thresholds: int | None = None) -> tuple[np.ndarra
     pro = np.minimum(overlap[last] / n_regions, 1.0)
     if num_thresholds is not None:
         fpr, pro = fpr[::-1], pro[::-1]
-    return np.concatenate(([0.0], fpr, [1.0])), np.concatenate(([0.0], pro, [1.0]))
+    end = ([1.0],) if top is None else ([],)
+    return np.concatenate(([0.0], fpr, *end)), np.concatenate(([0.0], pro, *end))
+
+
+def _top_pixels(scores: np.ndarray, anomalous: np.ndarray, n_normal: int, max_fpr: float | None) -> np.ndarray | None:
+    """Indices of the pixels scoring at least the K-th highest normal score, K = floor(max_fpr * n_normal) + 1:
+    every threshold group up to and including the first whose FPR exceeds ``max_fpr`` (fp >= K > max_fpr *
+    n_normal), complete. None (all pixels) without max_fpr, when K exceeds the normal pixels, or with NaN scores."""
+    if max_fpr is None:
+        return None
+    k = int(np.floor(max_fpr * n_normal)) + 1
+    if k > n_normal or np.isnan(scores).any():
+        return None
+    normal = scores[~anomalous]
+    kth = np.partition(normal, n_normal - k)[n_normal - k]
+    return np.flatnonzero(scores >= kth)
 
 
 def pixel_aupro(maps, masks, fpr_limit: float = 0.3, num_thresholds: int | None = None) -> float:
@@ -116,7 +139,7 @@ def pixel_aupro(maps, masks, fpr_limit: float = 0.3, num_thresholds: int | None 
     if masks.all() or not masks.any():
         return _nan("AUPRO needs anomalous and normal pixels, got only "
                     f"{'anomalous' if masks.any() else 'normal'} ones")
-    fpr, pro = pro_curve(maps, masks, num_thresholds)
+    fpr, pro = pro_curve(maps, masks, num_thresholds, fpr_limit if num_thresholds is None else None)
     end = np.searchsorted(fpr, fpr_limit, side="right")   # points with fpr <= fpr_limit
     x, y = fpr[:end], pro[:end]
     if x[-1] < fpr_limit:                                  # then fpr[end] > fpr_limit > fpr[end - 1]

@@ -401,7 +401,8 @@ def test_dataset_items(tmp_path: Path) -> None:
 
 def test_decoded_images_read_each_file_once_per_preprocessing(tmp_path: Path, monkeypatch) -> None:
     """Datasets sharing a DecodedImages (several trainings on one set: auto.py's probes) decode each image once per
-    preprocessing and serve exactly what a dataset of their own decodes; ``unread`` leaves out what was decoded."""
+    preprocessing and serve exactly what a dataset of their own decodes; ``unread`` leaves out what was decoded;
+    ``retain`` forgets the other preprocessings."""
     import fastflow.data.dataset as dataset_module
 
     samples = [Sample(str(_img(tmp_path / f"{i}.png", value=(40 * i, 90, 200))), 0, "good") for i in range(4)]
@@ -422,6 +423,10 @@ def test_decoded_images_read_each_file_once_per_preprocessing(tmp_path: Path, mo
     for i in range(len(samples)):
         assert torch.equal(again[i]["image"], own[i]["image"]) and torch.equal(again[i]["mask"], own[i]["mask"])
     assert torch.equal(first[1]["image"], own[1]["image"])
+    shared.retain(PLAIN)  # the stretched copies are forgotten, the plain ones kept
+    AnomalyDataset(samples[:2], stretched, decoded=shared)
+    AnomalyDataset(samples, PLAIN, decoded=shared)
+    assert len(reads) == 9 + len(samples)  # (``own`` read them all once more)
 
 
 def test_augmentation_moves_image_and_mask_together(tmp_path: Path) -> None:

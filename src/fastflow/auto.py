@@ -268,7 +268,7 @@ def choose(candidates: list[tuple[str, ModelConfig, TrainConfig]], samples: list
     t0 = time.perf_counter()
     decoded = DecodedImages() if decoded is None else decoded
     normals, defective, masks = synthetic_validation(val_samples, seed)
-    results = {}
+    results, preprocessing = {}, {}
     for name, model_cfg, train_cfg in candidates:
         probe_dir = os.path.join(work_dir, f".auto-probe{probe_tag}-{name}")
         probe = probe_config(train_cfg, len(samples) - len(val_samples))
@@ -276,11 +276,13 @@ def choose(candidates: list[tuple[str, ModelConfig, TrainConfig]], samples: list
         train(model_cfg, probe, samples, probe_dir, weights=weights, progress=False, log=lambda *a, **k: None,
               device=device, precision=precision, decoded=decoded, save_every_epoch=False)
         model, _ = load_run(probe_dir)
+        preprocessing[name] = preprocess_for(model)
         results[name] = {**synthetic_score(model, normals, defective, masks), "probe_epochs": probe.epochs,
                          "probe_seconds": round(time.perf_counter() - t1, 1)}
         log(f"auto: {name}: synthetic defects image AUROC {results[name]['image_auroc']:.3f}, pixel AUROC "
             f"{results[name]['pixel_auroc']:.3f} (probe of {probe.epochs} epochs, {results[name]['probe_seconds']} s)")
     name = pick({n: r["score"] for n, r in results.items()})
+    decoded.retain(preprocessing[name])  # the chosen preset's images stay decoded for its full run
     ranked = [name] + sorted((n for n in results if n != name), key=lambda n: -_finite(results[n]["score"]))
     why = (f"best mean of image and pixel AUROC (an earlier candidate kept within {MARGIN}) on {len(defective)} synthetic defects pasted on {len(normals)} "
            f"held-out normal images: {results[name]['score']:.3f}"

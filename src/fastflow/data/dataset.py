@@ -90,10 +90,11 @@ class DecodedImages:
 
     ``fastflow train``'s automatic choice trains a short probe of each candidate preset, then the chosen one in
     full: four trainings, each of which read and decoded every image twice (the readability check, then its
-    datasets), 20 s of bottle's ~4 minutes. Given to each of them (``train(..., decoded=d)``), one object decodes
-    each image once per preprocessing (the candidates have two) and once more for the check. It holds H x W x 3
-    bytes per image and preprocessing (bottle at 256 px: 40 MB each) for as long as its owner keeps it.
-    """
+    datasets): 20 s of bottle's 272 s under cProfile (bench/README.md, twenty-third round). Given to each of them
+    (``train(..., decoded=d)``), one object decodes each image once per preprocessing (the candidates have two) and
+    once more for the check. It holds H x W x 3 bytes per image and preprocessing (bottle at 256 px: 40 MB each) for
+    as long as its owner keeps it; ``retain`` drops all preprocessings but one (the chosen preset's). Sets too large
+    for a dataset's cache (``CACHE_LIMIT``) are not held."""
 
     def __init__(self) -> None:
         self._items: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
@@ -108,6 +109,10 @@ class DecodedImages:
             self._items[keys[i]] = item
             self._read.add(keys[i][1:])
         return [self._items[key] for key in keys]
+
+    def retain(self, preprocess: Preprocess) -> None:
+        """Forget the images decoded with any other preprocessing (auto.py: once the chosen preset is known)."""
+        self._items = {key: item for key, item in self._items.items() if key[0] == preprocess}
 
     def unread(self, samples: list[Sample]) -> list[Sample]:
         """The ``samples`` whose files this object has not decoded yet (``check_readable`` needs only those)."""

@@ -98,6 +98,25 @@ def test_a_training_not_saved_every_epoch_saves_its_last_state_only(dataset, tmp
         assert torch.equal(a["state"][key], b["state"][key]), key
 
 
+def test_the_choices_after_training_run_without_the_training_state(dataset, tmp_path, monkeypatch):
+    """The training features, gradients and Adam moments are freed after the last epoch, before the choices after
+    training (their synthetic set is the memory peak), and checkpoint.pt still holds the optimiser state."""
+    import fastflow.train as train_module
+
+    seen = {}
+    select = train_module._select_best
+
+    def spy(loop, *args):
+        seen.update(features=loop.fit.cached, moments=len(loop.opt.state),
+                    grads=[p.grad for p in loop.params if p.grad is not None])
+        return select(loop, *args)
+
+    monkeypatch.setattr(train_module, "_select_best", spy)
+    _tiny_train(dataset, tmp_path / "run")
+    assert seen == {"features": None, "moments": 0, "grads": []}
+    assert load_safe(str(tmp_path / "run" / "checkpoint.pt"))["optimizer"]["state"]  # saved before it was freed
+
+
 def test_training_leaves_the_callers_random_state_alone(dataset, tmp_path):
     torch.manual_seed(123)
     np.random.seed(123)

@@ -284,6 +284,7 @@ def _train(model_cfg: ModelConfig, train_cfg: TrainConfig, samples: list[Sample]
     if resume:
         _resume(loop, model_cfg, run_dir, epochs, log)
     _run_epochs(loop, epochs, progress, save_every_epoch)
+    _free_training_state(loop)
     if train_cfg.keep_epoch == "last" and loop.val is not None:
         _log_early_kept(loop, log)
     choices = _select_best(loop, log, val_samples)
@@ -296,6 +297,15 @@ def _train(model_cfg: ModelConfig, train_cfg: TrainConfig, samples: list[Sample]
     return TrainResult(run_dir, loop.best_epoch + 1, loop.best_val_nll, threshold["value"], len(loop.history), seconds,
                        loop.history, [e + 1 for e in loop.best["epochs"]], choices.get("score_choice"),
                        choices.get("map_choice"))
+
+
+def _free_training_state(loop: _Loop) -> None:
+    """After the last epoch, free what only the epochs use: the training images' cached features, the gradients and
+    Adam's moments (checkpoint.pt holds them). The choices after training then peak lower: on Magnetic Tile they were
+    the run's peak (bench/README.md, twenty-third round)."""
+    loop.fit.cached = None
+    loop.opt.zero_grad(set_to_none=True)
+    loop.opt.state.clear()
 
 
 def _log_early_kept(loop: _Loop, log) -> None:

@@ -108,8 +108,9 @@ def pro_curve(maps, masks, num_thresholds: int | None = None, max_fpr: float | N
     pro = np.minimum(overlap[last] / n_regions, 1.0)
     if num_thresholds is not None:
         fpr, pro = fpr[::-1], pro[::-1]
-    end = ([1.0],) if top is None else ([],)
-    return np.concatenate(([0.0], fpr, *end)), np.concatenate(([0.0], pro, *end))
+    if top is None:  # the whole curve: it ends at (1, 1)
+        fpr, pro = np.append(fpr, 1.0), np.append(pro, 1.0)
+    return np.concatenate(([0.0], fpr)), np.concatenate(([0.0], pro))
 
 
 def _top_pixels(scores: np.ndarray, anomalous: np.ndarray, n_normal: int, max_fpr: float | None) -> np.ndarray | None:

@@ -339,7 +339,7 @@ def test_level_maps_make_any_map_by_their_mean():
     is the map of the model set to those levels (set_map_levels), which then also scores by that map."""
     from dataclasses import replace
 
-    from fastflow.auto import level_maps, map_candidates
+    from fastflow.auto import level_maps, map_candidates, weighted_map
     from fastflow.config import get_preset
     from fastflow.model import FastFlow
     from fastflow.run import preprocess_for
@@ -360,23 +360,44 @@ def test_level_maps_make_any_map_by_their_mean():
     np.testing.assert_allclose(maps[:, [0, 2]].mean(axis=1), out.anomaly_map[:, 0].numpy(), rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(out.score, out.anomaly_map.flatten(1).amax(1))
     assert not np.allclose(maps[:, [0, 2]].mean(axis=1), full, atol=1e-3)  # the subset's map is another map
-    # the maps choose_map scores: the finest level, the two finest, all three (never one without stride 4)
-    assert map_candidates(model) == [(0,), (0, 1), (0, 1, 2)]
+    # weighted levels: the weighted mean of their maps, whose max is the image score; named score levels (as the map
+    # choice keeps the preset's) score by their plain mean
+    with torch.inference_mode():
+        model.set_map_levels((1, 2), (1.0, 3.0))
+        out = model(x)
+        model.set_score_levels((1, 2))
+        kept = model(x)
+    weighted = weighted_map(maps, (1.0, 3.0, 0.0))
+    np.testing.assert_allclose(weighted, (maps[:, 0] + 3 * maps[:, 1]) / 4, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(weighted, out.anomaly_map[:, 0].numpy(), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out.score, out.anomaly_map.flatten(1).amax(1))
+    torch.testing.assert_close(kept.anomaly_map, out.anomaly_map)
+    np.testing.assert_allclose(maps[:, :2].mean(axis=1).max(axis=(1, 2)), kept.score.numpy(), rtol=1e-4, atol=1e-4)
+    assert not np.allclose(weighted, maps[:, :2].mean(axis=1), atol=1e-3)
+    # the maps choose_map scores: the finest level, the two finest, all three (never one without stride 4), then the
+    # two finest with stride 8 weighted 2x and 3x
+    assert map_candidates(model) == [(1, 0, 0), (1, 1, 0), (1, 1, 1), (1, 2, 0), (1, 3, 0)]
     fine = FastFlow(replace(get_preset("lite0_unaligned_fine").model, input_size=(64, 64)), weights="random")
-    assert fine.level_ids == (2, 3, 4) and map_candidates(fine) == [(0,), (0, 1), (0, 1, 2)]
+    assert fine.level_ids == (2, 3, 4) and map_candidates(fine) == map_candidates(model)
 
 
-# AUPRO of the maps in the order choose_map scores them: stride 4, strides 4 + 8, all three
-_FAKE_AUPRO = [0.50, 0.90, 0.60]
+# AUPRO of the maps in the order choose_map scores them: stride 4, strides 4 + 8, all three, strides 4 + 8 with
+# stride 8 weighted 2x and 3x
+_FAKE_AUPRO = [0.50, 0.90, 0.60, 0.70, 0.65]
+_WEIGHTED_WINS = [0.50, 0.70, 0.60, 0.80, 0.90]
 
 
-@pytest.mark.parametrize("margin, chosen", [(0.01, [1, 2]), (2.0, [1, 2, 3])])
-def test_the_map_choice_sets_the_saved_map_and_its_threshold(tmp_path, monkeypatch, margin, chosen):
+@pytest.mark.parametrize("margin, figures, chosen, weights, why", [
+    (0.01, _FAKE_AUPRO, [1, 2], None, "strides 4 + 8: AUPRO 0.900"),
+    (0.01, _WEIGHTED_WINS, [1, 2], [1.0, 3.0], "strides 4 + 8 (stride 8 weighted 3x): AUPRO 0.900"),
+    (2.0, _FAKE_AUPRO, [1, 2, 3], None, "strides 4 + 8 + 16 (the preset's): AUPRO 0.600")])
+def test_the_map_choice_sets_the_saved_map_and_its_threshold(tmp_path, monkeypatch, margin, figures, chosen, weights,
+                                                             why):
     """``--choose-map`` chooses after training which levels make the anomaly map (TrainConfig.choose_map): the
     map with the highest AUPRO on synthetic defects replaces the preset's when it leads by more than the margin.
     AUPRO is replaced by fixed figures here, so each outcome is forced (strides 4 + 8 lead all three levels by
-    0.3; with MARGIN 2 nothing can lead); the choice is saved in model.pt and reported by info, and the image
-    score, and so the threshold, stay those of the preset's map."""
+    0.3, or with stride 8 weighted 3x; with MARGIN 2 nothing can lead); the choice is saved in model.pt and
+    reported by info, and the image score, and so the threshold, stay those of the preset's map."""
     from dataclasses import replace
 
     import fastflow.auto as auto
@@ -386,8 +407,8 @@ def test_the_map_choice_sets_the_saved_map_and_its_threshold(tmp_path, monkeypat
     from fastflow.run import load_run, preprocess_for
     from fastflow.train import split_validation, train
 
-    figures = iter(_FAKE_AUPRO)
-    monkeypatch.setattr(auto, "pixel_aupro", lambda maps, truth: next(figures))
+    fake = iter(figures)
+    monkeypatch.setattr(auto, "pixel_aupro", lambda maps, truth: next(fake))
     monkeypatch.setattr(auto, "MARGIN", margin)
     samples = load_samples("mvtec", _write_set(tmp_path / "data", "t", [_texture(i, 64) for i in range(16)]), "t", "train")
     preset = get_preset("efficientnet_lite0")
@@ -396,20 +417,23 @@ def test_the_map_choice_sets_the_saved_map_and_its_threshold(tmp_path, monkeypat
     said = []
     res = train(replace(preset.model, input_size=(64, 64)), train_cfg, samples, str(tmp_path / "run"),
                 progress=False, log=said.append)
-    assert next(figures, None) is None  # every one of the 3 maps was scored
+    assert next(fake, None) is None  # every one of the 5 maps was scored
     ckpt = load_safe(str(tmp_path / "run" / "model.pt"))
     choice = ckpt["map_choice"]
     assert res.map_choice == choice and choice["chosen"] == chosen and choice["preset"] == [1, 2, 3]
-    assert choice["aupro"] == {"stride 4": 0.50, "strides 4 + 8": 0.90, "strides 4 + 8 + 16": 0.60}
+    assert choice["weights"] == weights and ckpt["model_config"]["map_weights"] == weights
+    names = ["stride 4", "strides 4 + 8", "strides 4 + 8 + 16", "strides 4 + 8 (stride 8 weighted 2x)",
+             "strides 4 + 8 (stride 8 weighted 3x)"]
+    assert choice["aupro"] == dict(zip(names, figures))
     assert ckpt["model_config"]["map_levels"] == (None if len(chosen) == 3 else chosen)
     assert ckpt["model_config"]["score_levels"] == (None if len(chosen) == 3 else [1, 2, 3])  # the score is kept
     assert [line for line in said if line.startswith("map: anomaly map from ")] == [f"map: {choice['why']}"]
-    assert choice["why"].startswith("anomaly map from strides 4 + 8: AUPRO 0.900" if chosen == [1, 2] else
-                                    "anomaly map from strides 4 + 8 + 16 (the preset's): AUPRO 0.600")
+    assert choice["why"].startswith(f"anomaly map from {why}")
     assert f"map        {choice['why']}" in format_info(run_info(str(tmp_path / "run")))
     # the threshold was calibrated on the held-out images' scores, the max of the preset's (three-level) map
     model, _ = load_run(str(tmp_path / "run"))
     assert model.map_index == tuple(model.level_ids.index(i) for i in chosen)
+    assert model.map_weights == (None if weights is None else tuple(weights))
     _, val = split_validation(samples, 0.25, train_cfg.seed)
     pre = preprocess_for(model)
     with torch.inference_mode():

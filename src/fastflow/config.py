@@ -79,6 +79,11 @@ class ModelConfig:
     # normal ones while the stride-8 and 16 levels show where (bench/README.md, sixteenth round).
     map_levels: tuple[int, ...] | None = None
     score_levels: tuple[int, ...] | None = None
+    # The map levels' weights in the anomaly map, one per map level in level order (None: equal, the paper's
+    # mean). Set by the map choice after training (auto.choose_map), which may weight the level next to the
+    # finest 2 or 3 times as much. An image score from the map follows the weights; named score levels are
+    # averaged equally (the map choice names the preset's, so that the score is kept).
+    map_weights: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         size = self.input_size
@@ -106,6 +111,13 @@ class ModelConfig:
                 raise ValueError(f"{name} must be a subset of levels, got {list(sub)} with levels "
                                  f"{list(self.levels) if self.levels is not None else None} (name levels too)")
             object.__setattr__(self, name, sub)
+        if self.map_weights is not None:
+            n_map = len(self.map_levels or self.levels or ())
+            weights = tuple(float(w) for w in self.map_weights)
+            if not n_map or len(weights) != n_map or min(weights) <= 0:
+                raise ValueError(f"map_weights must be one positive number per map level, got {list(weights)} for "
+                                 f"map levels {list(self.map_levels or self.levels or [])} (name levels too)")
+            object.__setattr__(self, "map_weights", weights)
         if self.smoothing_sigma < 0:
             raise ValueError(f"smoothing_sigma must be >= 0, got {self.smoothing_sigma}")
         check_contrast(self.autocontrast, self.equalize)
@@ -378,7 +390,7 @@ def to_dict(cfg: Any) -> dict:
     d = asdict(cfg)
     if "input_size" in d:
         d["input_size"] = list(d["input_size"])
-    for key in ("levels", "map_levels", "score_levels"):
+    for key in ("levels", "map_levels", "score_levels", "map_weights"):
         if d.get(key) is not None:
             d[key] = list(d[key])
     return d

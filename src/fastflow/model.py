@@ -7,7 +7,8 @@
       -> anomaly map (B, 1, H, W): per-level map, bilinearly upsampled, averaged over levels
       -> image score (B,): max of the map
     With per-level roles (``ModelConfig.map_levels`` / ``score_levels``) the map averages only the map levels
-    and the score is the max of the score levels' own map; every level's flow is trained all the same.
+    (weighted by ``map_weights``, when the map choice set them) and the score is the max of the score levels' own
+    map; every level's flow is trained all the same.
 
 Two anomaly maps (``ModelConfig.anomaly_map``):
   * ``reference`` — what anomalib / gathierry compute: ``-exp(-0.5 * mean_C z^2)``; ignores log|det|.
@@ -155,8 +156,12 @@ class FastFlow(nn.Module):
         index = lambda sub: tuple(range(len(shapes))) if sub is None else tuple(config.levels.index(i) for i in sub)
         self.map_index = index(config.map_levels)
         self.score_index = index(config.score_levels) if config.score_levels is not None else self.map_index
-        for idx in {self.map_index, self.score_index}:  # built now, so that tracing and torch.export see constants
-            self._map_matrices(config.input_size, [shapes[i] for i in idx])
+        self.map_weights = config.map_weights  # None: the map levels averaged equally
+        # The image score is the map's max when no score levels are named, or when they are the map's, equally weighted.
+        self.score_is_map = config.score_levels is None or (self.score_index == self.map_index and not self.map_weights)
+        # Built now, so that tracing and torch.export see constants.
+        self._map_matrices(config.input_size, [shapes[i] for i in self.map_index], self.map_weights)
+        self._map_matrices(config.input_size, [shapes[i] for i in self.score_index])
 
     def set_score_levels(self, levels: tuple[int, ...] | None) -> None:
         """Take the image score from ``levels`` (a subset of ``config.levels``; None: from the map), as if the
@@ -164,11 +169,12 @@ class FastFlow(nn.Module):
         self.config = replace(self.config, score_levels=levels)
         self._set_roles()
 
-    def set_map_levels(self, levels: tuple[int, ...] | None) -> None:
-        """Average only ``levels`` (a subset of ``config.levels``; None: all) into the anomaly map, as if the model
-        had been built with ``map_levels=levels``; the flows are unchanged (train.py's map choice). An image score
-        taken from the map (no ``score_levels``) follows it. The levels are named in the config from then on."""
-        self.config = replace(self.config, levels=self.level_ids, map_levels=levels)
+    def set_map_levels(self, levels: tuple[int, ...] | None, weights: tuple[float, ...] | None = None) -> None:
+        """Average only ``levels`` (a subset of ``config.levels``; None: all) into the anomaly map, weighted by
+        ``weights`` (one per map level; None: equally), as if the model had been built with ``map_levels=levels,
+        map_weights=weights``; the flows are unchanged (train.py's map choice). An image score taken from the map
+        (no ``score_levels``) follows the levels. The levels are named in the config from then on."""
+        self.config = replace(self.config, levels=self.level_ids, map_levels=levels, map_weights=weights)
         self._set_roles()
 
     @property
@@ -180,13 +186,15 @@ class FastFlow(nn.Module):
         """A level's factor in the map: 1 (reference map), or 1 / (2 C) (log-likelihood, nats per channel)."""
         return 1.0 if self.config.anomaly_map == "reference" else 0.5 / channels
 
-    def _map_matrices(self, size: tuple[int, int], shapes: list[tuple[int, int, int]]
-                      ) -> tuple[list[np.ndarray], np.ndarray]:
+    def _map_matrices(self, size: tuple[int, int], shapes: list[tuple[int, int, int]],
+                      weights: tuple[float, ...] | None = None) -> tuple[list[np.ndarray], np.ndarray]:
         """The anomaly map's operators (see ``anomaly_map``) from levels of ``shapes`` (C_i, H_i, W_i) to output
-        ``size``: per level A_l, and the stacked weighted B_l. Cached per size as NumPy arrays (module level)."""
+        ``size``: per level A_l, and the stacked weighted B_l (the levels' ``weights``, normalised; None: equal).
+        Cached per size as NumPy arrays (module level)."""
         sigma = float(self.config.smoothing_sigma)
         lefts = [upsample_blur_matrix(h, int(size[0]), sigma) for _, h, _ in shapes]
-        right = _right_matrix(tuple((w, self._level_weight(c) / len(shapes)) for c, _, w in shapes),
+        share = [1.0 / len(shapes)] * len(shapes) if weights is None else [w / sum(weights) for w in weights]
+        right = _right_matrix(tuple((w, self._level_weight(c) * f) for (c, _, w), f in zip(shapes, share)),
                               int(size[1]), sigma)
         return lefts, right
 
@@ -242,14 +250,15 @@ class FastFlow(nn.Module):
             return FastFlowOutput(zs, log_dets, loss, nll_per_dim, None, None, level_nll)
         size = output_size or self.config.input_size
         pick = lambda idx: ([zs[i] for i in idx], [log_dets[i] for i in idx])
-        anomaly_map = self.anomaly_map(*pick(self.map_index), size)
-        score_map = anomaly_map if self.score_index == self.map_index else self.anomaly_map(*pick(self.score_index), size)
+        anomaly_map = self.anomaly_map(*pick(self.map_index), size, self.map_weights)
+        score_map = anomaly_map if self.score_is_map else self.anomaly_map(*pick(self.score_index), size)
         score = score_map.flatten(1).amax(dim=1)
         return FastFlowOutput(zs, log_dets, loss, nll_per_dim, anomaly_map, score, level_nll)
 
-    def anomaly_map(self, zs: list[torch.Tensor], log_dets: list[torch.Tensor],
-                    size: tuple[int, int]) -> torch.Tensor:
-        """Per-level maps upsampled bilinearly to ``size``, averaged over levels, then blurred: (B, 1, H, W).
+    def anomaly_map(self, zs: list[torch.Tensor], log_dets: list[torch.Tensor], size: tuple[int, int],
+                    weights: tuple[float, ...] | None = None) -> torch.Tensor:
+        """Per-level maps upsampled bilinearly to ``size``, averaged over levels (weighted by ``weights``, one
+        per level, normalised; None: equally), then blurred: (B, 1, H, W).
 
         Upsampling, averaging and the blur are all linear, so they run as one product per axis and level:
         ``sum_l A_l X_l B_l^T`` with ``A_l = M_H U_l`` (blur after upsampling, built once per size,
@@ -260,12 +269,12 @@ class FastFlow(nn.Module):
         device_type = zs[0].device.type
         if torch.is_autocast_enabled(device_type):  # under --precision bf16/fp16: the map in float32 all the same
             with torch.autocast(device_type, enabled=False):
-                return self._anomaly_map(zs, log_dets, size)
-        return self._anomaly_map(zs, log_dets, size)
+                return self._anomaly_map(zs, log_dets, size, weights)
+        return self._anomaly_map(zs, log_dets, size, weights)
 
-    def _anomaly_map(self, zs: list[torch.Tensor], log_dets: list[torch.Tensor],
-                     size: tuple[int, int]) -> torch.Tensor:
-        left_ops, right_op = self._map_matrices(size, [tuple(int(n) for n in z.shape[1:]) for z in zs])
+    def _anomaly_map(self, zs: list[torch.Tensor], log_dets: list[torch.Tensor], size: tuple[int, int],
+                     weights: tuple[float, ...] | None) -> torch.Tensor:
+        left_ops, right_op = self._map_matrices(size, [tuple(int(n) for n in z.shape[1:]) for z in zs], weights)
         lefts = []
         for z, ld, left in zip(zs, log_dets, left_ops):
             if self.config.anomaly_map == "reference":

@@ -473,6 +473,15 @@ def test_probes_and_named_score_levels_make_no_score_choice():
     assert not _configs(parse(paper))[1].choose_map and _configs(parse(paper + ["--choose-map"]))[1].choose_map
     model_cfg, train_cfg = _configs(parse(base[:-1] + ["efficientnet_lite0", "--choose-map", "--map-levels", "2"]))
     assert not train_cfg.choose_map and model_cfg.map_levels == (2,)
+    # a weighted map, as the choice may make it: named, it is used as given
+    model_cfg, train_cfg = _configs(parse(base[:-1] + ["efficientnet_lite0", "--map-levels", "1,2", "--map-weights",
+                                                       "1,3"]))
+    assert not train_cfg.choose_map and (model_cfg.levels, model_cfg.map_levels, model_cfg.map_weights) == (
+        (1, 2, 3), (1, 2), (1.0, 3.0))
+    with pytest.raises(ValueError, match="one positive number per map level"):  # one weight per map level
+        _configs(parse(base[:-1] + ["efficientnet_lite0", "--map-levels", "1,2", "--map-weights", "1,2,3"]))
+    with pytest.raises(SystemExit):
+        parse(base + ["--map-weights", "1,-1"])
     assert model_cfg.levels == (1, 2, 3)  # the preset's unnamed levels are named for the roles
     lite_model = get_preset("efficientnet_lite0").model
     state = {"model_config": to_dict(lite_model), "train_config": to_dict(probe_config(lite, 100))}

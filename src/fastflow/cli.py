@@ -160,6 +160,17 @@ def _levels(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def _weights(text: str) -> tuple[float, ...]:
+    """--map-weights' value: positive numbers separated by commas."""
+    try:
+        weights = tuple(float(p) for p in text.split(",") if p.strip())
+    except ValueError:
+        weights = ()
+    if not weights or min(weights) <= 0:
+        raise argparse.ArgumentTypeError(f"weights must be positive numbers like 1,3, got {text!r}")
+    return weights
+
+
 def _cutoff(text: str) -> float | str:
     """--autocontrast's value: a percent, or 'off' (overrides a preset that stretches)."""
     if text.strip().lower() in ("off", "none"):
@@ -287,11 +298,15 @@ def _add_train_model_args(t: argparse.ArgumentParser) -> None:
     t.add_argument("--map-levels", type=_levels, default=None,
                    help="the levels whose maps make the anomaly map (default: every level; --levels alone resets "
                         "a preset's roles; overrides --choose-map)")
+    t.add_argument("--map-weights", type=_weights, default=None,
+                   help="the map levels' weights, one per map level (--map-levels, else every level), e.g. 1,3: "
+                        "the second level's map counts 3x the first's (default: equal; overrides --choose-map)")
     t.add_argument("--choose-map", action=argparse.BooleanOptionalAction, default=None,
                    help="after training, choose which levels make the anomaly map: the finest level, the two "
-                        "finest, ... or all, by AUPRO on synthetic defects pasted on the held-out normal images (a "
-                        "lead over 0.01 needed; the image score is kept; shown by fastflow info). Default: on for "
-                        "the lite presets; --no-choose-map keeps the preset's map")
+                        "finest (also with the second weighted 2x or 3x), ... or all, by AUPRO on synthetic defects "
+                        "pasted on the held-out normal images (a lead over 0.01 needed; the image score is kept; "
+                        "shown by fastflow info). Default: on for the lite presets; --no-choose-map keeps the "
+                        "preset's map")
     t.add_argument("--score-levels", type=_levels, default=None,
                    help="the levels whose own map's max is the image score (default: the anomaly map's max; "
                         "lite0_unaligned_fine chooses after training between its stride-32 flow and the map's max, "
@@ -478,7 +493,7 @@ def _configs(args, name: str | None = None) -> tuple[ModelConfig, TrainConfig]:
              "kernels": args.kernels, "anomaly_map": args.anomaly_map, "smoothing_sigma": args.smoothing_sigma,
              "levels": args.levels, "norm_affine": False if args.no_norm_affine else None}
     model = {k: v for k, v in given.items() if v is not None}
-    roles = {"map_levels": args.map_levels, "score_levels": args.score_levels}
+    roles = {"map_levels": args.map_levels, "score_levels": args.score_levels, "map_weights": args.map_weights}
     # other levels: every level maps and scores (the preset's roles reset), unless roles are given too
     model.update(roles if "levels" in model else {k: v for k, v in roles.items() if v is not None})
     if "levels" not in model and any(v is not None for v in roles.values()):  # roles name levels: name them all
@@ -502,7 +517,7 @@ def _configs(args, name: str | None = None) -> tuple[ModelConfig, TrainConfig]:
         train["choose_score"] = False
     if args.choose_map is not None:
         train["choose_map"] = args.choose_map
-    if args.map_levels is not None:  # a named map is used as given (no TrainConfig.choose_map)
+    if args.map_levels is not None or args.map_weights is not None:  # a named map is used as given (no choose_map)
         train["choose_map"] = False
     return ModelConfig.from_preset(name, **model), TrainConfig.from_preset(name, **train)
 

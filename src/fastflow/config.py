@@ -115,8 +115,9 @@ class ModelConfig:
             n_map = len(self.map_levels or self.levels or ())
             weights = tuple(float(w) for w in self.map_weights)
             if not n_map or len(weights) != n_map or min(weights) <= 0:
+                hint = " (name levels too)" if self.levels is None else ""
                 raise ValueError(f"map_weights must be one positive number per map level, got {list(weights)} for "
-                                 f"map levels {list(self.map_levels or self.levels or [])} (name levels too)")
+                                 f"map levels {list(self.map_levels or self.levels or [])}{hint}")
             object.__setattr__(self, "map_weights", weights)
         if self.smoothing_sigma < 0:
             raise ValueError(f"smoothing_sigma must be >= 0, got {self.smoothing_sigma}")

@@ -147,19 +147,20 @@ def choose_map(model, synthetic: tuple[list, list, list], log=print) -> dict | N
     maps = level_maps(model, normals + defective)  # (N, L, H, W)
     h, w = model.config.input_size
     truth = np.stack([np.zeros((h, w), dtype=bool)] * len(normals) + list(masks))  # choice_set's masks: at (h, w)
-    current = tuple(1.0 if i in model.map_index else 0.0 for i in range(len(ids)))
+    preset = dict(zip(model.map_index, model.map_weights or [1.0] * len(model.map_index)))
+    current = tuple(float(preset.get(i, 0.0)) for i in range(len(ids)))
     candidates = list(dict.fromkeys(map_candidates(model) + [current]))
     aupro = {c: pixel_aupro(weighted_map(maps, c), truth) for c in candidates}
     best = max(candidates, key=lambda c: _finite(aupro[c]))
     chosen = best if _finite(aupro[best]) > _finite(aupro[current]) + MARGIN else current
-    levels = model_levels(chosen)
-    weights = [chosen[i] for i in levels]
+    levels = _kept(chosen)
+    weights = [chosen[i] for i in levels] if len({chosen[i] for i in levels}) > 1 else None  # None: equal
     if chosen != current:
         score_from_map = model.score_is_map
         model.set_map_levels(None if len(levels) == len(ids) else tuple(ids[i] for i in levels),
-                             None if len(set(weights)) == 1 else tuple(weights))
+                             None if weights is None else tuple(weights))
         if score_from_map:  # the image score keeps the preset's map
-            model.set_score_levels(tuple(ids[i] for i in model_levels(current)))
+            model.set_score_levels(tuple(ids[i] for i in _kept(current)))
     name = lambda c: _map_name(c, _strides(model))
     others = sorted((c for c in candidates if c not in (chosen, current)), key=lambda c: -_finite(aupro[c]))[:2]
     kept = " (the preset's)" if chosen == current else ""
@@ -169,9 +170,8 @@ def choose_map(model, synthetic: tuple[list, list, list], log=print) -> dict | N
            f"{against}" + ("; next: " if others else "") + ", ".join(f"{aupro[c]:.3f} from {name(c)}" for c in others)
            + f" (another map replaces the preset's only with a lead of more than {MARGIN}; the image score is kept)")
     log(f"map: {why}")
-    return {"chosen": [ids[i] for i in levels], "weights": None if len(set(weights)) == 1 else weights,
-            "preset": [ids[i] for i in model_levels(current)], "aupro": {name(c): aupro[c] for c in candidates},
-            "why": why}
+    return {"chosen": [ids[i] for i in levels], "weights": weights, "preset": [ids[i] for i in _kept(current)],
+            "aupro": {name(c): aupro[c] for c in candidates}, "why": why}
 
 
 # The map choice's weighted candidates: the two finest levels with the second one weighted this many times as much as
@@ -188,6 +188,7 @@ def map_candidates(model) -> list[tuple[float, ...]]:
     where they were measured, winning only on bottle (bench/README.md, twenty-first round)."""
     strides = _strides(model)
     order = sorted(range(len(strides)), key=strides.__getitem__)
+
     def weights(given: dict[int, float]) -> tuple[float, ...]:
         return tuple(float(given.get(i, 0.0)) for i in range(len(strides)))
 
@@ -199,21 +200,21 @@ def weighted_map(maps: np.ndarray, weights: tuple[float, ...]) -> np.ndarray:
     """The map of a candidate: ``maps`` (N, L, H, W) per level, weighted by ``weights`` (one per level, normalised;
     0 leaves a level out), as the model's map with those levels and weights (model.py ``anomaly_map`` is linear
     in the levels). Equal weights take the plain mean of their levels."""
-    levels = model_levels(weights)
+    levels = _kept(weights)
     if len({weights[i] for i in levels}) == 1:
         return maps[:, levels].mean(axis=1)
     share = np.asarray([weights[i] for i in levels], dtype=maps.dtype) / sum(weights[i] for i in levels)
     return np.tensordot(maps[:, levels], share, axes=([1], [0]))
 
 
-def model_levels(weights: tuple[float, ...]) -> list[int]:
+def _kept(weights: tuple[float, ...]) -> list[int]:
     """The level indices a candidate's ``weights`` keep."""
     return [i for i, x in enumerate(weights) if x]
 
 
 def _map_name(weights: tuple[float, ...], strides: list[int]) -> str:
     """'stride 4', 'strides 4 + 8', or 'strides 4 + 8 (stride 8 weighted 3x)'."""
-    levels = model_levels(weights)
+    levels = _kept(weights)
     least = min(weights[i] for i in levels)
     text = ("stride " if len(levels) == 1 else "strides ") + " + ".join(str(strides[i]) for i in levels)
     return text + "".join(f" (stride {strides[i]} weighted {weights[i] / least:g}x)"

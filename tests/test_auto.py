@@ -381,6 +381,38 @@ def test_level_maps_make_any_map_by_their_mean():
     assert fine.level_ids == (2, 3, 4) and map_candidates(fine) == map_candidates(model)
 
 
+def test_the_map_choice_starts_from_a_weighted_map_as_it_is(monkeypatch):
+    """A model whose map is already weighted (``map_weights``) is the choice's starting point with those weights: its
+    AUPRO is that of the weighted map, and when nothing leads it by the margin the model keeps it, weights and all."""
+    from dataclasses import replace
+
+    import fastflow.auto as auto
+    from fastflow.config import get_preset
+    from fastflow.model import FastFlow
+    from fastflow.run import preprocess_for
+
+    torch.manual_seed(0)
+    cfg = replace(get_preset("efficientnet_lite0").model, input_size=(64, 64), levels=(1, 2, 3), map_levels=(1, 2),
+                  map_weights=(1.0, 5.0))
+    model = FastFlow(cfg, weights="random").eval()
+    pre = preprocess_for(model)
+    normals = [pre(_texture(i, 64)) for i in range(2)]
+    defective = [pre(_texture(i + 10, 64)) for i in range(2)]
+    masks = [np.zeros((64, 64), bool) for _ in range(2)]
+    for m in masks:
+        m[8:24, 8:24] = True
+    scored = []  # the maps scored, in order: the five candidates, then the model's own map (highest here)
+    figures = iter([0.5, 0.6, 0.4, 0.62, 0.63, 0.65])
+    monkeypatch.setattr(auto, "pixel_aupro", lambda maps, truth: scored.append(maps) or next(figures))
+    report = auto.choose_map(model, (normals, defective, masks), log=lambda _: None)
+    own = auto.weighted_map(auto.level_maps(model, normals + defective), (1.0, 5.0, 0.0))
+    np.testing.assert_allclose(scored[-1], own, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(scored[-1], scored[1], atol=1e-4)  # not the plain mean of the same levels
+    assert (report["chosen"], report["weights"], report["preset"]) == ([1, 2], [1.0, 5.0], [1, 2])
+    assert model.config.map_levels == (1, 2) and model.map_weights == (1.0, 5.0)
+    assert report["why"].startswith("anomaly map from strides 4 + 8 (stride 8 weighted 5x) (the preset's): AUPRO 0.650")
+
+
 # AUPRO of the maps in the order choose_map scores them: stride 4, strides 4 + 8, all three, strides 4 + 8 with
 # stride 8 weighted 2x and 3x
 _FAKE_AUPRO = [0.50, 0.90, 0.60, 0.70, 0.65]

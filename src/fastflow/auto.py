@@ -153,8 +153,7 @@ def choose_map(model, synthetic: tuple[list, list, list], log=print) -> dict | N
     aupro = {c: pixel_aupro(weighted_map(maps, c), truth) for c in candidates}
     best = max(candidates, key=lambda c: _finite(aupro[c]))
     chosen = best if _finite(aupro[best]) > _finite(aupro[current]) + MARGIN else current
-    levels = _kept(chosen)
-    weights = [chosen[i] for i in levels] if len({chosen[i] for i in levels}) > 1 else None  # None: equal
+    levels, weights = _kept(chosen), _unequal(chosen)
     if chosen != current:
         score_from_map = model.score_is_map
         model.set_map_levels(None if len(levels) == len(ids) else tuple(ids[i] for i in levels),
@@ -200,16 +199,22 @@ def weighted_map(maps: np.ndarray, weights: tuple[float, ...]) -> np.ndarray:
     """The map of a candidate: ``maps`` (N, L, H, W) per level, weighted by ``weights`` (one per level, normalised;
     0 leaves a level out), as the model's map with those levels and weights (model.py ``anomaly_map`` is linear
     in the levels). Equal weights take the plain mean of their levels."""
-    levels = _kept(weights)
-    if len({weights[i] for i in levels}) == 1:
+    levels, unequal = _kept(weights), _unequal(weights)
+    if unequal is None:
         return maps[:, levels].mean(axis=1)
-    share = np.asarray([weights[i] for i in levels], dtype=maps.dtype) / sum(weights[i] for i in levels)
+    share = np.asarray(unequal, dtype=maps.dtype) / sum(unequal)
     return np.tensordot(maps[:, levels], share, axes=([1], [0]))
 
 
 def _kept(weights: tuple[float, ...]) -> list[int]:
     """The level indices a candidate's ``weights`` keep."""
     return [i for i, x in enumerate(weights) if x]
+
+
+def _unequal(weights: tuple[float, ...]) -> list[float] | None:
+    """The kept levels' weights (``ModelConfig.map_weights``), or None when they are equal (a plain mean)."""
+    kept = [weights[i] for i in _kept(weights)]
+    return kept if len(set(kept)) > 1 else None
 
 
 def _map_name(weights: tuple[float, ...], strides: list[int]) -> str:

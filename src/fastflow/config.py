@@ -112,12 +112,12 @@ class ModelConfig:
                                  f"{list(self.levels) if self.levels is not None else None} (name levels too)")
             object.__setattr__(self, name, sub)
         if self.map_weights is not None:
-            n_map = len(self.map_levels or self.levels or ())
+            map_levels = list(self.map_levels or self.levels or [])
             weights = tuple(float(w) for w in self.map_weights)
-            if not n_map or len(weights) != n_map or min(weights) <= 0:
+            if not map_levels or len(weights) != len(map_levels) or min(weights) <= 0:
                 hint = " (name levels too)" if self.levels is None else ""
                 raise ValueError(f"map_weights must be one positive number per map level, got {list(weights)} for "
-                                 f"map levels {list(self.map_levels or self.levels or [])}{hint}")
+                                 f"map levels {map_levels}{hint}")
             object.__setattr__(self, "map_weights", weights)
         if self.smoothing_sigma < 0:
             raise ValueError(f"smoothing_sigma must be >= 0, got {self.smoothing_sigma}")

@@ -156,7 +156,6 @@ class FastFlow(nn.Module):
         index = lambda sub: tuple(range(len(shapes))) if sub is None else tuple(config.levels.index(i) for i in sub)
         self.map_index = index(config.map_levels)
         self.score_index = index(config.score_levels) if config.score_levels is not None else self.map_index
-        self.map_weights = config.map_weights  # None: the map levels averaged equally
         # The image score is the map's max when no score levels are named, or when they are the map's, equally weighted.
         self.score_is_map = config.score_levels is None or (self.score_index == self.map_index and not self.map_weights)
         # Built now, so that tracing and torch.export see constants.
@@ -176,6 +175,11 @@ class FastFlow(nn.Module):
         (no ``score_levels``) follows the levels. The levels are named in the config from then on."""
         self.config = replace(self.config, levels=self.level_ids, map_levels=levels, map_weights=weights)
         self._set_roles()
+
+    @property
+    def map_weights(self) -> tuple[float, ...] | None:
+        """The map levels' weights (``ModelConfig.map_weights``); None: the map levels averaged equally."""
+        return self.config.map_weights
 
     @property
     def level_ids(self) -> tuple[int, ...]:

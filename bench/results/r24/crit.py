@@ -1,24 +1,14 @@
 """Twenty-fourth round. The map choice's candidates (+ the coarsest level at small weights) scored by synthetic AUPRO
 and synthetic pixel AUROC, beside the test row's, per run."""
 import json, sys
-import numpy as np, torch
-sys.path.insert(0, "bench")
-from fastflow.auto import choice_set, level_maps, map_candidates, weighted_map
-from fastflow.data import AnomalyDataset, Preprocess, load_samples
+import numpy as np
+from fastflow.auto import level_maps, map_candidates, weighted_map
 from fastflow.metrics import pixel_aupro, pixel_auroc
-from fusion import load_held_out
+from common import run_sets  # beside this script
 
 run, fmt, root, cat, out = sys.argv[1:6]
-torch.set_num_threads(2)
-model, ckpt, _, tcfg, val = load_held_out(run)
-normals, defective, masks = choice_set(val, tcfg.seed, model)
-syn = level_maps(model, normals + defective)
-h, w = model.config.input_size
-truth = np.stack([np.zeros((h, w), bool)] * len(normals) + list(masks))
-ds = AnomalyDataset(load_samples(fmt, root, cat, "test"), Preprocess.from_dict(ckpt["preprocess"]))
-items = [ds[i] for i in range(len(ds))]
-test = level_maps(model, [it["image"] for it in items])
-tmask = np.stack([it["mask"][0].numpy() > 0.5 for it in items])
+model, synthetic, truth, timgs, tmask = run_sets(run, fmt, root, cat)
+syn, test = level_maps(model, synthetic), level_maps(model, timgs)
 cands = map_candidates(model)
 if len(cands[0]) == 3:
     cands += [(1.0, 1.0, x) for x in (0.05, 0.1, 0.2, 0.4)]

@@ -3,28 +3,17 @@
     PYTHONPATH=src .venv/bin/python bench/results/r24/weights.py RUN_DIR FORMAT ROOT CATEGORY OUT.json
 """
 import itertools, json, sys
-import numpy as np, torch
-sys.path.insert(0, "bench")
-from fastflow.auto import choice_set, level_maps, _strides
-from fastflow.data import AnomalyDataset, Preprocess, load_samples
+import numpy as np
+from fastflow.auto import level_maps, _strides
 from fastflow.metrics import pixel_aupro, pixel_auroc
-from fusion import load_held_out
+from common import run_sets  # beside this script
 
 run, fmt, root, cat, out = sys.argv[1:6]
-torch.set_num_threads(2)
-model, ckpt, _, tcfg, val = load_held_out(run)
-normals, defective, masks = choice_set(val, tcfg.seed, model)
-syn = level_maps(model, normals + defective)
-h, w = model.config.input_size
-truth = np.stack([np.zeros((h, w), bool)] * len(normals) + list(masks))
-ds = AnomalyDataset(load_samples(fmt, root, cat, "test"), Preprocess.from_dict(ckpt["preprocess"]))
-items = [ds[i] for i in range(len(ds))]
-test = level_maps(model, [it["image"] for it in items])
-tmask = np.stack([it["mask"][0].numpy() > 0.5 for it in items])
+model, synthetic, truth, timgs, tmask = run_sets(run, fmt, root, cat)
+syn, test = level_maps(model, synthetic), level_maps(model, timgs)
 strides = _strides(model)
 order = sorted(range(len(strides)), key=strides.__getitem__)
 L = len(strides)
-grid = [1, 2, 3] if L == 2 else [0, 1, 2, 3]
 res = {"run": run, "strides": strides, "map_now": list(model.map_index), "maps": {}}
 cands = set()
 for ws in itertools.product([0, 1, 2, 3], repeat=L - 1):
@@ -34,8 +23,9 @@ cands.add((0,) * (L - 1) + (1,))
 for k in range(1, L + 1):  # finest-first subsets
     cands.add(tuple([1] * k + [0] * (L - k)))
 for wv in sorted(cands):
-    wt = np.zeros(L); 
-    for j, i in enumerate(order): wt[i] = wv[j]
+    wt = np.zeros(L)
+    for j, i in enumerate(order):
+        wt[i] = wv[j]
     wt = wt / wt.sum()
     sm = np.tensordot(syn, wt, axes=([1], [0])); tm = np.tensordot(test, wt, axes=([1], [0]))
     name = ":".join(map(str, wv))

@@ -381,6 +381,39 @@ def test_level_maps_make_any_map_by_their_mean():
     assert fine.level_ids == (2, 3, 4) and map_candidates(fine) == map_candidates(model)
 
 
+def test_border_offsets_follow_the_distance_from_the_border():
+    """ModelConfig.border_offsets: offset d is subtracted from every pixel d pixels (at input size) from the nearest
+    image border, the last one from all pixels farther in, at any map size; ``auto.border_offsets`` makes them from
+    normal maps (each ring's mean, less the median over rings). Named score levels score uncorrected."""
+    from fastflow.auto import border_offsets
+    from fastflow.config import ModelConfig
+    from fastflow.model import FastFlow, border_distance, border_matrix
+
+    ring = border_distance((5, 6))
+    assert ring.tolist() == [[0] * 6, [0, 1, 1, 1, 1, 0], [0, 1, 2, 2, 1, 0], [0, 1, 1, 1, 1, 0], [0] * 6]
+    assert border_matrix((5, 6), (5, 6), (3.0, 1.0))[2].tolist() == [3.0, 1.0, 1.0, 1.0, 1.0, 3.0]
+    assert border_distance((10, 12), (5, 6))[:, 5].tolist() == [0, 0, 1, 2, 2, 2, 2, 1, 0, 0]  # half-size rings
+    maps = np.zeros((2, 5, 6)) + 1.0
+    maps[:, 0, :] = maps[:, -1, :] = maps[:, :, 0] = maps[:, :, -1] = 4.0  # a bright outer ring on normal maps
+    maps[1, 2, 2:4] = 3.0  # the centre's mean is 2, so the median ring mean is 2
+    assert border_offsets(maps) == (2.0, -1.0, 0.0)
+    with pytest.raises(ValueError, match="border_offsets must be finite"):
+        ModelConfig(border_offsets=(1.0, float("nan")))
+    torch.manual_seed(0)
+    model = FastFlow(ModelConfig(input_size=(64, 64), levels=(2, 3, 4), map_levels=(2, 3), score_levels=(2, 3),
+                                 flow_steps=2, hidden_ratio=0.5, norm_affine=False), weights="random").eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        plain = model(x)
+        assert model.score_is_map
+        model.set_border_offsets(tuple(np.linspace(1.0, 0.0, 32)))
+        out = model(x)
+    assert not model.score_is_map
+    torch.testing.assert_close(out.score, plain.score)  # the score levels' own map, uncorrected
+    torch.testing.assert_close(out.anomaly_map[0, 0, 0], plain.anomaly_map[0, 0, 0] - 1.0)
+    torch.testing.assert_close(out.anomaly_map[:, :, 31:33, 31:33], plain.anomaly_map[:, :, 31:33, 31:33])
+
+
 def test_the_map_choice_starts_from_a_weighted_map_as_it_is(monkeypatch):
     """A model whose map is already weighted (``map_weights``) is the choice's starting point with those weights: its
     AUPRO is that of the weighted map, and when nothing leads it by the margin the model keeps it, weights and all."""
@@ -401,13 +434,19 @@ def test_the_map_choice_starts_from_a_weighted_map_as_it_is(monkeypatch):
     masks = [np.zeros((64, 64), bool) for _ in range(2)]
     for m in masks:
         m[8:24, 8:24] = True
-    scored = []  # the maps scored, in order: the five candidates, then the model's own map (highest here)
-    figures = iter([0.5, 0.6, 0.4, 0.62, 0.63, 0.65])
+    scored = []  # the maps scored, in order: the five candidates, the model's own map (highest here), then that map
+    figures = iter([0.5, 0.6, 0.4, 0.62, 0.63, 0.65, 0.655])  # with its border correction (inside the margin)
     monkeypatch.setattr(auto, "pixel_aupro", lambda maps, truth: scored.append(maps) or next(figures))
     report = auto.choose_map(model, (normals, defective, masks), log=lambda _: None)
     own = auto.weighted_map(auto.level_maps(model, normals + defective), (1.0, 5.0, 0.0))
-    np.testing.assert_allclose(scored[-1], own, rtol=1e-5, atol=1e-6)
-    assert not np.allclose(scored[-1], scored[1], atol=1e-4)  # not the plain mean of the same levels
+    np.testing.assert_allclose(scored[-2], own, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(scored[-2], scored[1], atol=1e-4)  # not the plain mean of the same levels
+    offsets = auto.border_offsets(own[:2])
+    np.testing.assert_allclose(scored[-1], own - auto.border_matrix((64, 64), (64, 64), offsets), atol=1e-9)
+    assert model.config.border_offsets is None and not report["border_corrected"] and report["border_aupro"] == 0.655
+    figures = iter([0.5, 0.6, 0.4, 0.62, 0.63, 0.65])  # border=False (--no-border-correction): no correction scored
+    report = auto.choose_map(model, (normals, defective, masks), log=lambda _: None, border=False)
+    assert next(figures, None) is None and report["border_aupro"] is None and "border" not in report["why"]
     assert (report["chosen"], report["weights"], report["preset"]) == ([1, 2], [1.0, 5.0], [1, 2])
     assert model.config.map_levels == (1, 2) and model.map_weights == (1.0, 5.0)
     assert report["why"].startswith("anomaly map from strides 4 + 8 (stride 8 weighted 5x) (the preset's): AUPRO 0.650")
@@ -415,20 +454,24 @@ def test_the_map_choice_starts_from_a_weighted_map_as_it_is(monkeypatch):
 
 # AUPRO of the maps in the order choose_map scores them: stride 4, strides 4 + 8, all three, strides 4 + 8 with
 # stride 8 weighted 2x and 3x
-_FAKE_AUPRO = [0.50, 0.90, 0.60, 0.70, 0.65]
-_WEIGHTED_WINS = [0.50, 0.70, 0.60, 0.80, 0.90]
+# stride 8 weighted 2x and 3x; last, the chosen map's with its border correction
+_FAKE_AUPRO = [0.50, 0.90, 0.60, 0.70, 0.65, 0.905]
+_WEIGHTED_WINS = [0.50, 0.70, 0.60, 0.80, 0.90, 0.85]
+_BORDER_WINS = [0.50, 0.90, 0.60, 0.70, 0.65, 0.95]
 
 
-@pytest.mark.parametrize("margin, figures, chosen, weights, why", [
-    (0.01, _FAKE_AUPRO, [1, 2], None, "strides 4 + 8: AUPRO 0.900"),
-    (0.01, _WEIGHTED_WINS, [1, 2], [1.0, 3.0], "strides 4 + 8 (stride 8 weighted 3x): AUPRO 0.900"),
-    (2.0, _FAKE_AUPRO, [1, 2, 3], None, "strides 4 + 8 + 16 (the preset's): AUPRO 0.600")])
+@pytest.mark.parametrize("margin, figures, chosen, weights, border, why", [
+    (0.01, _FAKE_AUPRO, [1, 2], None, False, "strides 4 + 8: AUPRO 0.900"),
+    (0.01, _WEIGHTED_WINS, [1, 2], [1.0, 3.0], False, "strides 4 + 8 (stride 8 weighted 3x): AUPRO 0.900"),
+    (0.01, _BORDER_WINS, [1, 2], None, True, "strides 4 + 8, border-corrected: AUPRO 0.950"),
+    (2.0, _FAKE_AUPRO, [1, 2, 3], None, False, "strides 4 + 8 + 16 (the preset's): AUPRO 0.600")])
 def test_the_map_choice_sets_the_saved_map_and_its_threshold(tmp_path, monkeypatch, margin, figures, chosen, weights,
-                                                             why):
+                                                             border, why):
     """``--choose-map`` chooses after training which levels make the anomaly map (TrainConfig.choose_map): the
     map with the highest AUPRO on synthetic defects replaces the preset's when it leads by more than the margin.
     AUPRO is replaced by fixed figures here, so each outcome is forced (strides 4 + 8 lead all three levels by
-    0.3, or with stride 8 weighted 3x; with MARGIN 2 nothing can lead); the choice is saved in model.pt and
+    0.3, or with stride 8 weighted 3x, or with its border correction; with MARGIN 2 nothing can lead); the choice,
+    and the border offsets (the held-out normals' mean map per distance from the border), are saved in model.pt and
     reported by info, and the image score, and so the threshold, stay those of the preset's map."""
     from dataclasses import replace
 
@@ -449,16 +492,18 @@ def test_the_map_choice_sets_the_saved_map_and_its_threshold(tmp_path, monkeypat
     said = []
     res = train(replace(preset.model, input_size=(64, 64)), train_cfg, samples, str(tmp_path / "run"),
                 progress=False, log=said.append)
-    assert next(fake, None) is None  # every one of the 5 maps was scored
+    assert next(fake, None) is None  # every one of the 5 maps was scored, then the chosen one border-corrected
     ckpt = load_safe(str(tmp_path / "run" / "model.pt"))
     choice = ckpt["map_choice"]
     assert res.map_choice == choice and choice["chosen"] == chosen and choice["preset"] == [1, 2, 3]
     assert choice["weights"] == weights and ckpt["model_config"]["map_weights"] == weights
     names = ["stride 4", "strides 4 + 8", "strides 4 + 8 + 16", "strides 4 + 8 (stride 8 weighted 2x)",
              "strides 4 + 8 (stride 8 weighted 3x)"]
-    assert choice["aupro"] == dict(zip(names, figures))
+    assert choice["aupro"] == dict(zip(names, figures)) and choice["border_aupro"] == figures[-1]
+    assert choice["border_corrected"] == border and (ckpt["model_config"]["border_offsets"] is not None) == border
     assert ckpt["model_config"]["map_levels"] == (None if len(chosen) == 3 else chosen)
-    assert ckpt["model_config"]["score_levels"] == (None if len(chosen) == 3 else [1, 2, 3])  # the score is kept
+    kept = len(chosen) == 3 and not border
+    assert ckpt["model_config"]["score_levels"] == (None if kept else [1, 2, 3])  # the score is kept
     assert [line for line in said if line.startswith("map: anomaly map from ")] == [f"map: {choice['why']}"]
     assert choice["why"].startswith(f"anomaly map from {why}")
     assert f"map        {choice['why']}" in format_info(run_info(str(tmp_path / "run")))
@@ -468,13 +513,20 @@ def test_the_map_choice_sets_the_saved_map_and_its_threshold(tmp_path, monkeypat
     assert model.map_weights == (None if weights is None else tuple(weights))
     _, val = split_validation(samples, 0.25, train_cfg.seed)
     pre = preprocess_for(model)
+    offsets = model.config.border_offsets
     with torch.inference_mode():
         x = torch.stack([pre(np.asarray(load_image(s.path))) for s in val])
         out = model(x)
+        model.set_border_offsets(None)
+        plain = model(x)
         model.set_map_levels(None)
         whole = model(x)
     torch.testing.assert_close(out.score, whole.anomaly_map.flatten(1).amax(1))
-    assert (len(chosen) == 3) == torch.allclose(out.anomaly_map, whole.anomaly_map)
+    assert kept == torch.allclose(out.anomaly_map, whole.anomaly_map)
+    if border:  # the saved map: the chosen levels' map less each ring's offset, the score from the preset's map
+        assert len(offsets) == 32 and max(offsets) > 0 > min(offsets) and np.median(offsets) == pytest.approx(0)
+        torch.testing.assert_close(out.anomaly_map, plain.anomaly_map - torch.tensor(
+            auto.border_matrix((64, 64), (64, 64), offsets), dtype=torch.float32))
     assert ckpt["threshold"]["val_max"] == pytest.approx(float(out.score.max()), rel=1e-4)
 
 
@@ -501,6 +553,8 @@ def test_probes_and_named_score_levels_make_no_score_choice():
     lite = get_preset("efficientnet_lite0").train
     assert lite.choose_map and not probe_config(lite, 100).choose_map
     assert _configs(parse(base))[1].choose_map and not _configs(parse(base + ["--no-choose-map"]))[1].choose_map
+    assert _configs(parse(base))[1].border_correction  # the map choice's border correction: on unless declined
+    assert not _configs(parse(base + ["--no-border-correction"]))[1].border_correction
     paper = base[:-1] + ["wide_resnet50_2"]  # the paper presets keep their map unless asked
     assert not _configs(parse(paper))[1].choose_map and _configs(parse(paper + ["--choose-map"]))[1].choose_map
     model_cfg, train_cfg = _configs(parse(base[:-1] + ["efficientnet_lite0", "--choose-map", "--map-levels", "2"]))

@@ -146,6 +146,29 @@ def test_level_roles_export_with_the_score_from_their_own_levels(tmp_path):
     assert not torch.allclose(out.score, out.anomaly_map.flatten(1).amax(1))
 
 
+def test_border_offsets_export_as_a_constant_map(tmp_path):
+    """A map with a border correction (ModelConfig.border_offsets, set by the map choice) exports as the same map:
+    the offsets are one constant of the graph, and the image score from the map is the corrected map's max."""
+    from fastflow.export import ScoreAndMap, _export, check_parity
+    from fastflow.model import FastFlow
+
+    torch.manual_seed(0)
+    offsets = tuple(float(v) for v in np.linspace(2.0, -0.5, 32))
+    model = FastFlow(ModelConfig(input_size=(64, 64), levels=(2, 3), flow_steps=2, hidden_ratio=0.5,
+                                 norm_affine=False, border_offsets=offsets), weights="random").eval()
+    path = str(tmp_path / "border.onnx")
+    _export(ScoreAndMap(model), torch.randn(2, 3, 64, 64), path, 18, "torchscript")
+    parity = check_parity(path, model, batch=3)
+    assert parity["max_abs_diff_map"] < TOL and parity["max_abs_diff_score"] < TOL, parity
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        out = model(x)
+        model.set_border_offsets(None)
+        plain = model(x)
+    assert out.anomaly_map[0, 0, 0, 0] == pytest.approx(float(plain.anomaly_map[0, 0, 0, 0]) - 2.0, abs=1e-5)
+    torch.testing.assert_close(out.score, out.anomaly_map.flatten(1).amax(1))
+
+
 def test_dynamo_exporter_smoke(tmp_path):
     """The torch.export-based exporter on a tiny model: it traces the reference flow (no version or
     storage caches left to trip over fake tensors) and ONNX Runtime agrees with torch."""

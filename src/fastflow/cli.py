@@ -307,6 +307,10 @@ def _add_train_model_args(t: argparse.ArgumentParser) -> None:
                         "pasted on the held-out normal images (a lead over 0.01 needed; the image score is kept; "
                         "shown by fastflow info). Default: on for the lite presets; --no-choose-map keeps the "
                         "preset's map")
+    t.add_argument("--border-correction", action=argparse.BooleanOptionalAction, default=None,
+                   help="with --choose-map, the chosen map may subtract the held-out normal images' mean at each "
+                        "distance from the image border, when that localises the synthetic defects better (default: "
+                        "on; --no-border-correction when defects on the image's edge matter most)")
     t.add_argument("--score-levels", type=_levels, default=None,
                    help="the levels whose own map's max is the image score (default: the anomaly map's max; "
                         "lite0_unaligned_fine chooses after training between its stride-32 flow and the map's max, "
@@ -517,6 +521,8 @@ def _configs(args, name: str | None = None) -> tuple[ModelConfig, TrainConfig]:
         train["choose_score"] = False
     if args.choose_map is not None:
         train["choose_map"] = args.choose_map
+    if args.border_correction is not None:
+        train["border_correction"] = args.border_correction
     if args.map_levels is not None or args.map_weights is not None:  # a named map is used as given (no choose_map)
         train["choose_map"] = False
     return ModelConfig.from_preset(name, **model), TrainConfig.from_preset(name, **train)

@@ -8,7 +8,8 @@
       -> image score (B,): max of the map
     With per-level roles (``ModelConfig.map_levels`` / ``score_levels``) the map averages only the map levels
     (weighted by ``map_weights``, when the map choice set them) and the score is the max of the score levels' own
-    map; every level's flow is trained all the same.
+    map; every level's flow is trained all the same. The map choice may also set ``border_offsets``: subtracted
+    from the map at each distance from the image border (``border_matrix``).
 
 Two anomaly maps (``ModelConfig.anomaly_map``):
   * ``reference`` — what anomalib / gathierry compute: ``-exp(-0.5 * mean_C z^2)``; ignores log|det|.
@@ -122,6 +123,24 @@ def _right_matrix(levels: tuple[tuple[int, float], ...], n_out: int, sigma: floa
         [upsample_blur_matrix(w, n_out, sigma).T * weight for w, weight in levels])))
 
 
+def border_distance(size: tuple[int, int], input_size: tuple[int, int] | None = None) -> np.ndarray:
+    """(H, W) int: each pixel's distance from the nearest image border, in pixels of ``input_size`` (default:
+    ``size`` itself), rounded: the rings ``ModelConfig.border_offsets`` are indexed by."""
+    h, w = size
+    hi, wi = input_size or size
+    y = np.minimum(np.arange(h), h - 1 - np.arange(h)) * (hi / h)
+    x = np.minimum(np.arange(w), w - 1 - np.arange(w)) * (wi / w)
+    return np.rint(np.minimum(y[:, None], x[None, :])).astype(np.int64)
+
+
+@functools.lru_cache(maxsize=16)
+def border_matrix(size: tuple[int, int], input_size: tuple[int, int], offsets: tuple[float, ...]) -> np.ndarray:
+    """(H, W): ``offsets[d]`` at each pixel of a map of ``size``, d its ring (``border_distance``); the last offset
+    beyond."""
+    ring = np.minimum(border_distance(size, input_size), len(offsets) - 1)
+    return _frozen(torch.from_numpy(np.asarray(offsets, dtype=np.float64)[ring]))
+
+
 class FastFlow(nn.Module):
     """FastFlow with a frozen backbone.
 
@@ -156,8 +175,10 @@ class FastFlow(nn.Module):
         index = lambda sub: tuple(range(len(shapes))) if sub is None else tuple(config.levels.index(i) for i in sub)
         self.map_index = index(config.map_levels)
         self.score_index = index(config.score_levels) if config.score_levels is not None else self.map_index
-        # The image score is the map's max when no score levels are named, or when they are the map's, equally weighted.
-        self.score_is_map = config.score_levels is None or (self.score_index == self.map_index and not self.map_weights)
+        # The image score is the map's max when no score levels are named, or when they are the map's, equally weighted
+        # and uncorrected.
+        self.score_is_map = config.score_levels is None or (
+            self.score_index == self.map_index and not self.map_weights and config.border_offsets is None)
         # Built now, so that tracing and torch.export see constants.
         self._map_matrices(config.input_size, [shapes[i] for i in self.map_index], self.map_weights)
         self._map_matrices(config.input_size, [shapes[i] for i in self.score_index])
@@ -174,6 +195,12 @@ class FastFlow(nn.Module):
         map_weights=weights``; the flows are unchanged (train.py's map choice). An image score taken from the map
         (no ``score_levels``) follows the levels. The levels are named in the config from then on."""
         self.config = replace(self.config, levels=self.level_ids, map_levels=levels, map_weights=weights)
+        self._set_roles()
+
+    def set_border_offsets(self, offsets: tuple[float, ...] | None) -> None:
+        """Subtract ``offsets`` (``ModelConfig.border_offsets``; None: nothing) from the anomaly map, as if the model
+        had been built with them (train.py's map choice)."""
+        self.config = replace(self.config, border_offsets=offsets)
         self._set_roles()
 
     @property
@@ -255,6 +282,9 @@ class FastFlow(nn.Module):
         size = output_size or self.config.input_size
         pick = lambda idx: ([zs[i] for i in idx], [log_dets[i] for i in idx])
         anomaly_map = self.anomaly_map(*pick(self.map_index), size, self.map_weights)
+        if self.config.border_offsets is not None:
+            offsets = border_matrix(tuple(int(n) for n in size), self.config.input_size, self.config.border_offsets)
+            anomaly_map = anomaly_map - _as_tensor(offsets, anomaly_map)
         score_map = anomaly_map if self.score_is_map else self.anomaly_map(*pick(self.score_index), size)
         score = score_map.flatten(1).amax(dim=1)
         return FastFlowOutput(zs, log_dets, loss, nll_per_dim, anomaly_map, score, level_nll)

@@ -579,7 +579,7 @@ def _select_best(loop: _Loop, log, val_samples: list[Sample]) -> dict:
         synthetic = choice_set(val_samples, cfg.seed, model)  # one set for both choices
         with loop.amp():
             if cfg.choose_map:
-                choices["map_choice"] = choose_map(model, synthetic, log)
+                choices["map_choice"] = choose_map(model, synthetic, log, cfg.border_correction)
             if cfg.choose_score:
                 choices["score_choice"] = choose_score(model, synthetic, log)
     return {k: v for k, v in choices.items() if v is not None}

@@ -572,4 +572,8 @@ def test_probes_and_named_score_levels_make_no_score_choice():
     lite_model = get_preset("efficientnet_lite0").model
     state = {"model_config": to_dict(lite_model), "train_config": to_dict(probe_config(lite, 100))}
     assert checkpoint_matches(state, lite_model, replace(lite, epochs=probe_config(lite, 100).epochs + 5))
+    # a checkpoint from before the border correction existed continues, with it or without (it acts after training)
+    older = {**state, "train_config": {k: v for k, v in state["train_config"].items() if k != "border_correction"}}
+    assert checkpoint_matches(older, lite_model, replace(lite, epochs=probe_config(lite, 100).epochs + 5,
+                                                         border_correction=False))
     assert not checkpoint_matches(state, preset.model, replace(preset.train, lr=0.01))

@@ -421,7 +421,7 @@ def checkpoint_matches(state: dict, model_cfg: ModelConfig, train_cfg: TrainConf
         return False
     # its length, and what is done after the epochs (auto.py's probes skip the map and score choices)
     after = {"epochs": train_cfg.epochs, "steps": train_cfg.steps, "choose_score": train_cfg.choose_score,
-             "choose_map": train_cfg.choose_map}
+             "choose_map": train_cfg.choose_map, "border_correction": train_cfg.border_correction}
     return state.get("model_config") == to_dict(model_cfg) and {**saved, **after} == to_dict(train_cfg)
 
 

@@ -414,6 +414,30 @@ def test_border_offsets_follow_the_distance_from_the_border():
     torch.testing.assert_close(out.anomaly_map[:, :, 31:33, 31:33], plain.anomaly_map[:, :, 31:33, 31:33])
 
 
+def test_the_score_choice_takes_the_border_corrected_map_it_scored(monkeypatch):
+    """When the map choice corrected the map at the border, the score choice scores that map's max, and when it
+    takes it, the model's score is the corrected map's max (not its levels' uncorrected one)."""
+    from fastflow import auto
+    from fastflow.config import ModelConfig
+    from fastflow.model import FastFlow
+    from fastflow.run import preprocess_for
+
+    torch.manual_seed(0)
+    model = FastFlow(ModelConfig(input_size=(64, 64), levels=(2, 3, 4), map_levels=(2, 3), score_levels=(4,),
+                                 flow_steps=2, hidden_ratio=0.5, norm_affine=False,
+                                 border_offsets=tuple(np.linspace(3.0, 0.0, 32))), weights="random").eval()
+    pre = preprocess_for(model)
+    images = [pre(_texture(i, 64)) for i in range(4)]
+    monkeypatch.setattr(auto, "MARGIN", -1.0)  # the map's max always leads
+    report = auto.choose_score(model, (images[:2], images[2:], [np.zeros((64, 64), bool)] * 2), log=lambda _: None)
+    assert report["chosen"] == "map" and model.config.score_levels is None and model.score_is_map
+    with torch.inference_mode():
+        out = model(torch.stack(images))
+    torch.testing.assert_close(out.score, out.anomaly_map.flatten(1).amax(1))
+    assert not torch.allclose(out.score, (out.anomaly_map + torch.tensor(
+        auto.border_matrix((64, 64), (64, 64), model.config.border_offsets), dtype=torch.float32)).flatten(1).amax(1))
+
+
 def test_the_map_choice_starts_from_a_weighted_map_as_it_is(monkeypatch):
     """A model whose map is already weighted (``map_weights``) is the choice's starting point with those weights: its
     AUPRO is that of the weighted map, and when nothing leads it by the margin the model keeps it, weights and all."""

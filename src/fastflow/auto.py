@@ -296,8 +296,9 @@ def choose_score(model, synthetic: tuple[list, list, list], log=print) -> dict |
     where = {"score_levels": "the stride-" + "/".join(str(strides[i]) for i in model.score_index)
              + " flow", "map": "the map's max"}
     chosen = "map" if _finite(auroc["map"]) > _finite(auroc["score_levels"]) + MARGIN else "score_levels"
-    if chosen == "map":  # the map's own max: its levels, or the map itself when choose_map weighted them
-        model.set_score_levels(None if model.map_weights else model.config.map_levels)
+    if chosen == "map":  # the map's own max: its levels, or the map itself when choose_map weighted or corrected it
+        model.set_score_levels(None if model.map_weights or model.config.border_offsets is not None
+                               else model.config.map_levels)
     other = "map" if chosen == "score_levels" else "score_levels"
     why = (f"image score from {where[chosen]}: image AUROC {auroc[chosen]:.3f} against {auroc[other]:.3f} from "
            f"{where[other]} on {len(defective)} synthetic defects pasted on {len(normals)} held-out normal images "

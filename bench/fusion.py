@@ -41,6 +41,7 @@ from fastflow.config import from_dict, TrainConfig
 from fastflow.data import AnomalyDataset, Preprocess, load_samples
 from fastflow.metrics import image_auroc, pixel_aupro, pixel_auroc
 from fastflow.data.preprocess import _resize_bool
+from fastflow.model import border_distance
 from fastflow.run import load_run, preprocess_for
 from fastflow.train import split_validation
 
@@ -127,9 +128,8 @@ def rules(model, normals: np.ndarray) -> dict:
 
 
 def ring_index(h: int, w: int) -> np.ndarray:
-    """(H, W): each pixel's distance from the nearest image border, in pixels."""
-    y, x = np.mgrid[:h, :w]
-    return np.minimum(np.minimum(y, h - 1 - y), np.minimum(x, w - 1 - x))
+    """(H, W): each pixel's distance from the nearest image border, in pixels (model.py ``border_distance``)."""
+    return border_distance((h, w))
 
 
 def figures(amap, score, labels, masks, aupro=True) -> dict:

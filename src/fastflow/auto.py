@@ -158,8 +158,8 @@ def choose_map(model, synthetic: tuple[list, list, list], log=print, border: boo
     chosen = best if _finite(aupro[best]) > _finite(aupro[current]) + MARGIN else current
     offsets, corrected = (_border_choice(weighted_map(maps, chosen), len(normals), truth, aupro[chosen]) if border
                           else (None, None))
-    levels, weights = _kept(chosen), _unequal(chosen)
-    changed = chosen != current or offsets is not None
+    levels, weights, corrects = _kept(chosen), _unequal(chosen), offsets is not None
+    changed = chosen != current or corrects
     if changed:
         score_from_map = model.score_is_map
         model.set_map_levels(None if len(levels) == len(ids) else tuple(ids[i] for i in levels),
@@ -170,18 +170,18 @@ def choose_map(model, synthetic: tuple[list, list, list], log=print, border: boo
     name = lambda c: _map_name(c, _strides(model))
     others = sorted((c for c in candidates if c not in (chosen, current)), key=lambda c: -_finite(aupro[c]))[:2]
     kept = " (the preset's)" if chosen == current else ""
-    corr = ", border-corrected" if offsets is not None else ""
+    corr = ", border-corrected" if corrects else ""
     against = f", against {aupro[current]:.3f} from the preset's {name(current)}" if changed else ""
-    why = (f"anomaly map from {name(chosen)}{kept}{corr}: AUPRO {corrected if corr else aupro[chosen]:.3f} on "
+    why = (f"anomaly map from {name(chosen)}{kept}{corr}: AUPRO {corrected if corrects else aupro[chosen]:.3f} on "
            f"{len(defective)} synthetic defects pasted on {len(normals)} held-out normal images{against}"
            + ("; next: " if others else "") + ", ".join(f"{aupro[c]:.3f} from {name(c)}" for c in others)
-           + (f"; {aupro[chosen]:.3f} without the border correction" if offsets is not None else
-              f"; {corrected:.3f} with a border correction" if corrected is not None else "")
+           + (f"; {aupro[chosen]:.3f} without the border correction" if corrects else
+              f"; {corrected:.3f} with a border correction" if border else "")
            + f" (another map replaces the preset's{', and the border correction is made,' if border else ''} only with"
              f" a lead of more than {MARGIN}; the image score is kept)")
     log(f"map: {why}")
     return {"chosen": [ids[i] for i in levels], "weights": weights, "preset": [ids[i] for i in _kept(current)],
-            "aupro": {name(c): aupro[c] for c in candidates}, "border_corrected": offsets is not None,
+            "aupro": {name(c): aupro[c] for c in candidates}, "border_corrected": corrects,
             "border_aupro": corrected, "why": why}
 
 
@@ -297,8 +297,7 @@ def choose_score(model, synthetic: tuple[list, list, list], log=print) -> dict |
              + " flow", "map": "the map's max"}
     chosen = "map" if _finite(auroc["map"]) > _finite(auroc["score_levels"]) + MARGIN else "score_levels"
     if chosen == "map":  # the map's own max: its levels, or the map itself when choose_map weighted or corrected it
-        model.set_score_levels(None if model.map_weights or model.config.border_offsets is not None
-                               else model.config.map_levels)
+        model.set_score_levels(model.config.map_levels if model.map_is_mean else None)
     other = "map" if chosen == "score_levels" else "score_levels"
     why = (f"image score from {where[chosen]}: image AUROC {auroc[chosen]:.3f} against {auroc[other]:.3f} from "
            f"{where[other]} on {len(defective)} synthetic defects pasted on {len(normals)} held-out normal images "

@@ -177,8 +177,7 @@ class FastFlow(nn.Module):
         self.score_index = index(config.score_levels) if config.score_levels is not None else self.map_index
         # The image score is the map's max when no score levels are named, or when they are the map's, equally weighted
         # and uncorrected.
-        self.score_is_map = config.score_levels is None or (
-            self.score_index == self.map_index and not self.map_weights and config.border_offsets is None)
+        self.score_is_map = config.score_levels is None or (self.score_index == self.map_index and self.map_is_mean)
         # Built now, so that tracing and torch.export see constants.
         self._map_matrices(config.input_size, [shapes[i] for i in self.map_index], self.map_weights)
         self._map_matrices(config.input_size, [shapes[i] for i in self.score_index])
@@ -207,6 +206,11 @@ class FastFlow(nn.Module):
     def map_weights(self) -> tuple[float, ...] | None:
         """The map levels' weights (``ModelConfig.map_weights``); None: the map levels averaged equally."""
         return self.config.map_weights
+
+    @property
+    def map_is_mean(self) -> bool:
+        """Whether the anomaly map is its levels' plain mean: neither weighted nor corrected at the border."""
+        return not self.map_weights and self.config.border_offsets is None
 
     @property
     def level_ids(self) -> tuple[int, ...]:

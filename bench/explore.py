@@ -31,6 +31,7 @@ from fastflow.data.synthetic import defect_set
 from fastflow.metrics import image_auroc, pixel_aupro, pixel_auroc
 from fastflow.model import FastFlow
 from fastflow.train import add_feature_noise, extract_features, split_validation
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 ALL_LEVELS = (1, 2, 3, 4)
 
@@ -235,6 +236,25 @@ def transform(feats: list[torch.Tensor], pool: int, fuse: bool, bs: int = 64) ->
     return [torch.cat(x) for x in zip(*out)]
 
 
+def measure(model, a, d, val, syn, test, labels, masked, step) -> tuple[dict, np.ndarray, np.ndarray, np.ndarray]:
+    """Held-out NLL, synthetic and test figures of ``model`` (the trained flows, or an average of them), the good
+    test images flagged at the held-out max; and the held-out scores, test scores and test maps."""
+    row = {"step": step, "val_nll": round(nll(model, val), 4)}
+    vs, vm = scores_and_maps(model, val)
+    ss, sm = scores_and_maps(model, syn)
+    row["syn_img"] = round(image_auroc(np.r_[vs, ss], np.r_[np.zeros(len(vs)), np.ones(len(ss))]), 4)
+    row["syn_pix"] = round(pixel_auroc(np.r_[vm, sm], np.r_[np.zeros_like(vm, bool), d["syn_masks"].numpy()]), 4)
+    ts, tm = scores_and_maps(model, test)
+    row["test_img"] = round(image_auroc(ts, labels), 4)
+    if masked.all() and d["test_masks"].any():
+        row["test_pix"] = round(pixel_auroc(tm, d["test_masks"].numpy()), 4)
+        if a.aupro and step == a.budget:
+            row["test_aupro"] = round(pixel_aupro(tm, d["test_masks"].numpy()), 4)
+    thr = np.sort(vs)[min(len(vs) - 1, int(np.ceil(0.99 * len(vs))) - 1)]
+    row["test_good_fa"] = round(float((ts[labels == 0] > thr).mean()), 3)
+    return row, vs, ts, tm
+
+
 def main():
     global a
     ap = argparse.ArgumentParser()
@@ -270,6 +290,8 @@ def main():
                     help="append K channels of the image's mean feature (randomly projected) at every location")
     ap.add_argument("--pool", type=int, default=1, help="local average of the features (PatchCore: 3)")
     ap.add_argument("--fuse", action="store_true", help="one flow on the levels concatenated at the finest grid")
+    ap.add_argument("--ema", default="",
+                    help="decays, e.g. 0.99,0.995: also score exponential moving averages of the flows' parameters")
     ap.add_argument("--autocontrast", type=float, default=0.0,
                     help="per-image contrast stretch (ModelConfig.autocontrast; cached apart; defects pasted after it)")
     a = ap.parse_args()
@@ -293,7 +315,8 @@ def main():
     n = fit[0].shape[0]
     labels = d["test_labels"].numpy()
     masked = d["test_has_mask"].numpy()
-    n_val = val[0].shape[0]
+    emas = {float(x): AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(float(x)), use_buffers=True)
+            for x in a.ema.split(",") if x}
     step, epoch, t0 = 0, 0, time.time()
     while step < a.budget:
         order = torch.randperm(n, generator=torch.Generator().manual_seed(a.seed * 100003 + epoch))
@@ -307,23 +330,17 @@ def main():
             opt.zero_grad(set_to_none=True)
             out.loss.backward()
             opt.step()
+            for ema in emas.values():
+                ema.update_parameters(model)
             step += 1
             if step % a.every == 0 or step == a.budget:
-                row = {"tag": a.tag, "step": step, "epoch": round(step * a.bs / n, 1), "train_s": round(time.time() - t0, 1),
-                       "val_nll": round(nll(model, val), 4)}
-                vs, vm = scores_and_maps(model, val)
-                ss, sm = scores_and_maps(model, syn)
-                row["syn_img"] = round(image_auroc(np.r_[vs, ss], np.r_[np.zeros(n_val), np.ones(len(ss))]), 4)
-                row["syn_pix"] = round(pixel_auroc(np.r_[vm, sm], np.r_[np.zeros_like(vm, bool), d["syn_masks"].numpy()]), 4)
-                ts, tm = scores_and_maps(model, test)
-                row["test_img"] = round(image_auroc(ts, labels), 4)
-                if masked.all() and d["test_masks"].any():
-                    row["test_pix"] = round(pixel_auroc(tm, d["test_masks"].numpy()), 4)
-                    if a.aupro and step == a.budget:
-                        row["test_aupro"] = round(pixel_aupro(tm, d["test_masks"].numpy()), 4)
-                thr = np.sort(vs)[min(len(vs) - 1, int(np.ceil(0.99 * len(vs))) - 1)]
-                row["test_good_fa"] = round(float((ts[labels == 0] > thr).mean()), 3)
+                train_s = round(time.time() - t0, 1)
+                row, vs, ts, tm = measure(model, a, d, val, syn, test, labels, masked, step)
+                row = {"tag": a.tag, "epoch": round(step * a.bs / n, 1), "train_s": train_s, **row}
                 print(json.dumps(row), flush=True)
+                for decay, ema in emas.items():
+                    print(json.dumps({"ema": decay, **measure(ema.module, a, d, val, syn, test, labels, masked, step)[0]}),
+                          flush=True)
                 if a.variants and step == a.budget:
                     variants(model, val, syn, test, d, labels, masked)
                 if a.save_maps and step == a.budget:

@@ -16,8 +16,8 @@ Each training group is trained with exactly the command a user types (plus ``--s
     bottle_posed    bottle, every image (training and test) in its own random pose, real defects (group posed)
     gravel_wide     scikit-image gravel in 144x512 frames (half turns only), pasted defects sized by the
                     short side: large non-square frames, stretched to the square input (group wide)
-    ihc, cell       as the textures, from scikit-image's immunohistochemistry (stained tissue) and cell
-                    (microscopy, grey) pictures: added after every default was set, never tuned on
+    ihc, cell, coins  as the textures, from scikit-image's immunohistochemistry (stained tissue), cell
+                    (microscopy, grey) and coins (grey) pictures: added after every default was set, never tuned on
 
 Pasted defects come from src/fastflow/data/synthetic.py with a fixed seed (the same sets every run);
 test images never enter training. PatchCore-lite0 (anomalib 2.7.0 in bench/.venv-anomalib, see
@@ -53,8 +53,8 @@ SYNTH_SEED = 2026
 # group -> (format, root, category, rows as (row name, format, root, category))
 TEXTURES = ("brick", "grass", "moon")
 # Added in the twenty-sixth round, after every default was set: pictures no setting was ever chosen on
-# (row name -> scikit-image picture): stained tissue (RGB) and a microscopy image of cells (grey).
-UNSEEN = {"ihc": "immunohistochemistry", "cell": "cell"}
+# (row name -> scikit-image picture): stained tissue (RGB), a microscopy image of cells and coins on a table (grey).
+UNSEEN = {"ihc": "immunohistochemistry", "cell": "cell", "coins": "coins"}
 WIDE = (144, 512)  # gravel_wide: frames 3.6 times as wide as high, defects sized by the short side
 
 

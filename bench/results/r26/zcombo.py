@@ -23,7 +23,8 @@ def raw(images):
     coarse = level_maps(model, images)[:, COARSE]
     flat = np.sort(maps.reshape(len(maps), -1), axis=1)
     top = {f"map_top{q}": flat[:, -max(1, int(q * flat.shape[1])):].mean(1) for q in (0.001, 0.01)}
-    return {**top, "score": coarse.reshape(len(coarse), -1).max(-1), "map_max": maps.reshape(len(maps), -1).max(-1)}
+    rel = flat[:, -1] - np.median(flat, axis=1)  # the map's max above the image's own median
+    return {**top, "map_rel": rel, "score": coarse.reshape(len(coarse), -1).max(-1), "map_max": maps.reshape(len(maps), -1).max(-1)}
 
 
 syn = raw(normals + defective)
@@ -36,8 +37,10 @@ def combos(s):
     z = {n: (v - mu[n]) / sd[n] for n, v in s.items()}
     c = {"score": s["score"], "map_max": s["map_max"], "z_max": np.maximum(z["score"], z["map_max"]),
          **{n: v for n, v in s.items() if n.startswith("map_top")}}
+    c["map_rel"] = s["map_rel"]
     for a in WEIGHTS:
         c[f"z_score+{a}map"] = z["score"] + a * z["map_max"]
+        c[f"z_score+{a}rel"] = z["score"] + a * z["map_rel"]
     return c
 
 

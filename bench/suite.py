@@ -68,10 +68,8 @@ def groups(work: Path) -> dict:
                 [("magnetic_tile", "real", "mtd", str(SHARED / "magnetic_tile"), "magnetic_tile"),
                  ("mtd_synth", "synthetic", "mvtec", synth, "mtd_synth")]),
     }
-    for t in TEXTURES:
-        g[t] = ("mvtec", synth, t, [(t, "synthetic", "mvtec", synth, t)])
-    for t in UNSEEN:
-        g[t] = ("mvtec", synth, t, [(t, "synthetic, unseen", "mvtec", synth, t)])
+    for t in (*TEXTURES, *UNSEEN):
+        g[t] = ("mvtec", synth, t, [(t, "synthetic, unseen" if t in UNSEEN else "synthetic", "mvtec", synth, t)])
     g["wide"] = ("mvtec", synth, "gravel_wide", [("gravel_wide", "synthetic, wide", "mvtec", synth, "gravel_wide")])
     g["posed"] = ("mvtec", synth, "bottle_posed", [("bottle_posed", "real, posed", "mvtec", synth, "bottle_posed")])
     return g
@@ -115,17 +113,12 @@ def prepare(work: Path) -> None:
         _link_all(goods, out / "test" / "good")
         _write_defects(goods, out)
         (out / ".done").write_text("")
-    for t in TEXTURES:
+    for t, picture in {**{t: t for t in TEXTURES}, **UNSEEN}.items():  # row -> scikit-image picture
         out = data / t
         if (out / ".done").exists():
             continue
-        _texture_set(t, out)
+        _texture_set(picture, out)
         (out / ".done").write_text("")
-    for t, picture in UNSEEN.items():
-        out = data / t
-        if not (out / ".done").exists():
-            _texture_set(picture, out)
-            (out / ".done").write_text("")
     out = data / "gravel_wide"
     if not (out / ".done").exists():
         _texture_set("gravel", out, crop=WIDE)

@@ -12,7 +12,7 @@ from fastflow.data import AnomalyDataset, Preprocess, load_samples
 from fastflow.metrics import pixel_aupro, pixel_auroc
 from fastflow.run import preprocess_for
 from fusion import load_held_out
-from other_defects import KINDS, WORK, defect
+from other_defects import KINDS, WORK, visible_defect
 
 run, row, out = sys.argv[1:4]
 model, ckpt, info, tcfg, val = load_held_out(run)
@@ -25,10 +25,7 @@ per = max(1, len(pasted) // max(1, len(raw)) // len(KINDS))  # about as many as 
 for im in raw:
     for k in KINDS:
         for _ in range(per):
-            for _ in range(20):
-                bad, mask = defect(im, rng, k)
-                if mask.mean() > 0.002:
-                    break
+            bad, mask = visible_defect(im, rng, k)
             other.append(pre(bad)); omasks.append(_resize_bool(mask, (w, h)))
 maps = level_maps(model, normals + pasted + other)
 n, p = len(normals), len(pasted)

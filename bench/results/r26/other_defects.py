@@ -50,16 +50,23 @@ def defect(image, rng, kind):
     return out, mask
 
 
+def visible_defect(image, rng, kind):
+    """``defect``, redrawn (at most 20 times) until it changes at least 0.2% of the pixels: a blur of a flat area
+    changes nothing."""
+    for _ in range(20):
+        bad, mask = defect(image, rng, kind)
+        if mask.mean() > 0.002:
+            break
+    return bad, mask
+
+
 def build(row):
     src, out = WORK / "data" / row, WORK / "data" / f"{row}_other"
     if (out / ".done").exists():
         return out
     goods = sorted((src / "test" / "good").iterdir())
     for sub in ("train/good", "test/good"):
-        (out / sub).mkdir(parents=True, exist_ok=True)
-        for f in sorted((src / sub).iterdir()):
-            if not (out / sub / f.name).exists():
-                (out / sub / f.name).symlink_to(f.resolve())
+        suite._link_all([str(f.resolve()) for f in sorted((src / sub).iterdir())], out / sub)
     for k in KINDS:
         (out / "test" / k).mkdir(parents=True, exist_ok=True)
         (out / "ground_truth" / k).mkdir(parents=True, exist_ok=True)
@@ -67,10 +74,7 @@ def build(row):
         image = np.asarray(Image.open(f).convert("RGB"))
         rng = np.random.default_rng((2026, 7, i))
         kind = KINDS[i % len(KINDS)]
-        for _ in range(20):  # redraw until the change is visible somewhere (a blur of a flat area changes nothing)
-            bad, mask = defect(image, rng, kind)
-            if mask.mean() > 0.002:
-                break
+        bad, mask = visible_defect(image, rng, kind)
         Image.fromarray(bad).save(out / "test" / kind / f"{i:03d}.png")
         Image.fromarray(mask.astype(np.uint8) * 255).save(out / "ground_truth" / kind / f"{i:03d}_mask.png")
     (out / ".done").write_text("")

@@ -139,6 +139,8 @@ def test_auto_choice_picks_the_configuration_each_set_needs(tmp_path, kind, expe
     logged = []
     name, model_cfg, _, report = choose(candidates, samples, str(tmp_path / "run"), log=logged.append)
     scores = {n: round(r["score"], 3) for n, r in report["candidates"].items()}
+    for r in report["candidates"].values():  # the criterion: image AUROC and AUPRO, not pixel AUROC
+        assert r["score"] == pytest.approx((r["image_auroc"] + r["aupro"]) / 2) and 0 <= r["pixel_auroc"] <= 1
     assert name == expected, scores
     assert scores[expected] > max(s for n, s in scores.items() if n != expected) + 0.02, scores  # a clear margin
     assert report["chosen"] == expected and model_cfg == dict((n, m) for n, m, _ in candidates)[expected]

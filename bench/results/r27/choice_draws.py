@@ -4,7 +4,7 @@ synthetic defects (the shipped draw is seed = the training seed, 2 per held-out 
 pick (auto.pick, margin 0.01) is recorded for each, with each candidate's AUPRO on the same defects (the map of
 synthetic_score, scored as choose_map scores maps). `--n-train N` keeps N of the training images (evenly spread), to
 see the choice on a small set. Normal images only; no test image is read. Usage (repository root):
-    PYTHONPATH=src python bench/results/r27/choice_draws.py OUT.json FMT ROOT CAT SEED [--n-train N] [--shipped-only]
+    PYTHONPATH=src python bench/results/r27/choice_draws.py OUT.json FMT ROOT CAT SEED [--n-train N] [--shipped-only] [--val-fraction F]
 """
 import argparse, json, os, shutil, tempfile, time
 from dataclasses import replace
@@ -39,11 +39,13 @@ def main():
     ap.add_argument("out"), ap.add_argument("fmt"), ap.add_argument("root"), ap.add_argument("cat")
     ap.add_argument("seed", type=int), ap.add_argument("--n-train", type=int)
     ap.add_argument("--shipped-only", action="store_true", help="only the shipped draw (2 per image, draw 0)")
+    ap.add_argument("--val-fraction", type=float, help="hold out this share of the training images (default: the preset's)")
     a = ap.parse_args()
     samples = load_samples(a.fmt, a.root, a.cat, "train")
     if a.n_train and a.n_train < len(samples):
         samples = [samples[i] for i in np.linspace(0, len(samples) - 1, a.n_train).round().astype(int)]
-    cands = [(n, PRESETS[n].model, replace(PRESETS[n].train, seed=a.seed)) for n in CANDIDATES]
+    vf = {} if a.val_fraction is None else {"val_fraction": a.val_fraction}
+    cands = [(n, PRESETS[n].model, replace(PRESETS[n].train, seed=a.seed, **vf)) for n in CANDIDATES]
     fit, val = split_validation(samples, cands[0][2].val_fraction, a.seed)
     decoded, work, models, seconds = DecodedImages(), tempfile.mkdtemp(prefix="cd-"), {}, {}
     for name, m, t in cands:

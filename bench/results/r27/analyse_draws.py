@@ -1,20 +1,15 @@
 """Twenty-seventh round: the automatic choice under other criteria, replayed on choice_draws.py's figures
 (results/r27/cd_*.json; each candidate's image AUROC, pixel AUROC and AUPRO on the same held-out synthetic defects).
-Criteria: the shipped mean of image and pixel AUROC, and the mean of image AUROC and AUPRO; each with auto.pick's
-rule (the first candidate within 0.01 of the best). Prints, per row, the pick of each draw.
-    python bench/results/r27/analyse_draws.py bench/results/r27/cd_*.json
+Criteria: the former mean of image and pixel AUROC, and the mean of image AUROC and AUPRO (shipped since 5247cbd); each
+picked by auto.pick (the first candidate within auto.MARGIN of the best). Prints, per row, the pick of each draw.
+    PYTHONPATH=src python bench/results/r27/analyse_draws.py bench/results/r27/cd_*.json
 """
 import json, sys
 
-CANDS = ("efficientnet_lite0", "lite0_texture", "lite0_unaligned_fine")
+from fastflow.auto import CANDIDATES as CANDS, pick
+
 SHORT = {"efficientnet_lite0": "L", "lite0_texture": "T", "lite0_unaligned_fine": "F"}
-CRITERIA = {"img+pix (shipped)": lambda s: (s[0] + s[1]) / 2, "img+aupro": lambda s: (s[0] + s[2]) / 2}
-
-
-def pick(values, margin=0.01):
-    best = max(values.values())
-    return next(n for n in CANDS if values[n] >= best - margin)
-
+CRITERIA = {"img+pix (former)": lambda s: (s[0] + s[1]) / 2, "img+aupro (shipped)": lambda s: (s[0] + s[2]) / 2}
 
 for path in sys.argv[1:]:
     r = json.load(open(path))

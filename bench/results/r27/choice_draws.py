@@ -1,9 +1,10 @@
 """Twenty-seventh round. How firmly the automatic choice (auto.choose) stands on its synthetic defects: the three
 candidates' probes are trained once, exactly as `fastflow train` trains them, and scored on several draws of the
 synthetic defects (the shipped draw is seed = the training seed, 2 per held-out image) and with 8 per image; the
-pick (auto.pick, margin 0.01) is recorded for each, with each candidate's AUPRO on the same defects (the map of
-synthetic_score, scored as choose_map scores maps). `--n-train N` keeps N of the training images (evenly spread), to
-see the choice on a small set. Normal images only; no test image is read. Usage (repository root):
+pick (auto.pick, margin 0.01) is recorded for each, with each candidate's image AUROC, pixel AUROC and AUPRO
+(auto.synthetic_score, which returns all three since 5247cbd; this script first ran with a copy of it that computed the
+same). `--n-train N` keeps N of the training images (evenly spread), to see the choice on a small set. Normal images
+only; no test image is read. Usage (repository root):
     PYTHONPATH=src python bench/results/r27/choice_draws.py OUT.json FMT ROOT CAT SEED [--n-train N] [--shipped-only] [--val-fraction F]
 """
 import argparse, json, os, shutil, tempfile, time
@@ -11,10 +12,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from fastflow.auto import CANDIDATES, DEFECTS_PER_IMAGE, _scores_and_maps, pick, probe_config, synthetic_validation
-from fastflow.data.preprocess import _resize_bool
-from fastflow.metrics import image_auroc, pixel_aupro, pixel_auroc
-from fastflow.run import preprocess_for
+from fastflow.auto import CANDIDATES, DEFECTS_PER_IMAGE, pick, probe_config, synthetic_score, synthetic_validation
 from fastflow.config import PRESETS
 from fastflow.data import DecodedImages, load_samples
 from fastflow.run import load_run
@@ -22,16 +20,6 @@ from fastflow.train import split_validation, train
 
 DRAWS = (0, 1000, 2000)  # added to the training seed; 0 is the shipped draw
 PER_IMAGE = (DEFECTS_PER_IMAGE, 8)
-
-
-def score(model, normals, defective, masks):
-    """auto.synthetic_score's image and pixel AUROC and their mean, and the maps' AUPRO besides."""
-    scores, maps = _scores_and_maps(model, normals + defective, preprocess_for(model))
-    h, w = model.config.input_size
-    truth = np.stack([np.zeros((h, w), dtype=bool)] * len(normals) + [_resize_bool(m, (w, h)) for m in masks])
-    labels = np.r_[np.zeros(len(normals)), np.ones(len(defective))]
-    img, pix = image_auroc(scores, labels), pixel_auroc(maps, truth)
-    return {"image_auroc": img, "pixel_auroc": pix, "score": (img + pix) / 2, "aupro": pixel_aupro(maps, truth)}
 
 
 def main():
@@ -61,7 +49,7 @@ def main():
     for per_image in PER_IMAGE[:1] if a.shipped_only else PER_IMAGE:
         for d in DRAWS[:1] if a.shipped_only else DRAWS:
             normals, bad, masks = synthetic_validation(val, a.seed + d, per_image)
-            scores = {n: score(mod, normals, bad, masks) for n, mod in models.items()}
+            scores = {n: synthetic_score(mod, normals, bad, masks) for n, mod in models.items()}
             chosen = pick({n: s["score"] for n, s in scores.items()})
             result["draws"].append({"per_image": per_image, "draw": d, "chosen": chosen,
                                     "scores": {n: [round(s["image_auroc"], 4), round(s["pixel_auroc"], 4), round(s["aupro"], 4)]

@@ -36,11 +36,11 @@ def main() -> None:
     a = ap.parse_args()
     out = {}
     presets = {n: get_preset(n) for n in auto.CANDIDATES}
-    val_fraction = presets[auto.CANDIDATES[0]].train.val_fraction
+    first = presets[auto.CANDIDATES[0]].train
     for category in a.categories.split(","):
         samples = load_samples("mvtec", a.data, category, "train")
         for seed in a.seeds:
-            _, val = split_validation(samples, val_fraction, seed)
+            _, val = split_validation(samples, first.val_fraction, seed, first.val_min)
             sets = {k: auto.synthetic_validation(val, seed, per_image=k) for k in a.sizes}
             scores = {k: {} for k in a.sizes}
             for name, preset in presets.items():

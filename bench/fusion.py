@@ -148,7 +148,8 @@ def load_held_out(run_dir: str):
     tcfg = from_dict(TrainConfig, info["train_config"])
     d = info["data"]
     train = load_samples(d["format"], d["root"], d["category"], "train", **d.get("options", {}))
-    return model, ckpt, info, tcfg, split_validation(train, tcfg.val_fraction, tcfg.seed)[1]
+    val_min = info["train_config"].get("val_min", 0)  # runs from before TrainConfig.val_min held out the fraction alone
+    return model, ckpt, info, tcfg, split_validation(train, tcfg.val_fraction, tcfg.seed, val_min)[1]
 
 
 def main() -> None:

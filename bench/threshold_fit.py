@@ -44,7 +44,7 @@ def main() -> None:
         d, tc = rj["data"], rj["train_config"]
         p = Predictor.from_run(run)
         train = load_samples(d["format"], d["root"], d["category"], "train", **d["options"])
-        _, val = split_validation(train, tc["val_fraction"], tc["seed"])
+        _, val = split_validation(train, tc["val_fraction"], tc["seed"], tc.get("val_min", 0))  # 0: runs before it
         vs = np.array([r.score for r in p.predict([s.path for s in val], batch_size=16)])
         log = np.log(np.clip(vs, 1e-12, None))
         thresholds = {"max": vs.max(), "normal": vs.mean() + z * vs.std(ddof=1),

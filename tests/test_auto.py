@@ -281,7 +281,7 @@ def test_too_few_held_out_images_keeps_the_first_candidate_and_says_why(tmp_path
     from fastflow.config import AUTO_CANDIDATES, get_preset
     from fastflow.data import Sample
 
-    samples = [Sample(str(tmp_path / f"{i}.png"), 0, "good") for i in range(14)]  # never read: no probe runs
+    samples = [Sample(str(tmp_path / f"{i}.png"), 0, "good") for i in range(9)]  # never read: no probe runs
     candidates = [(n, get_preset(n).model, get_preset(n).train) for n in AUTO_CANDIDATES]
     said = []
     name, _, _, report = choose(candidates, samples, str(tmp_path), log=said.append)

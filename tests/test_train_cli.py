@@ -42,7 +42,7 @@ def test_train_writes_a_self_describing_run(run):
     assert ckpt["preprocess"]["mean"] == [0.5, 0.5, 0.5]  # EfficientNet-Lite expects [-1, 1]
     assert ckpt["train_config"]["epochs"] == 2 and ckpt["version"]
     assert ckpt["train_config"]["feature_noise"] == 0.2  # the lite preset's noise regularisation
-    assert np.isfinite(ckpt["threshold"]["value"]) and ckpt["threshold"]["n_val"] == 1
+    assert np.isfinite(ckpt["threshold"]["value"]) and ckpt["threshold"]["n_val"] == 2  # 10 images: a fifth
     history = json.load(open(f"{run}/history.json"))
     assert len(history["history"]) == 2 and all(np.isfinite(r["train_nll"]) for r in history["history"])
 
@@ -239,6 +239,22 @@ def test_validation_is_held_out_from_training_images_only(dataset):
     fit, val = split_validation(samples, 0.1, seed=0)
     assert len(val) == 1 and len(fit) == 9 and not {s.path for s in fit} & {s.path for s in val}
     assert all(s.label == 0 for s in samples) and split_validation(samples, 0.1, 0) == (fit, val)
+
+
+def test_small_sets_hold_out_a_floor_of_images_but_at_most_a_fifth():
+    from fastflow.data.samples import Sample
+
+    samples = lambda n: [Sample(f"img{i:03d}.png", 0, "good", None) for i in range(n)]
+    held = lambda n, fraction=0.1, minimum=8: len(split_validation(samples(n), fraction, 3, minimum)[1])
+    assert [held(n) for n in (5, 10, 20, 40, 47, 79, 80, 200)] == [1, 2, 4, 8, 8, 8, 8, 20]
+    assert [held(n, minimum=0) for n in (10, 40, 47)] == [1, 4, 5]  # 0: the fraction alone
+    assert held(40, fraction=0.0) == 0  # no hold-out asked for: none, whatever the floor
+    forty = samples(40)
+    small, large = split_validation(forty, 0.1, 3)[1], split_validation(forty, 0.1, 3, 8)[1]
+    assert {s.path for s in small} < {s.path for s in large}  # the floor adds images to the same draw
+    assert TrainConfig().val_min == 8 and get_preset("efficientnet_lite0").train.val_min == 8
+    with pytest.raises(ValueError, match="val_min"):
+        TrainConfig(val_min=-1)
 
 
 def test_feature_cache_gives_the_same_model(dataset, tmp_path):

@@ -342,17 +342,12 @@ def choose(candidates: list[tuple[str, ModelConfig, TrainConfig]], samples: list
 
     ``decoded``: the probes share it, so that each image is read once per preprocessing (data/dataset.py); pass
     the same one to the chosen preset's ``train``. Without it the probes make their own."""
-    seed = candidates[0][2].seed
-    _, val_samples = split_validation(samples, candidates[0][2].val_fraction, seed)
+    first = candidates[0][2]
+    _, val_samples = split_validation(samples, first.val_fraction, first.seed, first.val_min)
     if len(val_samples) < 2:
-        name, m, t = candidates[0]
-        why = (f"only {len(val_samples)} held-out image(s) (val_fraction {t.val_fraction} of {len(samples)}): "
-               f"no choice possible, kept the first candidate")
-        log(f"auto: chose {name}: {why}; name a preset with --backbone, hold out more with --val-fraction, or give more normal images")
-        return name, m, t, {"chosen": name, "why": why, "candidates": {}}
+        return _no_choice(candidates, len(val_samples), len(samples), log)
     t0 = time.perf_counter()
     decoded = DecodedImages() if decoded is None else decoded
-    normals, defective, masks = synthetic_validation(val_samples, seed)
     results, preprocessing = {}, {}
     for name, model_cfg, train_cfg in candidates:
         probe_dir = os.path.join(work_dir, f".auto-probe{probe_tag}-{name}")
@@ -361,6 +356,8 @@ def choose(candidates: list[tuple[str, ModelConfig, TrainConfig]], samples: list
         train(model_cfg, probe, samples, probe_dir, weights=weights, progress=False, log=lambda *a, **k: None,
               device=device, precision=precision, decoded=decoded, save_every_epoch=False)
         model, _ = load_run(probe_dir)
+        if not results:  # made after the first probe's training, which has checked that every image is readable
+            normals, defective, masks = synthetic_validation(val_samples, first.seed)
         preprocessing[name] = preprocess_for(model)
         results[name] = {**synthetic_score(model, normals, defective, masks), "probe_epochs": probe.epochs,
                          "probe_seconds": round(time.perf_counter() - t1, 1)}
@@ -385,6 +382,15 @@ def choose(candidates: list[tuple[str, ModelConfig, TrainConfig]], samples: list
     for n in results:
         shutil.rmtree(os.path.join(work_dir, f".auto-probe{probe_tag}-{n}"), ignore_errors=True)
     return name, model_cfg, train_cfg, report
+
+
+def _no_choice(candidates: list[tuple[str, ModelConfig, TrainConfig]], n_val: int, n: int, log
+               ) -> tuple[str, ModelConfig, TrainConfig, dict]:
+    """``choose``'s answer under two held-out images: the first candidate, and why."""
+    name, m, t = candidates[0]
+    why = f"only {n_val} held-out image(s) (val_fraction {t.val_fraction} of {n}): no choice possible, kept the first candidate"
+    log(f"auto: chose {name}: {why}; name a preset with --backbone, hold out more with --val-fraction, or give more normal images")
+    return name, m, t, {"chosen": name, "why": why, "candidates": {}}
 
 
 def pick(scores: dict[str, float]) -> str:

@@ -247,6 +247,9 @@ def _add_train_parser(sub) -> None:
     t.add_argument("--val-fraction", type=float, default=None,
                    help="normal training images held out to select the epoch and calibrate the threshold "
                         "(default: 0.1)")
+    t.add_argument("--val-min", type=int, default=None,
+                   help="hold out at least this many normal images, never more than a fifth of them (default: 8; "
+                        "0: --val-fraction alone)")
     t.add_argument("--false-alarm-rate", type=float, default=None,
                    help="threshold calibration on held-out normals (default 0.01)")
     t.add_argument("--keep-epoch", choices=["best", "last"], default=None,
@@ -513,8 +516,8 @@ def _configs(args, name: str | None = None) -> tuple[ModelConfig, TrainConfig]:
         model.update(equalize=True, autocontrast=model.get("autocontrast") if explicit else None)
     given = {"epochs": args.epochs, "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
              "weight_decay": args.weight_decay, "grad_clip": args.grad_clip, "feature_noise": args.feature_noise,
-             "val_fraction": args.val_fraction, "false_alarm_rate": args.false_alarm_rate, "seed": args.seed,
-             "keep_epoch": args.keep_epoch}
+             "val_fraction": args.val_fraction, "val_min": args.val_min, "false_alarm_rate": args.false_alarm_rate,
+             "seed": args.seed, "keep_epoch": args.keep_epoch}
     train = {k: v for k, v in given.items() if v is not None}
     train.update(augment=args.augment, cache_features=not args.no_cache)
     if args.score_levels is not None:  # a named score is used as given (no TrainConfig.choose_score)

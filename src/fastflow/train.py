@@ -60,12 +60,16 @@ def planned_epochs(train_cfg: TrainConfig, n_fit: int) -> int:
     return max(1, min(train_cfg.epochs, math.ceil(train_cfg.steps / per_epoch)))
 
 
-def split_validation(samples: list[Sample], fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
-    """Deterministically hold out ``fraction`` of the normal training samples (at least one if > 0)."""
+def split_validation(samples: list[Sample], fraction: float, seed: int,
+                     minimum: int = 0) -> tuple[list[Sample], list[Sample]]:
+    """Deterministically hold out ``fraction`` of the normal training samples (at least one if > 0), and at
+    least ``minimum`` of them while that is at most a fifth of the set (TrainConfig.val_min). A larger hold-out
+    of the same seed contains the smaller one."""
     if fraction <= 0 or len(samples) < 2:
         return list(samples), []
     order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(seed)).tolist()
-    n_val = min(len(samples) - 1, max(1, round(fraction * len(samples))))
+    n_val = max(1, round(fraction * len(samples)), min(minimum, len(samples) // 5))
+    n_val = min(len(samples) - 1, n_val)
     val = sorted(order[:n_val])
     fit = sorted(order[n_val:])
     return [samples[i] for i in fit], [samples[i] for i in val]
@@ -329,7 +333,7 @@ def _seeded_model(model_cfg: ModelConfig, train_cfg: TrainConfig, samples: list[
     torch.manual_seed(train_cfg.seed)
     np.random.seed(train_cfg.seed)
     model = use_fast_backward(FastFlow(model_cfg, weights=weights).to(dist.device))
-    fit_samples, val_samples = split_validation(samples, train_cfg.val_fraction, train_cfg.seed)
+    fit_samples, val_samples = split_validation(samples, train_cfg.val_fraction, train_cfg.seed, train_cfg.val_min)
     os.makedirs(run_dir, exist_ok=True)
     if dist.world > 1:
         dist.broadcast_(list(model.state_dict().values()))  # identical start on every rank, whatever the init

@@ -5,7 +5,7 @@ pick (auto.pick, margin 0.01) is recorded for each, with each candidate's image 
 (auto.synthetic_score, which returns all three since 5247cbd; this script first ran with a copy of it that computed the
 same). `--n-train N` keeps N of the training images (evenly spread), to see the choice on a small set. Normal images
 only; no test image is read. Usage (repository root):
-    PYTHONPATH=src python bench/results/r27/choice_draws.py OUT.json FMT ROOT CAT SEED [--n-train N] [--shipped-only] [--val-fraction F]
+    PYTHONPATH=src python bench/results/r27/choice_draws.py OUT.json FMT ROOT CAT SEED [--n-train N] [--shipped-only] [--val-fraction F] [--val-min N]
 """
 import argparse, json, os, shutil, tempfile, time
 from dataclasses import replace
@@ -28,13 +28,15 @@ def main():
     ap.add_argument("seed", type=int), ap.add_argument("--n-train", type=int)
     ap.add_argument("--shipped-only", action="store_true", help="only the shipped draw (2 per image, draw 0)")
     ap.add_argument("--val-fraction", type=float, help="hold out this share of the training images (default: the preset's)")
+    ap.add_argument("--val-min", type=int, help="and at least this many (default: the preset's; 0 reproduces this "
+                    "round's 40-image figures, which predate TrainConfig.val_min)")
     a = ap.parse_args()
     samples = load_samples(a.fmt, a.root, a.cat, "train")
     if a.n_train and a.n_train < len(samples):
         samples = [samples[i] for i in np.linspace(0, len(samples) - 1, a.n_train).round().astype(int)]
-    vf = {} if a.val_fraction is None else {"val_fraction": a.val_fraction}
+    vf = {k: v for k, v in (("val_fraction", a.val_fraction), ("val_min", a.val_min)) if v is not None}
     cands = [(n, PRESETS[n].model, replace(PRESETS[n].train, seed=a.seed, **vf)) for n in CANDIDATES]
-    fit, val = split_validation(samples, cands[0][2].val_fraction, a.seed)
+    fit, val = split_validation(samples, cands[0][2].val_fraction, a.seed, cands[0][2].val_min)
     decoded, work, models, seconds = DecodedImages(), tempfile.mkdtemp(prefix="cd-"), {}, {}
     for name, m, t in cands:
         t0 = time.perf_counter()

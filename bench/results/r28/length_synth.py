@@ -4,20 +4,17 @@ auto.synthetic_score on 8 defects per held-out image (draw = the run's seed + 50
     PYTHONPATH=src python bench/results/r28/length_synth.py OUT.json RUN_DIR [RUN_DIR ...]
 """
 import json, sys
+from pathlib import Path
 
-from fastflow.auto import synthetic_score, synthetic_validation
-from fastflow.data import load_samples
-from fastflow.run import load_run
-from fastflow.train import split_validation
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # bench/
+from fusion import load_held_out  # noqa: E402  (a run, its train config and its held-out samples)
+
+from fastflow.auto import synthetic_score, synthetic_validation  # noqa: E402
 
 out = {}
 for run in sys.argv[2:]:
-    info = json.load(open(f"{run}/run.json"))
-    d, t = info["data"], info["train_config"]
-    train = load_samples(d["format"], d["root"], d["category"], "train", **d.get("options", {}))
-    _, val = split_validation(train, t["val_fraction"], t["seed"], t.get("val_min", 0))
-    normals, bad, masks = synthetic_validation(val, t["seed"] + 500, per_image=8)
-    model = load_run(run)[0].eval()
+    model, _, _, tcfg, val = load_held_out(run)
+    normals, bad, masks = synthetic_validation(val, tcfg.seed + 500, per_image=8)
     s = synthetic_score(model, normals, bad, masks)
     out[run] = {"n_val": len(val), **{k: round(float(v), 4) for k, v in s.items()}}
     print(run, out[run], flush=True)

@@ -603,3 +603,59 @@ def test_probes_and_named_score_levels_make_no_score_choice():
     assert checkpoint_matches(older, lite_model, replace(lite, epochs=probe_config(lite, 100).epochs + 5,
                                                          border_correction=False))
     assert not checkpoint_matches(state, preset.model, replace(preset.train, lr=0.01))
+
+
+@pytest.mark.parametrize("figures, chosen", [((0.80, 0.90), "early"), ((0.80, 0.805), "last")])
+def test_the_length_choice_keeps_the_early_state_only_when_it_localises_better(tmp_path, monkeypatch, figures,
+                                                                               chosen):
+    """A run of at least twice TrainConfig.early_epoch epochs keeps its state after that epoch, and after training
+    weighs it against the end by pixel AUROC on synthetic defects (auto.choose_length; replaced here by fixed
+    figures, the end's first): the early state wins only with a lead of more than MARGIN. The early state is
+    exactly what a run of that many epochs keeps; the choice is saved in model.pt, reported by info, survives a
+    resumed run (checkpoint.pt), and shorter runs make none."""
+    from dataclasses import replace
+
+    import fastflow.auto as auto
+    from fastflow.config import get_preset
+    from fastflow.data import load_samples
+    from fastflow.info import format_info, run_info
+    from fastflow.run import load_run
+    from fastflow.train import train
+
+    fake = iter(figures)
+    monkeypatch.setattr(auto, "pixel_auroc", lambda maps, truth: next(fake))
+    samples = load_samples("mvtec", _write_set(tmp_path / "data", "t", [_texture(i, 64) for i in range(16)]), "t", "train")
+    preset = get_preset("efficientnet_lite0")
+    assert preset.train.early_epoch == 50 and get_preset("lite0_texture").train.early_epoch == 50
+    assert get_preset("resnet18").train.early_epoch == 0  # the paper presets keep the paper's rule
+    model_cfg = replace(preset.model, input_size=(64, 64))
+    # every epoch kept (a huge keep_last_within), so the kept epochs say which state was taken
+    cfg = replace(preset.train, epochs=4, steps=None, batch_size=4, val_fraction=0.25, choose_map=False,
+                  early_epoch=2, keep_last_within=1e9)
+    said = []
+    res = train(model_cfg, cfg, samples, str(tmp_path / "run"), progress=False, log=said.append)
+    assert next(fake, None) is None  # both states were scored
+    ckpt = load_safe(str(tmp_path / "run" / "model.pt"))
+    choice = ckpt["length_choice"]
+    assert res.length_choice == choice and choice["chosen"] == chosen
+    assert choice["pixel_auroc"] == {"last": figures[0], "early": figures[1]}
+    assert (choice["early_epoch"], choice["epochs_run"]) == (2, 4)
+    assert ckpt["kept_epochs"] == [2 if chosen == "early" else 4] * 3
+    assert [line for line in said if line.startswith("length: ")] == [f"length: {choice['why']}"]
+    assert f"length     {choice['why']}" in format_info(run_info(str(tmp_path / "run")))
+    # the early state is the one a 2-epoch run keeps
+    short = train(model_cfg, replace(cfg, epochs=2, early_epoch=0), samples, str(tmp_path / "short"),
+                  progress=False, log=lambda _: None)
+    assert short.length_choice is None  # nothing to weigh
+    ours, two = load_run(str(tmp_path / "run"))[0].state_dict(), load_run(str(tmp_path / "short"))[0].state_dict()
+    same = all(torch.allclose(ours[k], two[k], atol=1e-6) for k in ours if k.startswith("flows."))
+    assert same == (chosen == "early")
+    # a run too short for an early state (3 < 2 x 2 epochs) makes no choice
+    res3 = train(model_cfg, replace(cfg, epochs=3), samples, str(tmp_path / "three"), progress=False, log=said.append)
+    assert res3.length_choice is None and "length_choice" not in load_safe(str(tmp_path / "three" / "model.pt"))
+    # resumed past the early epoch (a longer run extends it), the early state comes from checkpoint.pt
+    fake = iter(figures)
+    longer = train(model_cfg, replace(cfg, epochs=5), samples, str(tmp_path / "run"), resume=True, progress=False,
+                   log=lambda _: None)
+    assert longer.length_choice["chosen"] == chosen and longer.length_choice["epochs_run"] == 5
+    assert longer.kept_epochs == [2 if chosen == "early" else 5] * 3

@@ -432,11 +432,11 @@ def pick(scores: dict[str, float]) -> str:
 def probe_config(train_cfg: TrainConfig, n_fit: int) -> TrainConfig:
     """The probe's training config: ``PROBE_FRACTION`` of the run's optimiser steps, as a fixed epoch count.
     It makes no score choice (TrainConfig.choose_score): a probe's map flows are far from trained (bench/README.md,
-    eighteenth round); nor a map or length choice (its full run makes them)."""
+    eighteenth round)."""
     per_epoch = max(1, math.ceil(n_fit / train_cfg.batch_size))
     full = planned_epochs(train_cfg, n_fit) * per_epoch
     return replace(train_cfg, epochs=max(1, math.ceil(PROBE_FRACTION * full / per_epoch)), steps=None,
-                   choose_score=False, choose_map=False, early_epoch=0)  # scored by synthetic_score; its full run chooses
+                   choose_score=False, choose_map=False)  # the probe is scored by synthetic_score; its full run chooses
 
 
 def _finite(x: float) -> float:

@@ -37,7 +37,7 @@ from .device import follow_load
 from .fused import for_inference
 from .metrics import image_auroc, pixel_aupro, pixel_auroc
 from .model import border_distance, border_matrix
-from .run import load_run, preprocess_for, trainable_state
+from .run import load_run, preprocess_for
 from .train import planned_epochs, split_validation, train
 
 CANDIDATES = AUTO_CANDIDATES  # config.py says how each was measured
@@ -188,36 +188,6 @@ def choose_map(model, synthetic: tuple[list, list, list], log=print, border: boo
     return {"chosen": [ids[i] for i in levels], "weights": weights, "preset": [ids[i] for i in _kept(current)],
             "aupro": {name(c): aupro[c] for c in candidates}, "border_corrected": corrects,
             "border_aupro": corrected, "why": why}
-
-
-def choose_length(model, early: dict, epochs_run: int, synthetic: tuple[list, list, list], log=print) -> dict:
-    """Whether a trained ``model`` keeps the state it ends with (loaded) or the one it kept after
-    TrainConfig.early_epoch epochs (``early``: train.py's ``best`` then, with ``after``, that epoch),
-    chosen on normal images only. Each is scored by the pixel AUROC of its anomaly map on the synthetic defects
-    (``choice_set``'s, as for ``choose_map``); the early state is loaded into ``model`` when its pixel AUROC is higher
-    by more than ``MARGIN``. Pixel AUROC, not ``synthetic_score``: between two lengths of one recipe the score hardly
-    moved (brick 0.939 after 200 epochs, 0.940 after 50) while the pixel AUROC ranked them as the real defects did in
-    seven pairs of four small sets (bench/README.md, twenty-eighth and twenty-ninth rounds). Returns the report
-    (saved in model.pt)."""
-    normals, defective, masks = synthetic
-    h, w = model.config.input_size
-    truth = np.stack([np.zeros((h, w), dtype=bool)] * len(normals) + list(masks))  # choice_set's masks: at (h, w)
-    last = trainable_state(model)
-    auroc = {"last": pixel_auroc(_scores_and_maps(model, normals + defective)[1], truth)}
-    model.load_state_dict(early["state"], strict=False)
-    auroc["early"] = pixel_auroc(_scores_and_maps(model, normals + defective)[1], truth)
-    chosen = "early" if _finite(auroc["early"]) > _finite(auroc["last"]) + MARGIN else "last"
-    if chosen == "last":
-        model.load_state_dict(last, strict=False)
-    n_early = early["after"]
-    what = {"early": f"the state after epoch {n_early}", "last": f"the state at the end ({epochs_run} epochs)"}
-    other = "last" if chosen == "early" else "early"
-    why = (f"{what[chosen]}: pixel AUROC {auroc[chosen]:.3f} on {len(defective)} synthetic defects pasted on "
-           f"{len(normals)} held-out normal images, against {auroc[other]:.3f} from {what[other]} (the earlier state "
-           f"replaces the end only with a lead of more than {MARGIN})")
-    log(f"length: {why}")
-    return {"chosen": chosen, "early_epoch": n_early, "epochs_run": epochs_run,
-            "pixel_auroc": auroc, "why": why}
 
 
 def border_offsets(normal_maps: np.ndarray) -> tuple[float, ...]:

@@ -256,11 +256,6 @@ def _add_train_parser(sub) -> None:
                    help="the epoch each level's flow keeps: its lowest held-out NLL (paper presets) or the last "
                         "one within 0.5 nats/dim of its lowest (lite presets: their step budget is the stopping "
                         "rule; a flow that diverges falls back, the others keep their last epoch)")
-    t.add_argument("--early-epoch", type=int, default=None,
-                   help="a run of at least twice this many epochs also keeps its state after this epoch and, after "
-                        "training, takes it instead of the end when it localises synthetic defects pasted on the "
-                        "held-out normal images better (pixel AUROC, a lead over 0.01; shown by fastflow info). "
-                        "Default: 50 for the lite presets (sets of up to 72 images), 0 = off (the paper presets)")
     t.add_argument("--seed", type=int, default=None, help="random seed (default: 0)")
     t.add_argument("--evaluate", action="store_true", help="evaluate on the test split after training")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -522,7 +517,7 @@ def _configs(args, name: str | None = None) -> tuple[ModelConfig, TrainConfig]:
     given = {"epochs": args.epochs, "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
              "weight_decay": args.weight_decay, "grad_clip": args.grad_clip, "feature_noise": args.feature_noise,
              "val_fraction": args.val_fraction, "val_min": args.val_min, "false_alarm_rate": args.false_alarm_rate,
-             "seed": args.seed, "keep_epoch": args.keep_epoch, "early_epoch": args.early_epoch}
+             "seed": args.seed, "keep_epoch": args.keep_epoch}
     train = {k: v for k, v in given.items() if v is not None}
     train.update(augment=args.augment, cache_features=not args.no_cache)
     if args.score_levels is not None:  # a named score is used as given (no TrainConfig.choose_score)

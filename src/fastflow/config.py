@@ -191,15 +191,6 @@ class TrainConfig:
     # 0.17, while lite0_unaligned on one grass seed overfit
     # its 86 images until the held-out NLL went from 0.40 to 351 (bench/README.md, thirteenth round).
     keep_last_within: float = 0.5
-    # A run of at least twice this many epochs keeps its flows' state after this epoch as well (0: off; the lite
-    # presets: EARLY_EPOCH), and after training weighs it against the end on synthetic defects pasted on the held-out
-    # normal images, by pixel AUROC (auto.choose_length): the earlier state is taken when that is higher by more than
-    # auto.MARGIN. Small sets train many epochs on few images: 800 steps give 32 images 200 epochs, and there the texture
-    # recipe's flows overfitted brick (pixel AUROC 0.91-0.92 after 200 epochs, 0.98 after 50) while the posed bottle
-    # localised best after 200 (0.97-0.98 against 0.95-0.96); the synthetic pixel AUROC ranked the two as the real
-    # defects did in all seven pairs measured (bench/README.md, twenty-ninth round). With the lite presets' 800 steps at
-    # batch 8 that is sets of up to 72 images; the suite's (96 or more), bottle and Magnetic Tile train as before.
-    early_epoch: int = 0
     # With per-level roles (ModelConfig.score_levels): after training, the image score from the score levels
     # and the max of the map are both scored on synthetic defects pasted on the held-out normal images
     # (auto.py ``choose_score``), and the map replaces the score levels when its image AUROC is higher by more
@@ -245,8 +236,6 @@ class TrainConfig:
             raise ValueError(f"false_alarm_rate must be in (0, 1), got {self.false_alarm_rate}")
         if self.keep_epoch not in ("best", "last"):
             raise ValueError(f"keep_epoch must be 'best' or 'last', got {self.keep_epoch!r}")
-        if self.early_epoch < 0:
-            raise ValueError(f"early_epoch must be >= 0 (0 = off), got {self.early_epoch}")
         if not self.keep_last_within >= 0:
             raise ValueError(f"keep_last_within must be >= 0, got {self.keep_last_within}")
 
@@ -293,12 +282,9 @@ class Preset:
 #   turned up after ~450 steps while the synthetic defects' pixel AUROC rose to the end (grass 0.80 -> 0.88;
 #   twelfth round); bottle's lowest NLL was at its last epoch anyway.
 STEP_BUDGET = 800
-# - on sets small enough to train 100 epochs or more (under 80 images), the state after 50 epochs is weighed against
-#   the end on held-out synthetic defects (TrainConfig.early_epoch; twenty-ninth round).
-EARLY_EPOCH = 50
 _LITE_MODEL = dict(flow_steps=8, hidden_ratio=0.5, kernels="3-1", smoothing_sigma=8.0, norm_logdet=True)
 _LITE_TRAIN = TrainConfig(epochs=200, steps=STEP_BUDGET, batch_size=8, feature_noise=0.2, keep_epoch="last",
-                          choose_map=True, early_epoch=EARLY_EPOCH)
+                          choose_map=True)
 
 # For parts that are not aligned, such as surfaces (measured on Magnetic Tile Defects, README "Accuracy"): the
 # stride-32 level alone (its features tell the tiles apart; the shallow levels do not); a LayerNorm without
@@ -309,7 +295,7 @@ _LITE_TRAIN = TrainConfig(epochs=200, steps=STEP_BUDGET, batch_size=8, feature_n
 _UNALIGNED_MODEL = dict(flow_steps=8, hidden_ratio=2.0, kernels="3-3", smoothing_sigma=8.0, levels=(4,),
                         norm_affine=False, autocontrast=1.0)
 _UNALIGNED_TRAIN = TrainConfig(epochs=200, steps=STEP_BUDGET, batch_size=8, feature_noise=0.0, keep_epoch="last",
-                               choose_map=True, early_epoch=EARLY_EPOCH)  # one level: nothing to choose; lite0_texture and _fine have more
+                               choose_map=True)  # one level: nothing to choose; lite0_texture and _fine have more
 
 # For textured surfaces (measured on held-out normals with pasted defects of three scikit-image textures,
 # bench/README.md, "Ninth round"): the stride-8 and stride-16 levels (as PatchCore's layers; the stride-4

@@ -41,7 +41,7 @@ def run_info(run_dir: str) -> dict:
         "model_config": ckpt["model_config"], "train_config": ckpt["train_config"], "preprocess": ckpt["preprocess"],
         "backbone_weights": ckpt.get("backbone_weights"), "data": run.get("data"),
         "preset": run.get("preset"), "auto": run.get("auto"), "score_choice": ckpt.get("score_choice"),
-        "map_choice": ckpt.get("map_choice"), "length_choice": ckpt.get("length_choice"),
+        "map_choice": ckpt.get("map_choice"),
         "training": {"best_epoch": ckpt.get("best_epoch"), "kept_epochs": ckpt.get("kept_epochs"),
                      "best_val_nll": ckpt.get("best_val_nll"),
                      "n_fit": ckpt.get("n_fit"), "n_val": ckpt.get("n_val"),
@@ -76,8 +76,6 @@ def format_info(info: dict) -> str:
     ]
     if info.get("auto"):  # the default (--backbone auto) chose the preset on synthetic defects
         lines.append(f"chosen     {info['preset']} by --backbone auto: {info['auto'].get('why', '')}")
-    if info.get("length_choice"):  # TrainConfig.early_epoch: the state after that epoch, or the end
-        lines.append(f"length     {info['length_choice']['why']}")
     if info.get("map_choice"):  # TrainConfig.choose_map: which levels make the anomaly map
         lines.append(f"map        {info['map_choice']['why']}")
     if info.get("score_choice"):  # TrainConfig.choose_score: the score levels' or the map's max

@@ -299,8 +299,6 @@ def run_rows(run: dict, scored: Scored, types: list[str]) -> list[tuple[str, str
     chosen = " (chosen by --backbone auto)" if run.get("auto") else ""
     rows.append(("model", f"preset {run.get('preset') or m.get('backbone')}{chosen}: backbone {m.get('backbone')}, "
                           f"input {size}, {m.get('flow_steps')} flow steps per level"))
-    if run.get("length_choice"):  # TrainConfig.early_epoch
-        rows.append(("training length", run["length_choice"]["why"]))
     if run.get("map_choice"):  # TrainConfig.choose_map
         rows.append(("anomaly map", run["map_choice"]["why"]))
     if run.get("score_choice"):  # TrainConfig.choose_score

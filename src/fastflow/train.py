@@ -169,7 +169,6 @@ class TrainResult:
     kept_epochs: list[int] = field(default_factory=list)  # per flow, in the model's level order
     score_choice: dict | None = None  # TrainConfig.choose_score's report (auto.choose_score), else None
     map_choice: dict | None = None  # TrainConfig.choose_map's report (auto.choose_map), else None
-    length_choice: dict | None = None  # TrainConfig.early_epoch's report (auto.choose_length), else None
 
     def kept(self) -> str:
         return kept_epochs_text(self.best_epoch, self.kept_epochs)
@@ -301,7 +300,7 @@ def _train(model_cfg: ModelConfig, train_cfg: TrainConfig, samples: list[Sample]
     dist.barrier()  # the run folder is complete when train returns, on every rank
     return TrainResult(run_dir, loop.best_epoch + 1, loop.best_val_nll, threshold["value"], len(loop.history), seconds,
                        loop.history, [e + 1 for e in loop.best["epochs"]], choices.get("score_choice"),
-                       choices.get("map_choice"), choices.get("length_choice"))
+                       choices.get("map_choice"))
 
 
 def _free_training_state(loop: _Loop) -> None:
@@ -382,9 +381,6 @@ class _Loop:
     history: list[dict] = field(default_factory=list)
     # per flow: the kept epoch (-1: none yet) and its held-out NLL; ``state`` holds each flow's kept parameters
     best: dict = field(default_factory=dict)
-    # ``best`` as it stood after ``train_cfg.early_epoch`` epochs (``_takes_early``), the alternative to the end that
-    # ``_select_best`` weighs (auto.choose_length); None before that epoch, or when the run is too short for one
-    early: dict | None = None
 
     def __post_init__(self) -> None:
         self.best = self.best or {"epochs": [-1] * len(self.model.flows), "val_nlls": [math.inf] * len(self.model.flows),
@@ -429,8 +425,7 @@ def checkpoint_matches(state: dict, model_cfg: ModelConfig, train_cfg: TrainConf
         return False
     # its length, and what is done after the epochs (auto.py's probes skip the map and score choices)
     after = {"epochs": train_cfg.epochs, "steps": train_cfg.steps, "choose_score": train_cfg.choose_score,
-             "choose_map": train_cfg.choose_map, "border_correction": train_cfg.border_correction,
-             "early_epoch": train_cfg.early_epoch}
+             "choose_map": train_cfg.choose_map, "border_correction": train_cfg.border_correction}
     return state.get("model_config") == to_dict(model_cfg) and {**saved, **after} == to_dict(train_cfg)
 
 
@@ -449,7 +444,6 @@ def _resume(loop: _Loop, model_cfg: ModelConfig, run_dir: str, epochs: int, log)
         loop.model.load_state_dict(state["state"], strict=False)
         loop.opt.load_state_dict(state["optimizer"])
         loop.start_epoch, loop.history = state["epoch"] + 1, json.loads(state["history"])
-        loop.early = state.get("early")
         if "best_epochs" in state:
             loop.best = {"epochs": state["best_epochs"], "val_nlls": state["best_val_nlls"], "state": state["best_state"]}
         else:  # a checkpoint from before the per-flow choice: its one epoch for every flow
@@ -484,10 +478,6 @@ def _run_epochs(loop: _Loop, epochs: int, progress: bool, save_every_epoch: bool
         else:
             _keep(loop, epoch, [True] * len(loop.model.flows), [math.inf] * len(loop.model.flows))
         loop.history.append(row)
-        if _takes_early(loop.train_cfg, epoch, epochs) and min(loop.best["epochs"]) >= 0:  # every flow kept one
-            best = loop.best  # copied: the new tensors _keep assigns later leave this state as it is
-            loop.early = {"after": epoch + 1, "epochs": list(best["epochs"]), "val_nlls": list(best["val_nlls"]),
-                          "state": dict(best["state"])}
         if save_every_epoch or epoch + 1 == epochs:
             _save_training_state(loop, epoch)
         if bar is not None:
@@ -495,12 +485,6 @@ def _run_epochs(loop: _Loop, epochs: int, progress: bool, save_every_epoch: bool
             bar.update(1)
     if bar is not None:
         bar.close()
-
-
-def _takes_early(cfg: TrainConfig, epoch: int, epochs: int) -> bool:
-    """Whether the kept state after ``epoch`` (from 0) is the early alternative to the end (TrainConfig.early_epoch):
-    that epoch, in a run of at least twice as many."""
-    return 0 < cfg.early_epoch == epoch + 1 and epochs >= 2 * cfg.early_epoch
 
 
 def _keeps(loop: _Loop, row: dict, level: int) -> bool:
@@ -573,17 +557,15 @@ def _save_training_state(loop: _Loop, epoch: int) -> None:
         save_atomic(build_checkpoint(loop.model, loop.train_cfg, loop.weights, None, {
             "epoch": epoch, "optimizer": loop.opt.state_dict(), "history": json.dumps(loop.history),
             "best_epochs": best["epochs"], "best_val_nlls": best["val_nlls"], "best_state": best["state"],
-            "early": loop.early,
             "rng_state": torch.get_rng_state(), **extra,
         }), loop.ckpt_path)
 
 
 def _select_best(loop: _Loop, log, val_samples: list[Sample]) -> dict:
     """Load each flow's kept epoch into the model; then, on synthetic defects pasted on the held-out images,
-    with an early state (TrainConfig.early_epoch) choose between it and the end (auto.choose_length),
     with ``choose_map`` choose which levels make its anomaly map (auto.choose_map) and with ``choose_score``
     where its image score comes from (auto.choose_score); none with fewer than two held-out images. Returns their
-    reports: {"length_choice", "map_choice", "score_choice"}, each present only when a choice was made."""
+    reports: {"map_choice", "score_choice"}, each present only when a choice was made."""
     if min(loop.best["epochs"]) < 0:  # a flow's validation NLL was NaN at every epoch: nothing can be selected
         last = loop.history[-1].get("val_nll") if loop.history else None
         raise TrainingError(
@@ -591,20 +573,15 @@ def _select_best(loop: _Loop, log, val_samples: list[Sample]) -> dict:
             f"so no epoch can be selected; the last epoch's state is in {loop.ckpt_path}. Lower the learning rate "
             f"(--lr), clip the gradient (--grad-clip 1), or check the training images for corrupt ones")
     loop.model.load_state_dict(loop.best["state"], strict=False)
-    from .auto import choice_set, choose_length, choose_map, choose_score  # auto.py trains probes with this module
+    from .auto import choice_set, choose_map, choose_score  # auto.py trains probes with this module
 
     model, cfg, choices = loop.model, loop.train_cfg, {}
-    # the synthetic set is built only when a choice can be made: an earlier state, more than one level, or a score with
-    # its own levels
-    can_choose = (loop.early is not None or (cfg.choose_map and len(model.level_ids) > 1)
+    # the synthetic set is built only when a choice can be made: more than one level, or a score with its own levels
+    can_choose = ((cfg.choose_map and len(model.level_ids) > 1)
                   or (cfg.choose_score and model.score_index != model.map_index))
     if can_choose and len(val_samples) >= 2:  # fewer: nothing to score on
-        synthetic = choice_set(val_samples, cfg.seed, model)  # one set for every choice
+        synthetic = choice_set(val_samples, cfg.seed, model)  # one set for both choices
         with loop.amp():
-            if loop.early is not None:  # first: the map and score choices are made for the state it keeps
-                choices["length_choice"] = choose_length(model, loop.early, len(loop.history), synthetic, log)
-                if choices["length_choice"]["chosen"] == "early":
-                    loop.best = loop.early
             if cfg.choose_map:
                 choices["map_choice"] = choose_map(model, synthetic, log, cfg.border_correction)
             if cfg.choose_score:

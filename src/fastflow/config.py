@@ -200,7 +200,8 @@ class TrainConfig:
     # ``--choose-map`` (on in the lite presets): after training, which levels' maps make the anomaly map. The finest
     # level alone, the two finest, ... all of them (never a map without the finest level) are scored by AUPRO on
     # synthetic defects pasted on the held-out normal images (auto.py ``choose_map``), and the best one replaces the
-    # configured map levels when its AUPRO is higher by more than auto.MARGIN; the image score is kept. Measured on
+    # configured map levels when its AUPRO is higher by more than auto.MARGIN (and its pixel AUROC is at most
+    # auto.PIXEL_TOLERANCE below the configured map's: twenty-ninth round); the image score is kept. Measured on
     # the suite (bench/README.md, twentieth and twenty-first rounds): on bottle it took strides 4 + 8 on two seeds of
     # three (test AUPRO +0.006, +0.010), on the posed bottle stride 8 on both seeds measured (+0.047, +0.036); it kept the
     # preset's map everywhere else. Choosing among every subset took the stride-16 map alone on the posed bottle and a

@@ -172,7 +172,7 @@ def choose_map(model, synthetic: tuple[list, list, list], log=print, border: boo
     for c in candidates:
         m = weighted_map(maps, c)
         aupro[c], pixel[c] = pixel_aupro(m, truth), pixel_auroc(m, truth)
-    allowed = [c for c in candidates if _finite(pixel[c]) >= _finite(pixel[current]) - PIXEL_TOLERANCE]
+    allowed = [c for c in candidates if _pixel_kept(pixel[c], pixel[current])]
     best = max(allowed, key=lambda c: _finite(aupro[c]))
     chosen = best if _finite(aupro[best]) > _finite(aupro[current]) + MARGIN else current
     offsets, corrected = (_border_choice(weighted_map(maps, chosen), len(normals), truth, aupro[chosen], pixel[chosen])
@@ -200,7 +200,7 @@ def _map_why(name, candidates: list, chosen: tuple, current: tuple, aupro: dict,
     correction was not considered)."""
     changed = chosen != current or corrects
     others = sorted((c for c in candidates if c not in (chosen, current)), key=lambda c: -_finite(aupro[c]))[:2]
-    barred = [c for c in others if _finite(pixel[c]) < _finite(pixel[current]) - PIXEL_TOLERANCE]
+    barred = [c for c in others if not _pixel_kept(pixel[c], pixel[current])]
     kept = " (the preset's)" if chosen == current else ""
     against = f", against {aupro[current]:.3f} from the preset's {name(current)}" if changed else ""
     bar = lambda c: f" (pixel AUROC {pixel[c]:.3f} against the preset's {pixel[current]:.3f})" if c in barred else ""
@@ -213,6 +213,11 @@ def _map_why(name, candidates: list, chosen: tuple, current: tuple, aupro: dict,
             + f" (another map replaces the preset's{', and the border correction is made,' if corrected is not None else ''}"
               f" only with a lead of more than {MARGIN}, and not when its pixel AUROC is more than {PIXEL_TOLERANCE} "
               f"below; the image score is kept)")
+
+
+def _pixel_kept(pixel: float, reference: float) -> bool:
+    """Whether a map's synthetic pixel AUROC is at most ``PIXEL_TOLERANCE`` below ``reference`` (the map choice's bound)."""
+    return _finite(pixel) >= _finite(reference) - PIXEL_TOLERANCE
 
 
 def border_offsets(normal_maps: np.ndarray) -> tuple[float, ...]:
@@ -236,8 +241,8 @@ def _border_choice(maps: np.ndarray, n_normal: int, truth: np.ndarray, aupro: fl
     h, w = maps.shape[1:]
     fixed = maps - border_matrix((h, w), (h, w), offsets)
     corrected = pixel_aupro(fixed, truth)
-    lifts = _finite(corrected) > _finite(aupro) + MARGIN
-    return (offsets if lifts and _finite(pixel_auroc(fixed, truth)) >= _finite(pixel) - PIXEL_TOLERANCE else None), corrected
+    takes = _finite(corrected) > _finite(aupro) + MARGIN and _pixel_kept(pixel_auroc(fixed, truth), pixel)
+    return (offsets if takes else None), corrected
 
 
 # The map choice's weighted candidates: the two finest levels with the second one weighted this many times as much as
